@@ -1,0 +1,36 @@
+# gradwatch: `make demo` to see it work, `make test` to prove it does. Both set themselves up from nothing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+EXTRAS := server,postgres,torch,dev
+
+.PHONY: venv demo serve test check bench score clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+serve: $(STAMP)
+	$(VENV)/bin/gradwatch db upgrade && $(VENV)/bin/gradwatch serve
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+check: $(STAMP)
+	$(VENV)/bin/ruff check client service migrations tests bench examples
+	$(VENV)/bin/mypy client/gradwatch service/gradwatch_service
+
+bench: $(STAMP)
+	$(PY) bench/ingest.py
+	$(PY) bench/storage.py
+
+clean:
+	rm -rf $(VENV) .gradwatch .pytest_cache

@@ -1,0 +1,1 @@
+"""gradwatch: watch training jobs for exploding gradients."""

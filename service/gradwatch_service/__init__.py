@@ -1,0 +1,1 @@
+"""gradwatch service: ingest, storage, detection and query API."""
