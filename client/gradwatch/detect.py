@@ -1,0 +1,463 @@
+"""Exploding-gradient detectors: pure, incremental, standard library only.
+
+The service, the client's local guard and `gradwatch replay` all run this one implementation, so it has no
+clock, does no I/O and keeps everything it remembers in a small JSON-serialisable dict::
+
+    state = new_state()
+    state, events = advance(state, step, config)          # once per optimizer step, in order
+
+`advance` updates `state` in place and returns it (a per-step copy would cost more than the detection);
+callers must carry on with the returned state. The state never holds NaN or infinities, so it survives
+`json.dumps`/`json.loads` between batches, and a run resumed from a round-tripped state raises exactly the
+events it would have raised without the round trip.
+
+Everything is measured in log space against robust, self-calibrating bands: an exponentially weighted mean
+whose input is clipped to a few deviations (so one spike cannot drag it), and an exponentially weighted mean
+absolute deviation. Heavy-tailed but healthy series widen their own band instead of paging someone; the
+only absolute limits are the ones nothing healthy crosses (non-finite values, an update many times the size
+of the weights before a run has a history). docs/detection.md explains each signature, its settings and how
+well it does on the labelled traces.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gradwatch.wire import encode_value
+
+__all__ = [
+    "SIGNATURES",
+    "DetectorConfig",
+    "Event",
+    "advance",
+    "new_incident_state",
+    "new_state",
+    "track_incidents",
+]
+
+SIGNATURES = ("nonfinite", "grad_spike", "grad_growth", "loss_divergence", "update_ratio")
+WARNING = "warning"
+CRITICAL = "critical"
+STATE_VERSION = 1
+
+_log = math.log
+_isfinite = math.isfinite
+_TINY = 1e-300  # norms of exactly 0 (a dead layer) are floored here before taking the log
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Every threshold the detectors use. The defaults are the one configuration docs/detection.md scores.
+
+    Bands are exponentially weighted in log space; a factor of 10 in a norm is log(10) = 2.3 log units.
+    """
+
+    # --- robust bands (grad norm, update ratio, per-layer grad norms)
+    band_alpha: float = 0.05
+    """Weight of a new sample in a band's mean and deviation (a memory of about 1 / alpha = 20 steps)."""
+    band_clip: float = 3.0
+    """A sample moves a band as if it were at most this many deviations away (ZClip-style clipping)."""
+    band_dev_floor: float = 0.1
+    """Least deviation a band judges with, in log units (10 %): a flat series is not razor-thin."""
+    warmup_steps: int = 10
+    """Samples a band needs before it is trusted for spike, growth and ratio tests."""
+
+    # --- grad_spike (warning)
+    spike_z: float = 6.0
+    """A grad norm this many band deviations above the band mean is a spike ..."""
+    spike_min_factor: float = 5.0
+    """... if it is also at least this many times the band's typical value."""
+
+    # --- grad_growth (critical)
+    growth_z: float = 3.0
+    """A step counts towards growth when its grad norm is this many deviations above the band at its start."""
+    growth_steps: int = 4
+    """Consecutive counting steps needed (a lone spike is a grad_spike, not growth) ..."""
+    growth_min_factor: float = 10.0
+    """... and the grad norm must have grown this many times over the band at the start."""
+
+    # --- loss_divergence (critical)
+    loss_alpha: float = 0.2
+    """Weight of a new loss in the smoothed log loss (about 5 steps of memory)."""
+    loss_start_steps: int = 10
+    """The early baseline is the lower of the first loss and the mean (in log space) of the first N losses."""
+    loss_factor: float = 2.0
+    """The smoothed loss is divergent while above this many times the early baseline ..."""
+    loss_steps: int = 5
+    """... for this many consecutive steps."""
+
+    # --- update_ratio (update norm / weight norm)
+    ratio_z: float = 6.0
+    """Warning when the update ratio is this many band deviations above its band mean ..."""
+    ratio_min_factor: float = 5.0
+    """... and at least this many times its typical value."""
+    ratio_critical: float = 10.0
+    """Critical when, before the ratio band has warmed up, one update is this many times the weight norm: the
+    step replaced the network rather than trained it. Only the first steps can catch runs that blow up in
+    their first update, and they have no history to compare with."""
+
+    # --- root cause
+    layer_z: float = 4.0
+    """A layer's grad norm this many deviations above its own band has broken out (root-cause bookkeeping)."""
+
+    # --- incidents
+    resolve_after_steps: int = 25
+    """An incident resolves once its signature has been quiet for this many steps (hysteresis)."""
+
+
+@dataclass
+class Event:
+    """One detector finding at one step. `baseline` is the band value or limit the measurement broke."""
+
+    signature: str
+    severity: str
+    step: int
+    value: float | None
+    baseline: float | None
+    layer: str | None
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: non-finite floats become "NaN", "Infinity", "-Infinity" as on the wire."""
+        return {
+            "signature": self.signature,
+            "severity": self.severity,
+            "step": self.step,
+            "value": encode_value(self.value),
+            "baseline": encode_value(self.baseline),
+            "layer": self.layer,
+            "message": self.message,
+        }
+
+
+def new_state() -> dict[str, Any]:
+    """Detector state for a run that has not sent a step yet."""
+    return {
+        "v": STATE_VERSION,
+        "steps": 0,  # steps seen (skipped ones included)
+        "last_step": None,
+        # grad norm band (log space)
+        "g_n": 0, "g_mu": 0.0, "g_dev": 0.0,
+        # grad growth run: consecutive steps above the band held when the run started
+        "gr_n": 0, "gr_base": 0.0, "gr_dev": 0.0,
+        # loss: early baseline, smoothed log loss, consecutive divergent steps
+        "l_n": 0, "l_first": 0.0, "l_sum": 0.0, "l_start": 0.0, "l_ewm": 0.0, "l_run": 0,
+        # update ratio band (log of update norm / weight norm)
+        "r_n": 0, "r_mu": 0.0, "r_dev": 0.0,
+        # per-layer grad norm bands, aligned with "layers"
+        "layers": [], "ly_n": 0, "ly_mu": [], "ly_dev": [],
+        # layers now above their band: name -> first step out (the root-cause candidates)
+        "out": {},
+    }
+
+
+def _finite_or_none(x: Any) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if _isfinite(x) else math.nan
+
+
+def _band_update(mu: float, dev: float, n: int, x: float, cfg: DetectorConfig) -> tuple[float, float]:
+    """the first sample seeds the mean; later ones move it at most band_clip deviations."""
+    if n == 0:
+        return x, 0.0
+    a = cfg.band_alpha
+    if n < cfg.warmup_steps:  # plain running mean/deviation while warming up: every early sample counts
+        a = max(a, 1.0 / (n + 1))
+    d = x - mu
+    lim = cfg.band_clip * max(dev, cfg.band_dev_floor)
+    if d > lim:
+        d = lim
+    elif d < -lim:
+        d = -lim
+    mu += a * d
+    dev += a * (abs(d) - dev)
+    return mu, dev
+
+
+def _nonfinite_layer(*maps: Mapping[str, Any] | None) -> str | None:
+    for m in maps:
+        if not m:
+            continue
+        total = sum(v for v in m.values() if v is not None)
+        if not _isfinite(total):
+            for name, v in m.items():
+                if v is not None and not _isfinite(v):
+                    return name
+    return None
+
+
+def _root_cause(state: dict[str, Any]) -> str | None:
+    out = state["out"]
+    if not out:
+        return None
+    return min(out.items(), key=lambda kv: (kv[1], kv[0]))[0]
+
+
+def _track_layers(state: dict[str, Any], norms: Mapping[str, Any], step: int, cfg: DetectorConfig) -> None:
+    """Advance every layer's band and remember which layers have broken out of it, and since when."""
+    names = state["layers"]
+    if list(norms) != names:
+        _realign_layers(state, norms)
+        names = state["layers"]
+    mus = state["ly_mu"]
+    devs = state["ly_dev"]
+    n = state["ly_n"]
+    out = state["out"]
+    floor = cfg.band_dev_floor
+    lz = cfg.layer_z
+    clip = cfg.band_clip
+    a = cfg.band_alpha if n >= cfg.warmup_steps else max(cfg.band_alpha, 1.0 / (n + 1))
+    warm = n >= cfg.warmup_steps
+    i = 0
+    for v in norms.values():
+        if v is None or not v > 0.0 or not _isfinite(v):
+            i += 1
+            continue
+        x = _log(v)
+        if n == 0:
+            mus[i] = x
+            i += 1
+            continue
+        mu = mus[i]
+        dv = devs[i]
+        s = dv if dv > floor else floor
+        d = x - mu
+        if warm:
+            if d > lz * s:
+                name = names[i]
+                if name not in out:
+                    out[name] = step
+            elif out:
+                out.pop(names[i], None)
+        lim = clip * s
+        if d > lim:
+            d = lim
+        elif d < -lim:
+            d = -lim
+        mus[i] = mu + a * d
+        devs[i] = dv + a * ((d if d >= 0.0 else -d) - dv)
+        i += 1
+    state["ly_n"] = n + 1
+
+
+def _realign_layers(state: dict[str, Any], norms: Mapping[str, Any]) -> None:
+    """The set or order of layers changed: keep the bands of layers still present, start new ones fresh."""
+    old = dict(zip(state["layers"], zip(state["ly_mu"], state["ly_dev"], strict=True), strict=True))
+    names = list(norms)
+    state["layers"] = names
+    fresh = (0.0, 0.0)
+    if not old:
+        state["ly_mu"] = [0.0] * len(names)
+        state["ly_dev"] = [0.0] * len(names)
+        state["ly_n"] = 0
+        return
+    state["ly_mu"] = [old.get(k, fresh)[0] for k in names]
+    state["ly_dev"] = [old.get(k, fresh)[1] for k in names]
+    state["out"] = {k: s for k, s in state["out"].items() if k in old and k in norms}
+
+
+def advance(state: dict[str, Any], step: Mapping[str, Any],
+            config: DetectorConfig | None = None) -> tuple[dict[str, Any], list[Event]]:
+    """Feed one optimizer step to the detectors; returns the (same, updated) state and the events it raised.
+
+    `step` has the trace step-line keys (see docs/detection.md); missing values are simply not judged. A
+    step with `skipped` true (AMP's GradScaler dropped it for inf/NaN gradients) is counted but neither
+    alerts nor teaches the bands anything: the scaler already handled it.
+    """
+    cfg = config if config is not None else _DEFAULT
+    t = int(step["step"])
+    state["steps"] += 1
+    state["last_step"] = t
+    if step.get("skipped"):
+        return state, []
+
+    events: list[Event] = []
+    loss = step.get("loss")
+    g = step.get("grad_norm")
+    u = step.get("update_norm")
+    lgn = step.get("layer_grad_norms")
+    lwn = step.get("layer_weight_norms")
+    lun = step.get("layer_update_norms")
+
+    # ---- nonfinite: critical at once, and nothing non-finite is ever learned from
+    bad_layer = _nonfinite_layer(lgn, lwn, lun)
+    bad = []
+    if loss is not None and not _isfinite(loss):
+        bad.append(("loss", loss))
+    if g is not None and not _isfinite(g):
+        bad.append(("grad_norm", g))
+    if u is not None and not _isfinite(u):
+        bad.append(("update_norm", u))
+    if bad or bad_layer is not None:
+        layer = bad_layer if bad_layer is not None else _root_cause(state)
+        what, value = bad[0] if bad else ("layer norm", math.nan)
+        if bad_layer is not None and lgn and bad_layer in lgn and lgn[bad_layer] is not None:
+            value = float(lgn[bad_layer])
+        where = f" (first in layer {layer})" if layer else ""
+        events.append(Event("nonfinite", CRITICAL, t, float(value), None, layer,
+                            f"{what} is {encode_value(float(value))} at step {t}{where}"))
+        return state, events
+
+    # ---- per-layer bands, for the root cause of whatever fires below
+    if lgn:
+        _track_layers(state, lgn, t, cfg)
+
+    # ---- grad norm: spike (warning) and sustained growth (critical)
+    if g is not None and g > 0.0:
+        x = _log(g)
+        n = state["g_n"]
+        mu = state["g_mu"]
+        dev = state["g_dev"]
+        if n >= cfg.warmup_steps:
+            s = dev if dev > cfg.band_dev_floor else cfg.band_dev_floor
+            z = (x - mu) / s
+            # growth: consecutive steps above the band frozen at the run's start
+            if state["gr_n"]:
+                if x > state["gr_base"] + cfg.growth_z * state["gr_dev"]:
+                    state["gr_n"] += 1
+                else:
+                    state["gr_n"] = 0
+            elif z > cfg.growth_z:
+                state["gr_n"] = 1
+                state["gr_base"] = mu
+                state["gr_dev"] = s
+            if state["gr_n"] >= cfg.growth_steps and x - state["gr_base"] >= _log(cfg.growth_min_factor):
+                base = math.exp(state["gr_base"])
+                events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state),
+                                    f"grad norm {g:.4g} has grown {g / base:.3g}x over "
+                                    f"{state['gr_n']} steps (band {base:.4g})"))
+            elif z > cfg.spike_z and x - mu >= _log(cfg.spike_min_factor):
+                base = math.exp(mu)
+                events.append(Event("grad_spike", WARNING, t, float(g), base, _root_cause(state),
+                                    f"grad norm {g:.4g} is {g / base:.3g}x its band {base:.4g}"))
+        state["g_mu"], state["g_dev"] = _band_update(mu, dev, n, x, cfg)
+        state["g_n"] = n + 1
+
+    # ---- loss divergence: the smoothed loss stays well above the run's early level
+    if loss is not None and loss > 0.0:
+        x = _log(loss)
+        n = state["l_n"]
+        if n == 0:
+            state["l_first"] = x
+            state["l_ewm"] = x
+        else:
+            state["l_ewm"] += cfg.loss_alpha * (x - state["l_ewm"])
+        if n < cfg.loss_start_steps:
+            state["l_sum"] += x
+            state["l_start"] = min(state["l_first"], state["l_sum"] / (n + 1))
+        state["l_n"] = n + 1
+        limit = state["l_start"] + _log(cfg.loss_factor)
+        if n >= cfg.loss_start_steps and state["l_ewm"] > limit:
+            state["l_run"] += 1
+            if state["l_run"] == cfg.loss_steps:
+                base = math.exp(limit)
+                events.append(Event("loss_divergence", CRITICAL, t, float(loss), base, _root_cause(state),
+                                    f"smoothed loss {math.exp(state['l_ewm']):.4g} has stayed above "
+                                    f"{base:.4g} ({cfg.loss_factor:g}x its early level) for "
+                                    f"{cfg.loss_steps} steps"))
+        else:
+            state["l_run"] = 0
+
+    # ---- update ratio: how far this step moved the weights, relative to their size
+    if u is not None and lwn:
+        w = math.hypot(*[v for v in lwn.values() if v is not None])
+        if w > 0.0 and u > 0.0:
+            ratio = u / w
+            x = _log(ratio)
+            n = state["r_n"]
+            mu = state["r_mu"]
+            dev = state["r_dev"]
+            if n < cfg.warmup_steps:
+                if ratio >= cfg.ratio_critical:
+                    events.append(Event("update_ratio", CRITICAL, t, ratio, cfg.ratio_critical,
+                                        _ratio_layer(lun, lwn) or _root_cause(state),
+                                        f"update norm is {ratio:.3g}x the weight norm at step {t}, "
+                                        f"before the run has a history (limit {cfg.ratio_critical:g}x)"))
+            else:
+                s = dev if dev > cfg.band_dev_floor else cfg.band_dev_floor
+                if (x - mu) / s > cfg.ratio_z and x - mu >= _log(cfg.ratio_min_factor):
+                    base = math.exp(mu)
+                    events.append(Event("update_ratio", WARNING, t, ratio, base,
+                                        _ratio_layer(lun, lwn) or _root_cause(state),
+                                        f"update/weight ratio {ratio:.3g} is {ratio / base:.3g}x "
+                                        f"its band {base:.3g}"))
+            state["r_mu"], state["r_dev"] = _band_update(mu, dev, n, x, cfg)
+            state["r_n"] = n + 1
+
+    return state, events
+
+
+def _ratio_layer(lun: Mapping[str, Any] | None, lwn: Mapping[str, Any]) -> str | None:
+    """The layer whose update moved it furthest relative to its weights, when per-layer updates are sent."""
+    if not lun:
+        return None
+    best = None
+    best_ratio = 0.0
+    for name, un in lun.items():
+        wn = lwn.get(name)
+        if un is None or not wn:
+            continue
+        r = un / wn
+        if r > best_ratio:
+            best, best_ratio = name, r
+    return best
+
+
+_DEFAULT = DetectorConfig()
+
+
+# --------------------------------------------------------------------------------------------- incidents
+
+_SEVERITY_RANK = {WARNING: 1, CRITICAL: 2}
+
+
+def new_incident_state() -> dict[str, Any]:
+    """Incident bookkeeping for a run with nothing open: signature -> open incident."""
+    return {"open": {}}
+
+
+def track_incidents(incident_state: dict[str, Any], events: list[Event], step: int,
+                    config: DetectorConfig | None = None
+                    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Turn a step's events into incident changes: what an on-call person should hear about.
+
+    One incident per signature stays open while its signature keeps firing; it resolves once the signature
+    has been quiet for `resolve_after_steps` steps, so a flapping signal is one incident, not many. Returns
+    the (updated in place) incident state, the incidents opened at this step (a warning incident that turns
+    critical is reported again, with "escalated": true) and those resolved at this step. Incidents are plain
+    JSON-safe dicts: signature, severity, opened_at, last_seen, layer, value, baseline, message
+    (+ resolved_at once resolved).
+    """
+    cfg = config if config is not None else _DEFAULT
+    open_ = incident_state["open"]
+    opened: list[dict[str, Any]] = []
+    resolved: list[dict[str, Any]] = []
+    for ev in events:
+        inc = open_.get(ev.signature)
+        if inc is None:
+            inc = {"signature": ev.signature, "severity": ev.severity, "opened_at": ev.step,
+                   "last_seen": ev.step, "layer": ev.layer, "value": encode_value(ev.value),
+                   "baseline": encode_value(ev.baseline), "message": ev.message, "escalated": False}
+            open_[ev.signature] = inc
+            opened.append(dict(inc))
+            continue
+        inc["last_seen"] = ev.step
+        if _SEVERITY_RANK[ev.severity] > _SEVERITY_RANK[inc["severity"]]:
+            inc.update(severity=ev.severity, value=encode_value(ev.value), baseline=encode_value(ev.baseline),
+                       message=ev.message, escalated=True)
+            if inc["layer"] is None:
+                inc["layer"] = ev.layer
+            opened.append(dict(inc))
+    fired = {ev.signature for ev in events}
+    quiet = [s for s, inc in open_.items()
+             if s not in fired and step - inc["last_seen"] >= cfg.resolve_after_steps]
+    for sig in quiet:
+        inc = open_.pop(sig)
+        inc["resolved_at"] = step
+        resolved.append(inc)
+    return incident_state, opened, resolved
