@@ -1,0 +1,5 @@
+"""`python -m gradwatch_service` is `gradwatch`."""
+
+from gradwatch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,37 @@
+"""Liveness and readiness: /healthz says the process serves, /readyz that the database is usable."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+
+from ..migrate import schema_problem
+from .deps import EngineDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="The process is up", responses={200: {"content": {"application/json": {
+    "example": {"status": "ok"}}}}})
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="The database is reachable and its schema current",
+            responses={503: {"description": "not ready", "content": {"application/json": {
+                "example": {"status": "unavailable", "detail": "database unreachable: ..."}}}}})
+async def readyz(engine: EngineDep) -> JSONResponse:
+    def check() -> str | None:
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return schema_problem(engine)
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready, and says why
+            return f"database unreachable: {type(exc).__name__}: {exc}"
+
+    problem = await run_in_threadpool(check)
+    if problem:
+        return JSONResponse({"status": "unavailable", "detail": problem}, status_code=503)
+    return JSONResponse({"status": "ok"})

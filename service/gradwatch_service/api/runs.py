@@ -1,0 +1,79 @@
+"""/v1/runs: create or update a run (idempotent PUT), list runs, read one."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from ..body import parse_body, read_body
+from ..db import read_connection, write_transaction
+from ..ingest import BatchInvalid, upsert_run
+from ..queries import get_run, list_runs
+from ..schemas import RUN_ID_PATTERN, RunPublic, RunsPublic, RunStatus, RunUpsert
+from .deps import EngineDep, SettingsDep, model_response
+
+router = APIRouter(prefix="/v1/runs", tags=["runs"])
+RunIdPath = Annotated[str, Path(pattern=RUN_ID_PATTERN, description="client-chosen run id",
+                                examples=["resnet50-7f3a"])]
+
+
+@router.put(
+    "/{run_id}",
+    summary="Create or update a run (idempotent)",
+    response_model=RunPublic,
+    status_code=200,
+    responses={201: {"model": RunPublic, "description": "created"}, 200: {"description": "updated"},
+               413: {"description": "body too large"}, 415: {"description": "not JSON"}},
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/RunUpsert"},
+        "example": RunUpsert.model_config["json_schema_extra"]["examples"][0]}}}},  # type: ignore[index]
+)
+async def put_run(run_id: RunIdPath, request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
+    body = parse_body(RunUpsert, await read_body(request, settings.max_body_bytes))
+
+    def write() -> tuple[bool, RunPublic]:
+        with write_transaction(engine) as conn:
+            created = upsert_run(conn, run_id, body)
+            run = get_run(conn, run_id)
+        assert run is not None
+        return created, run
+
+    try:
+        created, run = await run_in_threadpool(write)
+    except BatchInvalid as exc:
+        raise HTTPException(422, [{"loc": exc.loc, "msg": str(exc), "type": "value_error"}]) from None
+    return model_response(run, 201 if created else 200)
+
+
+@router.get("", summary="List runs, most recently updated first", response_model=RunsPublic)
+async def get_runs(
+    engine: EngineDep,
+    project: str | None = None,
+    status: RunStatus | None = None,
+    updated_since: Annotated[datetime | None, Query(description="ISO 8601; runs updated at or after it")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Response:
+    def read() -> RunsPublic:
+        with read_connection(engine) as conn:
+            rows, count = list_runs(conn, project=project, status=status, updated_since=updated_since,
+                                    limit=limit, offset=offset)
+        return RunsPublic(runs=rows, count=count)
+
+    return model_response(await run_in_threadpool(read))
+
+
+@router.get("/{run_id}", summary="One run", response_model=RunPublic,
+            responses={404: {"description": "unknown run"}})
+async def get_one_run(run_id: RunIdPath, engine: EngineDep) -> Response:
+    def read() -> RunPublic | None:
+        with read_connection(engine) as conn:
+            return get_run(conn, run_id)
+
+    run = await run_in_threadpool(read)
+    if run is None:
+        raise HTTPException(404, f"run {run_id!r} does not exist")
+    return model_response(run)

@@ -1,0 +1,127 @@
+"""/v1/runs/{run_id}/steps and /series: append step batches, read them back, downsampled series."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..body import parse_body, read_body
+from ..db import read_connection, write_transaction
+from ..ingest import BatchInvalid, RunNotFound, StepConflict, append_steps
+from ..queries import UnknownLayer, get_run_row, read_series, read_steps
+from ..schemas import SERIES_FIELDS, IngestResult, SeriesPublic, StepBatch, StepsPublic
+from .deps import EngineDep, SettingsDep, model_response
+from .runs import RunIdPath
+
+router = APIRouter(prefix="/v1/runs/{run_id}", tags=["steps"])
+
+_BATCH_EXAMPLE = StepBatch.model_config["json_schema_extra"]["examples"][0]  # type: ignore[index]
+
+
+@router.post(
+    "/steps",
+    summary="Append a batch of steps (idempotent on run and step)",
+    response_model=IngestResult,
+    responses={
+        404: {"description": "unknown run: PUT it first"},
+        409: {"description": "a stored step was resent with different values; nothing was stored",
+              "content": {"application/json": {"example": {"detail": {
+                  "message": "1 step(s) of run 'r1' were already stored with different values", "steps": [3]}}}}},
+        413: {"description": "body too large, compressed or decompressed"},
+        415: {"description": "unsupported Content-Type or Content-Encoding"},
+    },
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/StepBatch"}, "example": _BATCH_EXAMPLE}}}},
+)
+async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
+    raw = await read_body(request, settings.max_body_bytes)
+
+    def ingest() -> IngestResult:
+        batch = parse_body(StepBatch, raw)
+        if len(batch.steps) > settings.max_batch_steps:
+            raise BatchInvalid(["body", "steps"], f"{len(batch.steps)} steps in one batch; at most "
+                                                  f"{settings.max_batch_steps} (send several batches)")
+        with write_transaction(engine) as conn:
+            outcome = append_steps(conn, run_id, batch)
+        return IngestResult(run_id=run_id, accepted=outcome.accepted, duplicates=outcome.duplicates,
+                            last_step=outcome.last_step, open_incidents=[])
+
+    try:
+        result = await run_in_threadpool(ingest)
+    except RunNotFound as exc:
+        raise HTTPException(404, str(exc)) from None
+    except StepConflict as exc:
+        return JSONResponse({"detail": {"message": str(exc), "steps": exc.steps}}, status_code=409)
+    except BatchInvalid as exc:
+        raise HTTPException(422, [{"loc": exc.loc, "msg": str(exc), "type": "value_error"}]) from None
+    return model_response(result)
+
+
+@router.get("/steps", summary="A run's steps as stored, ascending", response_model=StepsPublic,
+            responses={404: {"description": "unknown run"}})
+async def get_steps(
+    run_id: RunIdPath,
+    engine: EngineDep,
+    start: Annotated[int | None, Query(ge=0, description="first step, inclusive")] = None,
+    end: Annotated[int | None, Query(ge=0, description="last step, inclusive")] = None,
+    limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
+) -> Response:
+    def read() -> StepsPublic | None:
+        with read_connection(engine) as conn:
+            run = get_run_row(conn, run_id)
+            if run is None:
+                return None
+            rows = read_steps(conn, run.id, start=start, end=end, limit=limit)
+        return StepsPublic(run_id=run_id, layers=list(run.layer_names), steps=rows)
+
+    out = await run_in_threadpool(read)
+    if out is None:
+        raise HTTPException(404, f"run {run_id!r} does not exist")
+    return model_response(out)
+
+
+@router.get(
+    "/series",
+    summary="Series of chosen fields and layers over a step range, downsampled keeping spikes",
+    response_model=SeriesPublic,
+    responses={404: {"description": "unknown run"}, 422: {"description": "unknown field or layer"}},
+)
+async def get_series(
+    run_id: RunIdPath,
+    engine: EngineDep,
+    fields: Annotated[str, Query(description=f"comma-separated, of {', '.join(SERIES_FIELDS)}",
+                                 examples=["loss,grad_norm,layer_grad_norms"])] = "loss,grad_norm",
+    layers: Annotated[str | None, Query(description="comma-separated layer names for per-layer fields; "
+                                                    "all layers when absent")] = None,
+    start: Annotated[int | None, Query(ge=0)] = None,
+    end: Annotated[int | None, Query(ge=0)] = None,
+    max_points: Annotated[int | None, Query(ge=2, le=100_000, description=(
+        "downsample to about this many points per series: each bucket keeps its min and max and every kind "
+        "of non-finite value it holds"))] = None,
+) -> Response:
+    field_list = [f.strip() for f in fields.split(",") if f.strip()]
+    unknown = [f for f in field_list if f not in SERIES_FIELDS]
+    if unknown or not field_list:
+        raise HTTPException(422, [{"loc": ["query", "fields"], "type": "value_error",
+                                   "msg": f"unknown field(s) {unknown}; choose from {list(SERIES_FIELDS)}"}])
+    layer_list = None if layers is None else [name for name in layers.split(",") if name]
+
+    def read() -> SeriesPublic | None:
+        with read_connection(engine) as conn:
+            run = get_run_row(conn, run_id)
+            if run is None:
+                return None
+            series = read_series(conn, run.id, list(run.layer_names), fields=field_list, layers=layer_list,
+                                 start=start, end=end, max_points=max_points)
+        return SeriesPublic(run_id=run_id, start=start, end=end, max_points=max_points, series=series)
+
+    try:
+        out = await run_in_threadpool(read)
+    except UnknownLayer as exc:
+        raise HTTPException(422, [{"loc": ["query", "layers"], "msg": str(exc), "type": "value_error"}]) from None
+    if out is None:
+        raise HTTPException(404, f"run {run_id!r} does not exist")
+    return model_response(out)

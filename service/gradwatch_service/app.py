@@ -1,0 +1,64 @@
+"""The application factory: settings → engine → routers. Refuses to serve an outdated schema."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from sqlalchemy import Engine
+
+from . import __doc__ as package_doc
+from .api import health, runs, steps
+from .db import make_engine
+from .migrate import schema_problem
+from .schemas import RunUpsert, StepBatch
+from .settings import Settings, get_settings
+
+__all__ = ["create_app", "SchemaOutdated"]
+
+
+class SchemaOutdated(RuntimeError):
+    pass
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    engine = engine or make_engine(settings.database_url, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        problem = schema_problem(engine)
+        if problem:
+            raise SchemaOutdated(problem)
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="gradwatch", version="0.1.0", description=package_doc or "", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.include_router(health.router)
+    app.include_router(runs.router)
+    app.include_router(steps.router)
+    _document_raw_bodies(app)
+    return app
+
+
+def _document_raw_bodies(app: FastAPI) -> None:
+    """Routes that read their body themselves (for size caps and gzip) still publish its schema."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (RunUpsert, StepBatch):
+            doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(doc.pop("$defs", {}))
+            components[model.__name__] = doc
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,67 @@
+"""Reading request bodies safely: size caps before and after gzip, content-type and encoding checks.
+
+The decompressed size is capped while inflating (zlib's max_length), so a gzip bomb costs at most the cap in
+memory and gets a 413, never an out-of-memory kill.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import TypeVar
+
+from fastapi import HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
+__all__ = ["read_body", "parse_body"]
+
+M = TypeVar("M", bound=BaseModel)
+_JSON_TYPES = ("application/json", "application/x-ndjson")
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if content_type not in _JSON_TYPES:
+        raise HTTPException(415, f"Content-Type must be application/json, not {content_type!r}")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip"):
+        raise HTTPException(415, f"Content-Encoding must be gzip or absent, not {encoding!r}")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise HTTPException(413, f"request body of {declared} bytes is over the {max_bytes}-byte limit")
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > max_bytes:
+            raise HTTPException(413, f"request body is over the {max_bytes}-byte limit")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    return gunzip_capped(raw, max_bytes) if encoding == "gzip" else raw
+
+
+def gunzip_capped(data: bytes, max_bytes: int) -> bytes:
+    inflater = zlib.decompressobj(wbits=47)  # 32 + 15: gzip or zlib header, auto-detected
+    try:
+        out = inflater.decompress(data, max_bytes + 1)
+        if len(out) > max_bytes or inflater.unconsumed_tail:
+            raise HTTPException(413, f"decompressed request body is over the {max_bytes}-byte limit")
+        out += inflater.flush()
+    except zlib.error as exc:
+        raise HTTPException(400, f"Content-Encoding is gzip but the body is not valid gzip: {exc}") from exc
+    if len(out) > max_bytes:
+        raise HTTPException(413, f"decompressed request body is over the {max_bytes}-byte limit")
+    if not inflater.eof:
+        raise HTTPException(400, "gzip body is truncated")
+    return out
+
+
+def parse_body(model: type[M], raw: bytes) -> M:
+    """Validate JSON bytes against a wire model; errors become FastAPI's 422 with the field's location."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        for e in errors:
+            e["loc"] = ("body", *e["loc"])
+        raise RequestValidationError(errors) from None

@@ -1,0 +1,47 @@
+"""`gradwatch serve`: check the schema, then run uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .settings import Settings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="bind address (default: GRADWATCH_HOST or 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default: GRADWATCH_PORT or 8000)")
+    parser.add_argument("--database-url", help="overrides GRADWATCH_DATABASE_URL")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .db import make_engine
+    from .migrate import schema_problem
+
+    if args.database_url:
+        os.environ["GRADWATCH_DATABASE_URL"] = args.database_url
+    settings = Settings()
+    engine = make_engine(settings.database_url, settings)
+    try:
+        problem = schema_problem(engine)
+    finally:
+        engine.dispose()
+    if problem:
+        print(f"gradwatch serve: {problem}", file=sys.stderr)
+        return 1
+    uvicorn.run(
+        "gradwatch_service.app:create_app",
+        factory=True,
+        host=args.host or settings.host,
+        port=args.port if args.port is not None else settings.port,
+        workers=args.workers,
+        access_log=args.access_log,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+    )
+    return 0

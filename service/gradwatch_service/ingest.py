@@ -1,0 +1,334 @@
+"""Writes: create/update runs and append step batches, idempotently, in one transaction each.
+
+Appending a batch, in the caller's write transaction:
+1. lock the run row (`FOR UPDATE` on PostgreSQL; SQLite holds the database write lock already);
+2. map the batch's per-layer arrays onto the run's layer order (appending new layer names);
+3. compare steps that may already be stored with what is stored: identical ones are duplicates (a resend),
+   different ones make the whole batch a 409 and nothing is written;
+4. insert the new steps in one executemany and advance the run's counters.
+The caller commits, then acknowledges: a 2xx means durable.
+"""
+
+from __future__ import annotations
+
+import json
+import time as _time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from gradwatch.wire import encode_value
+from sqlalchemy import Connection, select, update
+
+from .codec import pack_floats, sqlite_real_in
+from .models import FLAG_LATE, FLAG_SKIPPED, projects, runs, steps
+from .schemas import RunUpsert, StepBatch, StepIn
+
+__all__ = ["RunNotFound", "StepConflict", "BatchInvalid", "BatchOutcome", "upsert_run", "append_steps"]
+
+STEP_COLUMNS = ("run_pk", "step", "time", "loss", "grad_norm", "lr", "update_norm", "flags",
+                "layer_grad_norms", "layer_weight_norms", "layer_update_norms", "scalars")
+_LAYER_FIELDS = ("layer_grad_norms", "layer_weight_norms", "layer_update_norms")
+_COMPARED = ("loss", "grad_norm", "lr", "update_norm", "skipped", *_LAYER_FIELDS, "scalars")
+
+
+class RunNotFound(LookupError):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id!r} does not exist: create it with PUT /v1/runs/{run_id} first")
+        self.run_id = run_id
+
+
+class StepConflict(ValueError):
+    def __init__(self, run_id: str, conflicting: Sequence[int]) -> None:
+        shown = ", ".join(map(str, conflicting[:20])) + (" …" if len(conflicting) > 20 else "")
+        super().__init__(
+            f"{len(conflicting)} step(s) of run {run_id!r} were already stored with different values "
+            f"(steps {shown}); nothing of this batch was stored"
+        )
+        self.steps = list(conflicting)
+
+
+class BatchInvalid(ValueError):
+    """A batch that is well-formed JSON of the right shape but inconsistent (e.g. array lengths)."""
+
+    def __init__(self, loc: Sequence[str | int], message: str) -> None:
+        super().__init__(message)
+        self.loc = list(loc)
+
+
+@dataclass
+class BatchOutcome:
+    run_pk: int
+    accepted: int
+    duplicates: int
+    last_step: int | None
+    layers: list[str]
+    new_steps: list[StepIn] = field(default_factory=list)
+    late_steps: set[int] = field(default_factory=set)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def encode_json_doc(doc: Any) -> Any:
+    """Non-finite floats inside free-form JSON (config, meta, scalars) become their wire strings."""
+    if isinstance(doc, float):
+        return encode_value(doc)
+    if isinstance(doc, dict):
+        return {str(k): encode_json_doc(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return [encode_json_doc(v) for v in doc]
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+
+def _project_id(conn: Connection, name: str) -> int:
+    pid = conn.execute(select(projects.c.id).where(projects.c.name == name)).scalar()
+    if pid is not None:
+        return int(pid)
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        conn.execute(pg_insert(projects).values(name=name).on_conflict_do_nothing(index_elements=["name"]))
+    else:
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        conn.execute(sqlite_insert(projects).values(name=name).on_conflict_do_nothing(index_elements=["name"]))
+    return int(conn.execute(select(projects.c.id).where(projects.c.name == name)).scalar_one())
+
+
+def _merge_layers(current: list[str], incoming: Sequence[str]) -> list[str]:
+    known = set(current)
+    return current + [name for name in incoming if name not in known]
+
+
+def upsert_run(conn: Connection, run_id: str, body: RunUpsert) -> bool:
+    """Create the run or update the fields the body carries. Returns True when it was created."""
+    if body.layers is not None and len(set(body.layers)) != len(body.layers):
+        raise BatchInvalid(["body", "layers"], "layer names must be unique")
+    now = now_utc()
+    row = _lock_run(conn, run_id)
+    if row is None:
+        values: dict[str, Any] = {
+            "run_id": run_id,
+            "project_id": _project_id(conn, body.project or "default"),
+            "name": body.name,
+            "status": body.status or "running",
+            "config": encode_json_doc(body.config),
+            "meta": encode_json_doc(body.meta),
+            "layer_names": list(body.layers or []),
+            "n_steps": 0,
+            "created_at": now,
+            "updated_at": now,
+        }
+        if conn.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            created = conn.execute(
+                pg_insert(runs).values(**values).on_conflict_do_nothing(index_elements=["run_id"])
+            ).rowcount == 1
+            if created:
+                return True
+            row = _lock_run(conn, run_id)  # a concurrent PUT created it first: update it instead
+            assert row is not None
+        else:
+            conn.execute(runs.insert().values(**values))
+            return True
+    changes: dict[str, Any] = {}
+    if body.project is not None:
+        changes["project_id"] = _project_id(conn, body.project)
+    for name in ("name", "status"):
+        if getattr(body, name) is not None:
+            changes[name] = getattr(body, name)
+    for name in ("config", "meta"):
+        if getattr(body, name) is not None:
+            changes[name] = encode_json_doc(getattr(body, name))
+    if body.layers is not None:
+        current = list(row.layer_names)
+        if body.layers[: len(current)] != current and current[: len(body.layers)] != body.layers:
+            raise BatchInvalid(["body", "layers"], "layers may only be appended to: the run already has "
+                                                   f"{len(current)} layers starting {current[:3]}")
+        changes["layer_names"] = _merge_layers(current, body.layers)
+    if changes:
+        changes["updated_at"] = now
+        conn.execute(update(runs).where(runs.c.id == row.id).values(**changes))
+    return False
+
+
+def _lock_run(conn: Connection, run_id: str) -> Any:
+    q = select(runs.c.id, runs.c.layer_names, runs.c.last_step, runs.c.n_steps).where(runs.c.run_id == run_id)
+    if conn.dialect.name == "postgresql":
+        q = q.with_for_update()
+    return conn.execute(q).first()
+
+
+# --------------------------------------------------------------------------------------------------- steps
+
+def _layer_mapper(run_layers: list[str], batch_layers: list[str] | None) -> tuple[list[str], list[int] | None]:
+    """The run's (possibly extended) layer list and, where the batch's order differs, the index map."""
+    if batch_layers is None:
+        return run_layers, None
+    if len(set(batch_layers)) != len(batch_layers):
+        raise BatchInvalid(["body", "layers"], "layer names must be unique")
+    if run_layers[: len(batch_layers)] == batch_layers:
+        return run_layers, None
+    if batch_layers[: len(run_layers)] == run_layers:
+        return list(batch_layers), None
+    merged = _merge_layers(run_layers, batch_layers)
+    position = {name: i for i, name in enumerate(merged)}
+    return merged, [position[name] for name in batch_layers]
+
+
+def _row_for(step: StepIn, run_pk: int, now: float, n_layers_batch: int | None, n_layers_run: int,
+             index_map: list[int] | None, sqlite: bool, flags: int) -> tuple[Any, ...]:
+    arrays: list[Any] = []
+    for name in _LAYER_FIELDS:
+        values = getattr(step, name)
+        if values is not None:
+            if n_layers_batch is not None and len(values) != n_layers_batch:
+                raise BatchInvalid(["body", "steps", f"step {step.step}", name],
+                                   f"has {len(values)} values but there are {n_layers_batch} layers")
+            if n_layers_batch is None and len(values) > n_layers_run:
+                raise BatchInvalid(["body", "steps", f"step {step.step}", name],
+                                   f"has {len(values)} values but the run has {n_layers_run} layers: "
+                                   "send `layers` with the batch or the run")
+            if index_map is not None:
+                placed: list[float | None] = [None] * n_layers_run
+                for i, v in zip(index_map, values, strict=True):
+                    placed[i] = v
+                values = placed
+            if sqlite:
+                values = pack_floats(values)
+        arrays.append(values)
+    scalars = step.scalars
+    scalars_doc = None if scalars is None else json.dumps({k: encode_value(v) for k, v in scalars.items()})
+    if sqlite:
+        return (run_pk, step.step, step.time if step.time is not None else now, sqlite_real_in(step.loss),
+                sqlite_real_in(step.grad_norm), sqlite_real_in(step.lr), sqlite_real_in(step.update_norm),
+                flags, *arrays, scalars_doc)
+    return (run_pk, step.step, step.time if step.time is not None else now, step.loss, step.grad_norm,
+            step.lr, step.update_norm, flags, *arrays, scalars_doc)
+
+
+def _canon(x: Any) -> Any:
+    """A comparable form of a stored or sent value: NaN equals NaN, trailing unmeasured layers don't count."""
+    if isinstance(x, float) and x != x:
+        return "NaN"
+    if isinstance(x, (list, tuple)):
+        out = [_canon(v) for v in x]
+        while out and out[-1] is None:
+            out.pop()
+        return tuple(out)
+    if isinstance(x, dict):
+        return tuple(sorted((k, _canon(v)) for k, v in x.items()))
+    return x
+
+
+def _sent_key(step: StepIn, index_map: list[int] | None, n_layers: int) -> tuple[Any, ...]:
+    out: list[Any] = []
+    for name in _COMPARED:
+        v = getattr(step, name)
+        if name in _LAYER_FIELDS and v is not None and index_map is not None:
+            placed: list[float | None] = [None] * n_layers
+            for i, value in zip(index_map, v, strict=True):
+                placed[i] = value
+            v = placed
+        out.append(_canon(v))
+    return tuple(out)
+
+
+def _stored_key(row: Any) -> tuple[Any, ...]:
+    scalars = row.scalars
+    if isinstance(scalars, str):
+        scalars = json.loads(scalars)
+    if scalars is not None:
+        from gradwatch.wire import decode_value
+
+        scalars = {k: decode_value(v) for k, v in scalars.items()}
+    return tuple(_canon(v) for v in (row.loss, row.grad_norm, row.lr, row.update_norm,
+                                     bool(row.flags & FLAG_SKIPPED), row.layer_grad_norms,
+                                     row.layer_weight_norms, row.layer_update_norms, scalars))
+
+
+def _stored_rows(conn: Connection, run_pk: int, wanted: Iterable[int]) -> dict[int, Any]:
+    wanted = sorted(wanted)
+    found: dict[int, Any] = {}
+    for i in range(0, len(wanted), 500):
+        chunk = wanted[i: i + 500]
+        q = select(steps).where(steps.c.run_pk == run_pk, steps.c.step.in_(chunk))
+        for row in conn.execute(q):
+            found[row.step] = row
+    return found
+
+
+def _insert_sql(dialect: str) -> str:
+    cols = ", ".join(STEP_COLUMNS)
+    if dialect == "sqlite":
+        return f"INSERT INTO steps ({cols}) VALUES ({', '.join('?' * len(STEP_COLUMNS))})"
+    marks = ["%s"] * len(STEP_COLUMNS)
+    for i, c in enumerate(STEP_COLUMNS):
+        if c.startswith("layer_"):
+            marks[i] = "%s::float8[]"
+        elif c == "scalars":
+            marks[i] = "%s::jsonb"
+    return f"INSERT INTO steps ({cols}) VALUES ({', '.join(marks)})"
+
+
+def append_steps(conn: Connection, run_id: str, batch: StepBatch) -> BatchOutcome:
+    """Store a batch's new steps; raises RunNotFound, StepConflict or BatchInvalid (then nothing is stored)."""
+    run = _lock_run(conn, run_id)
+    if run is None:
+        raise RunNotFound(run_id)
+    run_pk = int(run.id)
+    layers, index_map = _layer_mapper(list(run.layer_names), batch.layers)
+    n_batch_layers = len(batch.layers) if batch.layers is not None else None
+    last_step = run.last_step
+
+    # In-batch repeats: identical ones collapse, different ones conflict.
+    unique: dict[int, StepIn] = {}
+    conflicts: list[int] = []
+    repeats = 0
+    for s in batch.steps:
+        seen = unique.get(s.step)
+        if seen is None:
+            unique[s.step] = s
+        elif _sent_key(seen, index_map, len(layers)) == _sent_key(s, index_map, len(layers)):
+            repeats += 1
+        else:
+            conflicts.append(s.step)
+
+    stored: dict[int, Any] = {}
+    if last_step is not None and unique and min(unique) <= last_step:
+        stored = _stored_rows(conn, run_pk, (k for k in unique if k <= last_step))
+        for k, row in stored.items():
+            if _stored_key(row) != _sent_key(unique[k], index_map, len(layers)):
+                conflicts.append(k)
+    if conflicts:
+        raise StepConflict(run_id, sorted(set(conflicts)))
+
+    new_steps = [unique[k] for k in sorted(unique) if k not in stored]
+    sqlite = conn.dialect.name == "sqlite"
+    now = _time.time()
+    late = {s.step for s in new_steps if last_step is not None and s.step < last_step}
+    rows = [
+        _row_for(s, run_pk, now, n_batch_layers, len(layers), index_map, sqlite,
+                 (FLAG_SKIPPED if s.skipped else 0) | (FLAG_LATE if s.step in late else 0))
+        for s in new_steps
+    ]
+    if rows:
+        conn.exec_driver_sql(_insert_sql(conn.dialect.name), rows)
+        new_last = max(new_steps[-1].step, last_step if last_step is not None else -1)
+        changes: dict[str, Any] = {"last_step": new_last, "n_steps": int(run.n_steps) + len(rows),
+                                   "updated_at": now_utc()}
+        if layers != list(run.layer_names):
+            changes["layer_names"] = layers
+        conn.execute(update(runs).where(runs.c.id == run_pk).values(**changes))
+        last_step = new_last
+    elif layers != list(run.layer_names):
+        conn.execute(update(runs).where(runs.c.id == run_pk).values(layer_names=layers, updated_at=now_utc()))
+    return BatchOutcome(run_pk=run_pk, accepted=len(rows), duplicates=len(stored) + repeats,
+                        last_step=last_step, layers=layers, new_steps=new_steps, late_steps=late)

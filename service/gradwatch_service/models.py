@@ -1,0 +1,142 @@
+"""The schema: projects own runs, runs own steps. One row per step; per-layer values packed in that row.
+
+Every table holding run data has the run's key in its primary key, so the schema can later be distributed by
+run (Citus) or partitioned, and a run's steps are one contiguous range of the primary key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    func,
+)
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+from .codec import pack_floats, sqlite_real_in, sqlite_real_out, unpack_floats
+
+__all__ = ["metadata", "projects", "runs", "steps", "Real", "FloatArray", "JsonDoc"]
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class Real(TypeDecorator[float]):
+    """A float64 that keeps NaN on SQLite (stored as the text 'NaN'; NULL stays "not measured")."""
+
+    impl = Float(precision=53)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.DOUBLE_PRECISION())
+        return dialect.type_descriptor(Float(precision=53))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        return sqlite_real_in(value) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        return sqlite_real_out(value) if dialect.name == "sqlite" else value
+
+
+class FloatArray(TypeDecorator[list]):
+    """Per-layer values: `double precision[]` on PostgreSQL (dashboards query it), a float64 blob on SQLite."""
+
+    impl = LargeBinary
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.ARRAY(postgresql.DOUBLE_PRECISION()))
+        return dialect.type_descriptor(LargeBinary())
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None or dialect.name == "postgresql":
+            return value
+        return pack_floats(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if value is None or dialect.name == "postgresql":
+            return value
+        return unpack_floats(value)
+
+
+def JsonDoc() -> TypeEngine[Any]:
+    """JSON documents: JSONB on PostgreSQL (indexable, `->>` in dashboards), JSON text elsewhere."""
+    return JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+def _BigKey() -> TypeEngine[int]:
+    # SQLite only auto-increments an INTEGER PRIMARY KEY (the rowid alias).
+    return BigInteger().with_variant(Integer(), "sqlite")
+
+
+projects = Table(
+    "projects",
+    metadata,
+    Column("id", _BigKey(), primary_key=True, autoincrement=True),
+    Column("name", String(128), nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", _BigKey(), primary_key=True, autoincrement=True),
+    Column("run_id", String(128), nullable=False, unique=True, comment="the client-chosen public id"),
+    Column("project_id", ForeignKey("projects.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(256)),
+    Column("status", String(16), nullable=False),
+    Column("config", JsonDoc()),
+    Column("meta", JsonDoc()),
+    Column("layer_names", JsonDoc(), nullable=False, comment="order of the per-layer arrays in steps"),
+    Column("last_step", BigInteger),
+    Column("n_steps", BigInteger, nullable=False, server_default="0"),
+    Column("detector_state", JsonDoc(), comment="incremental detector state, advanced under the row lock"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index(None, "project_id", "updated_at"),
+    Index(None, "updated_at"),
+)
+
+steps = Table(
+    "steps",
+    metadata,
+    Column("run_pk", BigInteger, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("step", BigInteger, primary_key=True),
+    Column("time", Float(precision=53), nullable=False, comment="unix seconds"),
+    Column("loss", Real()),
+    Column("grad_norm", Real(), comment="total L2 norm of the gradients before clipping"),
+    Column("lr", Real()),
+    Column("update_norm", Real()),
+    Column("flags", SmallInteger, nullable=False, server_default="0", comment="1 skipped, 2 late"),
+    Column("layer_grad_norms", FloatArray()),
+    Column("layer_weight_norms", FloatArray()),
+    Column("layer_update_norms", FloatArray()),
+    Column("scalars", JsonDoc()),
+    sqlite_with_rowid=False,
+)
+
+FLAG_SKIPPED = 1
+FLAG_LATE = 2

@@ -1,0 +1,128 @@
+"""Reads for the query API: runs, a run's raw steps, and a run's series with spike-keeping downsampling."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from gradwatch.wire import decode_value
+from sqlalchemy import Connection, func, select
+
+from .downsample import downsample_minmax
+from .models import FLAG_LATE, FLAG_SKIPPED, projects, runs, steps
+from .schemas import RunPublic, Series, StepOut
+
+__all__ = ["get_run", "list_runs", "read_steps", "read_series", "UnknownLayer"]
+
+_RUN_COLUMNS = (runs.c.id, runs.c.run_id, projects.c.name.label("project"), runs.c.name, runs.c.status,
+                runs.c.config, runs.c.meta, runs.c.layer_names, runs.c.last_step, runs.c.n_steps,
+                runs.c.created_at, runs.c.updated_at)
+_LAYER_FIELDS = ("layer_grad_norms", "layer_weight_norms", "layer_update_norms")
+
+
+class UnknownLayer(LookupError):
+    pass
+
+
+def _run_query() -> Any:
+    return select(*_RUN_COLUMNS).join(projects, projects.c.id == runs.c.project_id)
+
+
+def _run_public(row: Any) -> RunPublic:
+    return RunPublic(run_id=row.run_id, project=row.project, name=row.name, status=row.status,
+                     config=row.config, meta=row.meta, layers=list(row.layer_names), last_step=row.last_step,
+                     n_steps=row.n_steps, created_at=_utc(row.created_at), updated_at=_utc(row.updated_at))
+
+
+def _utc(t: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+def get_run_row(conn: Connection, run_id: str) -> Any:
+    return conn.execute(_run_query().where(runs.c.run_id == run_id)).first()
+
+
+def get_run(conn: Connection, run_id: str) -> RunPublic | None:
+    row = get_run_row(conn, run_id)
+    return None if row is None else _run_public(row)
+
+
+def list_runs(conn: Connection, *, project: str | None = None, status: str | None = None,
+              updated_since: datetime | None = None, limit: int = 100, offset: int = 0) -> tuple[list[RunPublic], int]:
+    q = _run_query()
+    count_q = select(func.count()).select_from(runs.join(projects, projects.c.id == runs.c.project_id))
+    conditions = []
+    if project is not None:
+        conditions.append(projects.c.name == project)
+    if status is not None:
+        conditions.append(runs.c.status == status)
+    if updated_since is not None:
+        conditions.append(runs.c.updated_at >= updated_since)
+    for c in conditions:
+        q, count_q = q.where(c), count_q.where(c)
+    rows = conn.execute(q.order_by(runs.c.updated_at.desc(), runs.c.id.desc()).limit(limit).offset(offset))
+    return [_run_public(r) for r in rows], int(conn.execute(count_q).scalar_one())
+
+
+def _step_range(q: Any, start: int | None, end: int | None) -> Any:
+    if start is not None:
+        q = q.where(steps.c.step >= start)
+    if end is not None:
+        q = q.where(steps.c.step <= end)
+    return q
+
+
+def _scalars(doc: Any) -> dict[str, float | None] | None:
+    if doc is None:
+        return None
+    if isinstance(doc, str):
+        doc = json.loads(doc)
+    return {k: decode_value(v) for k, v in doc.items()}
+
+
+def read_steps(conn: Connection, run_pk: int, *, start: int | None, end: int | None, limit: int) -> list[StepOut]:
+    q = _step_range(select(steps).where(steps.c.run_pk == run_pk), start, end).order_by(steps.c.step).limit(limit)
+    return [
+        StepOut(step=r.step, time=r.time, loss=r.loss, grad_norm=r.grad_norm, lr=r.lr, update_norm=r.update_norm,
+                layer_grad_norms=r.layer_grad_norms, layer_weight_norms=r.layer_weight_norms,
+                layer_update_norms=r.layer_update_norms, scalars=_scalars(r.scalars),
+                skipped=bool(r.flags & FLAG_SKIPPED), late=bool(r.flags & FLAG_LATE))
+        for r in conn.execute(q)
+    ]
+
+
+def read_series(conn: Connection, run_pk: int, run_layers: Sequence[str], *, fields: Sequence[str],
+                layers: Sequence[str] | None, start: int | None, end: int | None,
+                max_points: int | None) -> list[Series]:
+    """One series per scalar field, and one per (per-layer field, layer)."""
+    wanted_layers = list(run_layers) if layers is None else list(layers)
+    position = {name: i for i, name in enumerate(run_layers)}
+    missing = [name for name in wanted_layers if name not in position]
+    if missing:
+        raise UnknownLayer(f"unknown layer(s) {missing[:5]}; this run has {len(run_layers)} layers")
+    columns = [steps.c.step] + [steps.c[f] for f in fields]
+    q = _step_range(select(*columns).where(steps.c.run_pk == run_pk), start, end).order_by(steps.c.step)
+    rows = conn.execute(q).all()
+    step_list = [r[0] for r in rows]
+    out: list[Series] = []
+    for j, f in enumerate(fields, start=1):
+        if f in _LAYER_FIELDS:
+            for name in wanted_layers:
+                i = position[name]
+                values = [None if r[j] is None or i >= len(r[j]) else r[j][i] for r in rows]
+                out.append(_series(f, name, step_list, values, max_points))
+        else:
+            out.append(_series(f, None, step_list, [r[j] for r in rows], max_points))
+    return out
+
+
+def _series(field: str, layer: str | None, step_list: list[int], values: list[float | None],
+            max_points: int | None) -> Series:
+    if max_points is not None:
+        s, v = downsample_minmax(step_list, values, max_points)
+    else:
+        s, v = step_list, values
+    return Series(field=field, layer=layer, steps=s, values=v)

@@ -1,0 +1,166 @@
+"""The wire shapes of /v1 (docs/wire.md), as pydantic models. Validation happens here, once, in Rust.
+
+Measured values are `Value`: a JSON number or one of "NaN", "Infinity", "-Infinity". Serialised back with
+`ser_json_inf_nan="strings"`, so what comes out is what went in.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+RunStatus = Literal["running", "finished", "failed", "crashed", "stopped"]
+RunId = Annotated[str, StringConstraints(pattern=RUN_ID_PATTERN)]
+ProjectName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+LayerName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+Value = float
+"""A measured value; pydantic accepts numbers and the strings NaN/Infinity/-Infinity (and nothing else that is
+not a number) and serialises non-finite values back as those strings."""
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
+
+
+class RunUpsert(WireModel):
+    """PUT /v1/runs/{run_id}. Omitted fields are left as they are."""
+
+    project: ProjectName | None = Field(default=None, description="defaults to 'default' on creation")
+    name: Annotated[str, StringConstraints(max_length=256)] | None = None
+    config: dict[str, Any] | None = None
+    status: RunStatus | None = None
+    layers: list[LayerName] | None = Field(default=None, max_length=100_000)
+    meta: dict[str, Any] | None = None
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"project": "vision", "name": "resnet50-lr0.4", "config": {"lr": 0.4},
+                                         "status": "running", "layers": ["conv1.weight", "fc.weight"]}]},
+    )
+
+
+class RunPublic(WireModel):
+    run_id: str
+    project: str
+    name: str | None
+    status: RunStatus
+    config: dict[str, Any] | None
+    meta: dict[str, Any] | None
+    layers: list[str]
+    last_step: int | None
+    n_steps: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class RunsPublic(WireModel):
+    runs: list[RunPublic]
+    count: int
+
+
+def _finite_time(t: float | None) -> float | None:
+    if t is not None and not math.isfinite(t):
+        raise ValueError("time must be a finite number of unix seconds")
+    return t
+
+
+class StepIn(WireModel):
+    step: int = Field(ge=0, le=2**62)
+    time: Annotated[float | None, AfterValidator(_finite_time)] = None
+    loss: Value | None = None
+    grad_norm: Value | None = None
+    lr: Value | None = None
+    update_norm: Value | None = None
+    layer_grad_norms: list[Value | None] | None = None
+    layer_weight_norms: list[Value | None] | None = None
+    layer_update_norms: list[Value | None] | None = None
+    scalars: dict[Annotated[str, StringConstraints(min_length=1, max_length=128)], Value | None] | None = None
+    skipped: bool = False
+
+
+class StepBatch(WireModel):
+    """POST /v1/runs/{run_id}/steps."""
+
+    batch_id: Annotated[str, StringConstraints(max_length=128)] | None = None
+    layers: list[LayerName] | None = Field(default=None, max_length=100_000)
+    steps: list[StepIn]
+
+    model_config = ConfigDict(
+        extra="forbid",
+        ser_json_inf_nan="strings",
+        json_schema_extra={"examples": [{
+            "batch_id": "3f1c9a",
+            "layers": ["fc1.weight", "fc2.weight"],
+            "steps": [
+                {"step": 0, "loss": 2.31, "grad_norm": 14.2, "lr": 0.001, "update_norm": 0.013,
+                 "layer_grad_norms": [14.1, 0.9], "layer_weight_norms": [8.0, 0.2]},
+                {"step": 1, "loss": "NaN", "grad_norm": "Infinity", "layer_grad_norms": ["Infinity", 0.8]},
+            ],
+        }]},
+    )
+
+
+class Incident(WireModel):
+    id: int
+    run_id: str
+    signature: str
+    severity: Literal["warning", "critical"]
+    status: Literal["open", "resolved"]
+    opened_step: int
+    last_step: int
+    resolved_step: int | None = None
+    layer: str | None = None
+    evidence: dict[str, Any] | None = None
+
+
+class IngestResult(WireModel):
+    run_id: str
+    accepted: int = Field(description="steps stored by this request")
+    duplicates: int = Field(description="steps already stored with identical values (resends)")
+    last_step: int | None = Field(description="highest step stored for the run")
+    open_incidents: list[Incident] = Field(default_factory=list)
+
+
+class StepOut(WireModel):
+    step: int
+    time: float
+    loss: Value | None
+    grad_norm: Value | None
+    lr: Value | None
+    update_norm: Value | None
+    layer_grad_norms: list[Value | None] | None
+    layer_weight_norms: list[Value | None] | None
+    layer_update_norms: list[Value | None] | None
+    scalars: dict[str, Value | None] | None
+    skipped: bool
+    late: bool
+
+
+class StepsPublic(WireModel):
+    run_id: str
+    layers: list[str]
+    steps: list[StepOut]
+
+
+SERIES_FIELDS = ("loss", "grad_norm", "lr", "update_norm", "layer_grad_norms", "layer_weight_norms",
+                 "layer_update_norms")
+
+
+class Series(WireModel):
+    field: str
+    layer: str | None
+    steps: list[int]
+    values: list[Value | None]
+
+
+class SeriesPublic(WireModel):
+    run_id: str
+    start: int | None
+    end: int | None
+    max_points: int | None
+    series: list[Series]

@@ -1,0 +1,39 @@
+"""Service settings, read once from the environment (prefix GRADWATCH_) or a .env file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path(".gradwatch")
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Defaults give a zero-set-up, loopback-only, embedded-SQLite service."""
+
+    model_config = SettingsConfigDict(env_prefix="GRADWATCH_", env_file=".env", extra="ignore")
+
+    database_url: str = Field(
+        default=f"sqlite:///{DEFAULT_DATA_DIR / 'gradwatch.db'}",
+        description="SQLAlchemy URL: sqlite:///path/to/file.db (default) or postgresql+psycopg://user@host/db",
+    )
+    host: str = Field(default="127.0.0.1", description="bind address; loopback by default")
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_body_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024,
+        description="cap on a request body, applied both to the bytes received and after gzip decompression",
+    )
+    max_batch_steps: int = Field(default=20_000, ge=1, description="most steps one POST may carry")
+    sqlite_synchronous: str = Field(
+        default="FULL", pattern="^(OFF|NORMAL|FULL|EXTRA)$",
+        description="SQLite PRAGMA synchronous; FULL makes every acknowledged batch survive power loss",
+    )
+    db_pool_size: int = Field(default=8, ge=1, description="PostgreSQL connection pool size per process")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
