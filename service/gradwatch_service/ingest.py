@@ -128,10 +128,10 @@ def upsert_run(conn: Connection, run_id: str, body: RunUpsert) -> bool:
         if conn.dialect.name == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-            created = conn.execute(
-                pg_insert(runs).values(**values).on_conflict_do_nothing(index_elements=["run_id"])
-            ).rowcount == 1
-            if created:
+            inserted = conn.execute(
+                pg_insert(runs).values(**values).on_conflict_do_nothing(index_elements=["run_id"]).returning(runs.c.id)
+            ).first()
+            if inserted is not None:
                 return True
             row = _lock_run(conn, run_id)  # a concurrent PUT created it first: update it instead
             assert row is not None

@@ -9,7 +9,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Column, Engine
 from sqlalchemy.types import TypeDecorator
 
 import gradwatch_service.migrations as _migrations_pkg
@@ -72,6 +72,4 @@ def compare_type(context: Any, inspected_column: Any, metadata_column: Any, insp
 
 
 def _with_type(column: Any, type_: Any) -> Any:
-    c = column.copy()
-    c.type = type_
-    return c
+    return Column(column.name, type_, nullable=column.nullable)

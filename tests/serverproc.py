@@ -1,0 +1,97 @@
+"""A real gradwatch server in a subprocess on a loopback port, for tests that must go over HTTP.
+
+`start()` migrates the database (`gradwatch db upgrade`), starts `gradwatch serve` and waits for /healthz;
+`kill()` is SIGKILL (a crash), `stop()` a graceful SIGTERM. The same port and database can be started again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ServerProcess", "free_port"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    def __init__(self, database_url: str, port: int | None = None, env: dict[str, str] | None = None,
+                 log_path: Path | None = None) -> None:
+        self.database_url = database_url
+        self.port = port or free_port()
+        self.env = {**os.environ, "GRADWATCH_DATABASE_URL": database_url, **(env or {})}
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix="gradwatch-server-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def migrate(self) -> None:
+        subprocess.run([sys.executable, "-m", "gradwatch_service", "db", "upgrade"], env=self.env, check=True,
+                       capture_output=True)
+
+    def start(self, wait: bool = True, migrate: bool = True, timeout: float = 30.0) -> ServerProcess:
+        if migrate:
+            self.migrate()
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gradwatch_service", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                err = self.log_path.read_text(errors="replace")
+                raise RuntimeError(f"gradwatch serve exited with {self.proc.returncode}: {err[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"gradwatch serve did not answer on {self.url} within {timeout}s")
+
+    def kill(self) -> None:
+        self._end(signal.SIGKILL)
+
+    def stop(self) -> None:
+        self._end(signal.SIGTERM)
+
+    def _end(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+        if self._log is not None:
+            self._log.close()
+        self._log = None
+
+    def __enter__(self) -> ServerProcess:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

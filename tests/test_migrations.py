@@ -1,0 +1,56 @@
+"""Migrations: the models and the migrated schema agree, migrations go down and up, serving needs a current schema."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from gradwatch_service import migrate
+from gradwatch_service.db import make_engine
+from gradwatch_service.models import metadata
+from sqlalchemy import Column, Engine, Integer, MetaData, inspect
+
+
+def _diff(engine: Engine, target: MetaData) -> list[object]:
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": migrate.compare_type, "target_metadata": target})
+        return list(compare_metadata(ctx, target))
+
+
+def test_autogenerate_finds_no_difference_after_upgrade(engine: Engine) -> None:
+    assert migrate.current_revision(engine) == migrate.head_revision()
+    assert _diff(engine, metadata) == []
+
+
+def test_the_comparison_would_notice_a_drifted_model(engine: Engine) -> None:
+    drifted = MetaData()
+    for table in metadata.sorted_tables:
+        table.to_metadata(drifted)
+    drifted.tables["steps"].append_column(Column("extra", Integer))
+    diff = _diff(engine, drifted)
+    assert any(d[0] == "add_column" and d[3].name == "extra" for d in diff)  # type: ignore[index]
+
+
+def test_downgrade_to_base_and_upgrade_again(engine: Engine) -> None:
+    migrate.downgrade(engine, "base")
+    assert migrate.current_revision(engine) is None
+    assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
+    assert "run `gradwatch db upgrade`" in (migrate.schema_problem(engine) or "")
+    migrate.upgrade(engine)
+    assert migrate.schema_problem(engine) is None
+    assert _diff(engine, metadata) == []
+
+
+def test_serve_refuses_an_unmigrated_database_and_names_the_fix(database_url: str) -> None:
+    env = {"GRADWATCH_DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "gradwatch_service", "serve", "--port", "1"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "gradwatch db upgrade" in done.stderr
+    eng = make_engine(database_url)
+    try:
+        assert migrate.current_revision(eng) is None  # refusing did not touch the database
+    finally:
+        eng.dispose()
