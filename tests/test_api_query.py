@@ -36,10 +36,12 @@ def test_list_runs_filters_by_project_status_and_update_time(http: httpx.Client)
     listed = http.get("/v1/runs", params={"project": project}).json()
     assert [r["run_id"] for r in listed["runs"]] == [b, a]  # most recently updated first
     assert listed["count"] == 2
-    assert [r["run_id"] for r in http.get("/v1/runs", params={"project": project, "status": "finished"}).json()["runs"]] \
-        == [b]
-    assert [r["run_id"] for r in http.get("/v1/runs", params={"project": project, "updated_since": since}).json()["runs"]] \
-        == [b]
+
+    def ids(**params: str) -> list[str]:
+        return [r["run_id"] for r in http.get("/v1/runs", params={"project": project, **params}).json()["runs"]]
+
+    assert ids(status="finished") == [b]
+    assert ids(updated_since=since) == [b]
     page = http.get("/v1/runs", params={"project": project, "limit": 1, "offset": 1}).json()
     assert [r["run_id"] for r in page["runs"]] == [a] and page["count"] == 2
     assert http.get("/v1/runs", params={"status": "exploded"}).status_code == 422
