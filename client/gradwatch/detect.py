@@ -62,7 +62,7 @@ class DetectorConfig:
     """A sample moves a band as if it were at most this many deviations away (ZClip-style clipping)."""
     band_dev_floor: float = 0.1
     """Least deviation a band judges with, in log units (10 %): a flat series is not razor-thin."""
-    warmup_steps: int = 10
+    warmup_steps: int = 20
     """Samples a band needs before it is trusted for spike, growth and ratio tests."""
 
     # --- grad_spike (warning)
@@ -74,7 +74,7 @@ class DetectorConfig:
     # --- grad_growth (critical)
     growth_z: float = 3.0
     """A step counts towards growth when its grad norm is this many deviations above the band at its start."""
-    growth_steps: int = 4
+    growth_steps: int = 3
     """Consecutive counting steps needed (a lone spike is a grad_spike, not growth) ..."""
     growth_min_factor: float = 10.0
     """... and the grad norm must have grown this many times over the band at the start."""
@@ -84,7 +84,7 @@ class DetectorConfig:
     """Weight of a new loss in the smoothed log loss (about 5 steps of memory)."""
     loss_start_steps: int = 10
     """The early baseline is the lower of the first loss and the mean (in log space) of the first N losses."""
-    loss_factor: float = 2.0
+    loss_factor: float = 3.0
     """The smoothed loss is divergent while above this many times the early baseline ..."""
     loss_steps: int = 5
     """... for this many consecutive steps."""
@@ -98,6 +98,11 @@ class DetectorConfig:
     """Critical when, before the ratio band has warmed up, one update is this many times the weight norm: the
     step replaced the network rather than trained it. Only the first steps can catch runs that blow up in
     their first update, and they have no history to compare with."""
+    ratio_sustained: float = 1.0
+    """Critical, too, when (still before the band has warmed up) updates at least this many times the weight
+    norm come `ratio_sustained_steps` times in a row: one step that outgrows the weights can be a bold start,
+    consecutive ones are the weights running away."""
+    ratio_sustained_steps: int = 2
 
     # --- root cause
     layer_z: float = 4.0
@@ -146,7 +151,7 @@ def new_state() -> dict[str, Any]:
         # loss: early baseline, smoothed log loss, consecutive divergent steps
         "l_n": 0, "l_first": 0.0, "l_sum": 0.0, "l_start": 0.0, "l_ewm": 0.0, "l_run": 0,
         # update ratio band (log of update norm / weight norm)
-        "r_n": 0, "r_mu": 0.0, "r_dev": 0.0,
+        "r_n": 0, "r_mu": 0.0, "r_dev": 0.0, "r_big": 0,
         # per-layer grad norm bands, aligned with "layers"
         "layers": [], "ly_n": 0, "ly_mu": [], "ly_dev": [],
         # layers now above their band: name -> first step out (the root-cause candidates)
@@ -372,7 +377,13 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
             n = state["r_n"]
             mu = state["r_mu"]
             dev = state["r_dev"]
-            if n < cfg.warmup_steps:
+            state["r_big"] = state["r_big"] + 1 if ratio >= cfg.ratio_sustained else 0
+            if n < cfg.warmup_steps and state["r_big"] >= cfg.ratio_sustained_steps:
+                events.append(Event("update_ratio", CRITICAL, t, ratio, cfg.ratio_sustained,
+                                    _ratio_layer(lun, lwn) or _root_cause(state),
+                                    f"{state['r_big']} updates in a row at least {cfg.ratio_sustained:g}x the "
+                                    f"weight norm (now {ratio:.3g}x)"))
+            elif n < cfg.warmup_steps:
                 if ratio >= cfg.ratio_critical:
                     events.append(Event("update_ratio", CRITICAL, t, ratio, cfg.ratio_critical,
                                         _ratio_layer(lun, lwn) or _root_cause(state),
