@@ -1,0 +1,255 @@
+"""The detectors on synthetic runs whose right answer is known, plus the state and incident contracts."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterable
+
+import pytest
+from gradwatch.detect import (
+    SIGNATURES,
+    DetectorConfig,
+    Event,
+    advance,
+    new_incident_state,
+    new_state,
+    track_incidents,
+)
+
+LAYERS = ("embed.weight", "block.0.weight", "block.1.weight", "head.weight")
+
+
+def make_step(t: int, *, grad: float = 1.0, loss: float = 2.0, layer_grads: dict[str, float] | None = None,
+              update: float | None = 0.01, weight: float = 10.0, **extra: object) -> dict[str, object]:
+    """A step line like the traces': total grad norm = L2 of the layer grad norms."""
+    if layer_grads is None:
+        layer_grads = {name: grad / 2.0 for name in LAYERS}  # 4 equal layers: total = grad
+    total = math.sqrt(sum(v * v for v in layer_grads.values()))
+    return {"step": t, "loss": loss, "lr": 0.1, "grad_norm": total,
+            "layer_grad_norms": layer_grads,
+            "layer_weight_norms": {name: weight / 2.0 for name in LAYERS},
+            "update_norm": update, **extra}
+
+
+def run(steps: Iterable[dict[str, object]], config: DetectorConfig | None = None,
+        state: dict[str, object] | None = None) -> tuple[dict[str, object], list[Event]]:
+    state = new_state() if state is None else state
+    events: list[Event] = []
+    for step in steps:
+        state, evs = advance(state, step, config or DetectorConfig())
+        events += evs
+    return state, events
+
+
+def noisy_steps(n: int, seed: int = 0, start: int = 0, sigma: float = 0.3) -> list[dict[str, object]]:
+    rng = random.Random(seed)
+    out = []
+    for t in range(start, start + n):
+        layer_grads = {name: math.exp(rng.gauss(0.0, sigma)) for name in LAYERS}
+        out.append(make_step(t, layer_grads=layer_grads, loss=2.0 * math.exp(rng.gauss(0.0, 0.05)),
+                             update=0.01 * math.exp(rng.gauss(0.0, sigma))))
+    return out
+
+
+def test_nan_in_one_layer_only_is_critical_and_names_that_layer() -> None:
+    steps = noisy_steps(30)
+    bad = make_step(30, layer_grads={"embed.weight": 0.5, "block.0.weight": 0.5,
+                                     "block.1.weight": math.nan, "head.weight": 0.5})
+    bad["grad_norm"] = 0.9  # the total was summed elsewhere and came out finite
+    _, events = run([*steps, bad])
+    assert [e.signature for e in events] == ["nonfinite"]
+    (event,) = events
+    assert event.severity == "critical"
+    assert event.step == 30
+    assert event.layer == "block.1.weight"
+    assert event.to_dict()["value"] == "NaN"
+
+
+def test_infinite_loss_is_nonfinite_at_once_even_without_history() -> None:
+    _, events = run([make_step(0, loss=math.inf)])
+    assert [(e.signature, e.severity) for e in events] == [("nonfinite", "critical")]
+    assert events[0].to_dict()["value"] == "Infinity"
+
+
+def test_clean_exponential_growth_fires_grad_growth_before_overflow() -> None:
+    steps = noisy_steps(60)
+    g = 1.0
+    t = 60
+    while g < 1e300:
+        g *= 1.5
+        steps.append(make_step(t, grad=g))
+        t += 1
+    _, events = run(steps)
+    growth = [e for e in events if e.signature == "grad_growth"]
+    assert growth, [e.signature for e in events]
+    first = growth[0]
+    assert first.severity == "critical"
+    assert first.value is not None and math.isfinite(first.value) and first.value < 1e3
+    assert first.step < 60 + 15
+    assert not [e for e in events if e.severity == "critical" and e.step < 60]
+
+
+def test_stationary_heavy_tailed_series_stays_quiet() -> None:
+    """Log-normal grad norms (sigma 0.5: a 1-in-100 step is 3.2x the median) for 5,000 steps."""
+    rng = random.Random(7)
+    steps = []
+    for t in range(5000):
+        layer_grads = {name: math.exp(rng.gauss(0.0, 0.5)) for name in LAYERS}
+        steps.append(make_step(t, layer_grads=layer_grads, loss=1.5 * math.exp(rng.gauss(0.0, 0.2)),
+                               update=0.01 * math.exp(rng.gauss(0.0, 0.5))))
+    _, events = run(steps)
+    assert not [e for e in events if e.severity == "critical"]
+    assert len(events) <= 5, [(e.signature, e.step) for e in events]
+
+
+def test_state_survives_a_json_round_trip_mid_run_with_identical_events() -> None:
+    steps = noisy_steps(80, seed=3)
+    g = 1.0
+    for t in range(80, 120):
+        g *= 1.6
+        steps.append(make_step(t, grad=g, loss=2.0 + 0.1 * (t - 80)))
+    steps.append(make_step(120, loss=math.nan, grad=math.inf))
+
+    _, straight = run(steps)
+    state, first_half = run(steps[:95])
+    text = json.dumps(state, allow_nan=False)  # raises if NaN or infinity leaked into the state
+    _, second_half = run(steps[95:], state=json.loads(text))
+
+    assert straight, "the scenario should raise events"
+    assert [e.to_dict() for e in first_half + second_half] == [e.to_dict() for e in straight]
+
+
+def test_state_stays_json_safe_through_nonfinite_and_zero_values() -> None:
+    steps = [*noisy_steps(25), make_step(25, grad=0.0, update=0.0, layer_grads={n: 0.0 for n in LAYERS}),
+             make_step(26, loss=math.nan), make_step(27, update=math.inf), make_step(28, loss=None)]
+    state, _ = run(steps)
+    json.dumps(state, allow_nan=False)
+
+
+def test_skipped_steps_do_not_alert_and_teach_nothing() -> None:
+    steps = noisy_steps(40)
+    state, _ = run(steps)
+    before = json.dumps(state, sort_keys=True)
+    skipped = make_step(40, grad=math.inf, loss=2.0, update=0.0, skipped=True,
+                        layer_grads={n: math.inf for n in LAYERS})
+    state, events = advance(state, skipped, DetectorConfig())
+    assert events == []
+    after = json.loads(json.dumps(state, sort_keys=True))
+    assert after.pop("steps") == json.loads(before)["steps"] + 1
+    assert after.pop("last_step") == 40
+    expected = json.loads(before)
+    expected.pop("steps")
+    expected.pop("last_step")
+    assert after == expected
+
+
+def test_root_cause_is_the_layer_that_broke_out_first() -> None:
+    steps = noisy_steps(60, sigma=0.1)
+    # block.1 starts climbing first; head follows two steps later and ends up the largest
+    for i, t in enumerate(range(60, 75)):
+        layer_grads = {"embed.weight": 0.5, "block.0.weight": 0.5,
+                       "block.1.weight": 0.5 * 2.0 ** (i + 1),
+                       "head.weight": 0.5 * 4.0 ** max(0, i - 1)}
+        steps.append(make_step(t, layer_grads=layer_grads))
+    _, events = run(steps)
+    critical = [e for e in events if e.severity == "critical"]
+    assert critical, [(e.signature, e.step) for e in events]
+    assert critical[0].signature == "grad_growth"
+    assert critical[0].layer == "block.1.weight"
+
+
+def test_layers_appearing_later_are_tracked_without_losing_the_others() -> None:
+    steps = noisy_steps(30)
+    extra = make_step(30, layer_grads={**{n: 0.5 for n in LAYERS}, "new.weight": 0.5})
+    state, events = run([*steps, extra])
+    assert "new.weight" in state["layers"]
+    assert not events
+
+
+def test_first_update_many_times_the_weights_is_critical_at_step_zero() -> None:
+    _, events = run([make_step(0, update=150.0, weight=10.0)])
+    assert [(e.signature, e.severity) for e in events] == [("update_ratio", "critical")]
+    assert events[0].baseline == DetectorConfig().ratio_critical
+
+
+def test_one_bold_first_step_is_not_critical_but_two_in_a_row_are() -> None:
+    _, events = run([make_step(0, update=50.0), make_step(1, update=0.5)])
+    assert not [e for e in events if e.severity == "critical"]
+    _, events = run([make_step(0, update=50.0), make_step(1, update=20.0)])
+    assert [(e.signature, e.severity, e.step) for e in events] == [("update_ratio", "critical", 1)]
+
+
+def test_loss_divergence_when_the_loss_stays_far_above_its_early_level() -> None:
+    rng = random.Random(1)
+    steps = noisy_steps(50, seed=1)
+    for t in range(50, 80):
+        steps.append(make_step(t, loss=2.0 * 4.0 * math.exp(rng.gauss(0.0, 0.05))))
+    _, events = run(steps)
+    div = [e for e in events if e.signature == "loss_divergence"]
+    assert len(div) == 1
+    assert div[0].severity == "critical"
+    assert 50 < div[0].step <= 65  # smoothing (~8 steps to cross) + loss_steps (5)
+
+
+def test_a_lone_spike_is_a_warning_not_growth() -> None:
+    steps = [*noisy_steps(50, sigma=0.1), make_step(50, grad=100.0), *noisy_steps(30, start=51, sigma=0.1)]
+    _, events = run(steps)
+    assert [(e.signature, e.severity, e.step) for e in events] == [("grad_spike", "warning", 50)]
+
+
+def test_event_to_dict_is_json_safe() -> None:
+    event = Event("grad_growth", "critical", 7, math.inf, 1.5, "block.0.weight", "m")
+    d = event.to_dict()
+    assert set(d) >= {"signature", "severity", "step", "value", "baseline", "layer", "message"}
+    assert json.loads(json.dumps(d, allow_nan=False))["value"] == "Infinity"
+    assert event.signature in SIGNATURES
+
+
+def _events(sig: str, step: int, severity: str = "warning") -> list[Event]:
+    return [Event(sig, severity, step, 1.0, 1.0, None, "m")]
+
+
+def test_incident_opens_once_and_resolves_after_the_quiet_period() -> None:
+    cfg = DetectorConfig(resolve_after_steps=10)
+    inc = new_incident_state()
+    inc, opened, resolved = track_incidents(inc, _events("grad_spike", 5), 5, cfg)
+    assert [(o["signature"], o["opened_at"]) for o in opened] == [("grad_spike", 5)]
+    for t in range(6, 15):
+        inc, opened, resolved = track_incidents(inc, [], t, cfg)
+        assert not opened and not resolved
+    inc, opened, resolved = track_incidents(inc, [], 15, cfg)
+    assert [(r["signature"], r["opened_at"], r["resolved_at"]) for r in resolved] == [("grad_spike", 5, 15)]
+    assert inc == new_incident_state()
+    json.dumps(inc, allow_nan=False)
+
+
+def test_a_flapping_signal_is_one_incident() -> None:
+    cfg = DetectorConfig(resolve_after_steps=10)
+    inc = new_incident_state()
+    opened_all = []
+    for t in range(100):
+        events = _events("grad_spike", t) if t % 7 == 0 else []  # fires every 7 steps, quiet in between
+        inc, opened, resolved = track_incidents(inc, events, t, cfg)
+        opened_all += opened
+        assert not resolved
+    assert len(opened_all) == 1
+
+
+def test_a_warning_incident_turning_critical_is_reported_again() -> None:
+    inc = new_incident_state()
+    inc, opened, _ = track_incidents(inc, _events("update_ratio", 1), 1)
+    assert [o["severity"] for o in opened] == ["warning"]
+    inc, opened, _ = track_incidents(inc, _events("update_ratio", 2, "critical"), 2)
+    assert [(o["severity"], o["escalated"], o["opened_at"]) for o in opened] == [("critical", True, 1)]
+    inc, opened, _ = track_incidents(inc, _events("update_ratio", 3, "critical"), 3)
+    assert opened == []
+
+
+@pytest.mark.parametrize("signature", SIGNATURES)
+def test_signatures_open_separate_incidents(signature: str) -> None:
+    inc = new_incident_state()
+    inc, _, _ = track_incidents(inc, _events("grad_spike", 1), 1)
+    inc, opened, _ = track_incidents(inc, _events(signature, 2), 2)
+    assert len(opened) == (0 if signature == "grad_spike" else 1)
