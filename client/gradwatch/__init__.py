@@ -1,1 +1,54 @@
-"""gradwatch: watch training jobs for exploding gradients."""
+"""gradwatch: watch training jobs for exploding gradients.
+
+    import gradwatch
+    run = gradwatch.init(project="resnet", name="lr0.1", config={"lr": 0.1})
+    gradwatch.watch(model, optimizer, run)          # per-layer norms, one fused pass, no extra sync
+    for step, batch in enumerate(loader):
+        ...
+        gradwatch.clip_grad_norm_(model.parameters(), 1.0)   # drop-in; its pass also yields the norms
+        optimizer.step()
+        run.log(step, loss=loss)
+    run.finish()
+
+Importing this package loads only the standard library; `watch` and `clip_grad_norm_` import torch when
+called.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._errors import CriticalIncident, GradwatchError
+from ._options import Options
+from ._run import DeliveryReport, Run, init
+
+__all__ = [
+    "CriticalIncident",
+    "DeliveryReport",
+    "GradwatchError",
+    "Options",
+    "Run",
+    "clip_grad_norm_",
+    "init",
+    "watch",
+]
+
+__version__ = "0.1.0"
+
+
+def watch(model: Any, optimizer: Any, run: Run, **kwargs: Any) -> Any:
+    """Instrument a PyTorch model and optimizer: per-layer gradient, weight and update norms for every step.
+
+    See `gradwatch._torch.watch` for the options (scaler, start_step, weight_every, update_every)."""
+    from ._torch import watch as _watch
+
+    return _watch(model, optimizer, run, **kwargs)
+
+
+def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False, foreach: bool | None = None) -> Any:
+    """Drop-in for `torch.nn.utils.clip_grad_norm_` (same arguments, same return value) whose norm pass also
+    gives watch() the per-layer norms, so clipping plus monitoring costs no more than clipping."""
+    from ._torch import clip_grad_norm_ as _clip
+
+    return _clip(parameters, max_norm, norm_type, error_if_nonfinite, foreach)

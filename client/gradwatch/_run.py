@@ -1,0 +1,474 @@
+"""A run: the object a training script holds, and `init()` that makes one.
+
+`log()` is on the training loop's hot path, so it does the least it can: convert the values, merge them into
+the step's record under a lock, and hand sealed records to the sender thread. Nothing in it waits on the
+network or the disk, and nothing in it raises unless the user asked for strict mode.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import math
+import os
+import re
+import socket
+import sys
+import threading
+import time
+import uuid
+import warnings
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from ._errors import CriticalIncident, GradwatchError
+from ._options import Options
+from ._spool import Spool
+from ._step import StepRecord
+from ._worker import DeliveryStats, Worker
+from .wire import encode_value, to_float
+
+__all__ = ["DeliveryReport", "Run", "init"]
+
+logger = logging.getLogger("gradwatch")
+
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+RUN_STATUSES = ("running", "finished", "failed", "crashed", "stopped")
+VERSION = "0.1.0"
+
+_live_runs: weakref.WeakSet[Run] = weakref.WeakSet()
+_atexit_registered = False
+_atexit_lock = threading.Lock()
+
+
+@dataclass
+class DeliveryReport:
+    """What happened to a run's steps, as `finish()` found it."""
+
+    run_id: str
+    steps: int = 0
+    delivered: int = 0
+    spooled: int = 0
+    lost: dict[str, int] = field(default_factory=dict)
+    spool_dir: str | None = None
+
+    def __str__(self) -> str:
+        text = f"run {self.run_id}: {self.steps} steps, {self.delivered} delivered"
+        if self.spooled:
+            text += f", {self.spooled} left in {self.spool_dir} (send them with `gradwatch sync`)"
+        if self.lost:
+            text += ", LOST " + ", ".join(f"{n} ({reason})" for reason, n in sorted(self.lost.items()))
+        return text
+
+
+def init(
+    project: str | None = None,
+    name: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    *,
+    run_id: str | None = None,
+    meta: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> Run:
+    """Start a run and return it. Options are the fields of `gradwatch._options.Options` (url, token,
+    spool_dir, on_alert, on_critical, local_detection, strict, all_ranks, ...).
+
+    Under torch.distributed only rank 0 gets a live run (other ranks get one whose methods do nothing),
+    unless `all_ranks=True`, where each rank is its own run with the rank in its id and name."""
+    opts = Options(**options)
+    if opts.on_critical not in ("warn", "raise", "stop"):
+        raise ValueError(f"on_critical must be 'warn', 'raise' or 'stop', not {opts.on_critical!r}")
+    opts.spool_dir = Path(opts.spool_dir).expanduser()
+    rank = _distributed_rank()
+    if rank and not opts.all_ranks:
+        return Run(run_id or "disabled", opts, {}, enabled=False)
+    run_id = run_id or os.environ.get("GRADWATCH_RUN_ID") or _new_run_id()
+    if rank is not None and opts.all_ranks:
+        run_id = f"{run_id}-rank{rank}"
+        name = f"{name or run_id} [rank {rank}]"
+    if not RUN_ID_PATTERN.match(run_id):
+        raise ValueError(f"run_id must be 1-128 characters of [A-Za-z0-9._:-] starting with a letter or digit, "
+                         f"got {run_id!r}")
+    body: dict[str, Any] = {
+        "project": project or os.environ.get("GRADWATCH_PROJECT") or "default",
+        "status": "running",
+        "meta": {"host": socket.gethostname(), "pid": os.getpid(), "python": sys.version.split()[0],
+                 "client": f"gradwatch-python/{VERSION}", **_jsonable(dict(meta or {}))},
+    }
+    if name:
+        body["name"] = name
+    if config:
+        body["config"] = _jsonable(dict(config))
+    if rank is not None:
+        body["meta"]["rank"] = rank
+    run = Run(run_id, opts, body)
+    _register_atexit()
+    _live_runs.add(run)
+    return run
+
+
+class Run:
+    """One training run. Thread-safe; in a forked child (a DataLoader worker) every method does nothing."""
+
+    def __init__(self, run_id: str, options: Options, body: dict[str, Any], enabled: bool = True):
+        self.run_id = run_id
+        self.options = options
+        self.project: str = body.get("project", "default")
+        self.name: str | None = body.get("name")
+        self.should_stop = False
+        """Set when a critical incident opened and `on_critical="stop"`: leave the loop at a good place."""
+        self._enabled = enabled
+        self._finished = False
+        self._report: DeliveryReport | None = None
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._open: dict[int, StepRecord] = {}
+        self._held: set[int] = set()
+        self._sealed_max = -1
+        self._flush_hooks: list[Callable[[], None]] = []
+        self._seen_incidents: set[Any] = set()
+        self._criticals: collections.deque[dict[str, Any]] = collections.deque()
+        self._warned_critical = False
+        self._client_errors = 0
+        self.stats = DeliveryStats()
+        self._detector: Any = None
+        if not enabled:
+            return
+        if options.local_detection:
+            self._detector = _LocalDetector()
+        spool = Spool(options.spool_dir / run_id, options.spool_max_bytes)
+        self._worker = Worker(
+            run_id, body, options, spool, self.stats,
+            on_incidents=self._incidents_seen,
+            on_sealed=self._detect_locally if self._detector is not None else None,
+            on_tick=self._seal_stale,
+        )
+
+    # -- logging -----------------------------------------------------------------------------------------
+    def log(
+        self,
+        step: int,
+        loss: Any = None,
+        grad_norm: Any = None,
+        lr: Any = None,
+        update_norm: Any = None,
+        skipped: bool | None = None,
+        **scalars: Any,
+    ) -> None:
+        """Record values for an optimizer step. Floats, numpy scalars and 0-d tensors; NaN and ±Inf are kept.
+
+        Calls for the same step merge; a step is sent once a later step is logged (or on flush/finish)."""
+        if not self._enabled or self._finished or self._pid != os.getpid():
+            return
+        if self._criticals:
+            self._act_on_critical()
+        try:
+            values: dict[str, Any] = {}
+            if loss is not None:
+                values["loss"] = _float(loss)
+            if grad_norm is not None:
+                values["grad_norm"] = _float(grad_norm)
+            if lr is not None:
+                values["lr"] = _float(lr)
+            if update_norm is not None:
+                values["update_norm"] = _float(update_norm)
+            if skipped is not None:
+                values["skipped"] = bool(skipped)
+            if scalars:
+                values["scalars"] = {str(k): _float(v) for k, v in scalars.items()}
+            self._merge(step, values, True)
+        except Exception as exc:
+            self._client_error(exc)
+
+    def log_layers(
+        self,
+        step: int,
+        grad_norms: Mapping[str, Any] | None = None,
+        weight_norms: Mapping[str, Any] | None = None,
+        update_norms: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record per-layer norms (layer name → value) for an optimizer step; merges with `log` of that step."""
+        if not self._enabled or self._finished or self._pid != os.getpid():
+            return
+        try:
+            values: dict[str, Any] = {}
+            if grad_norms:
+                values["grad_norms"] = {str(k): _float(v) for k, v in grad_norms.items()}
+            if weight_norms:
+                values["weight_norms"] = {str(k): _float(v) for k, v in weight_norms.items()}
+            if update_norms:
+                values["update_norms"] = {str(k): _float(v) for k, v in update_norms.items()}
+            self._merge(step, values, True)
+        except Exception as exc:
+            self._client_error(exc)
+
+    def _log_measured(self, step: int, values: Mapping[str, Any]) -> None:
+        """For instrumentation (watch): fills only what the user has not logged himself."""
+        if not self._enabled or self._pid != os.getpid():
+            return
+        try:
+            self._merge(step, values, False)
+        except Exception as exc:
+            self._client_error(exc)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def flush(self, timeout: float | None = None) -> bool:
+        """Seal every open step and wait (at most `timeout`, default `flush_timeout`) for delivery."""
+        if not self._enabled or self._pid != os.getpid():
+            return True
+        self._run_flush_hooks()
+        self._seal(all_open=True)
+        return self._worker.flush(self.options.flush_timeout if timeout is None else timeout)
+
+    def finish(self, status: str = "finished", timeout: float | None = None) -> DeliveryReport:
+        """End the run: deliver what is left within `timeout` (default `flush_timeout`), leave the rest in the
+        spool, set the run's status, and report every step not delivered. Safe to call twice."""
+        if self._report is not None:
+            return self._report
+        if not self._enabled or self._pid != os.getpid():
+            self._finished = True
+            return DeliveryReport(self.run_id)
+        if status not in RUN_STATUSES:
+            raise ValueError(f"status must be one of {RUN_STATUSES}, got {status!r}")
+        self._run_flush_hooks()
+        self._finished = True
+        self._seal(all_open=True)
+        self._worker.update_run({"status": status})
+        delivered = self._worker.flush(self.options.flush_timeout if timeout is None else timeout)
+        if not delivered:
+            self._worker.abandon()
+        report = self._build_report()
+        if report.spooled == 0 and delivered:
+            self._worker.spool.remove_if_empty()
+        self._report = report
+        _live_runs.discard(self)
+        if report.lost:
+            logger.warning("gradwatch: %s", report)
+            if self.options.strict:
+                raise GradwatchError(str(report))
+        elif report.spooled:
+            logger.warning("gradwatch: %s", report)
+        return report
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.finish("finished")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.finish("stopped")
+        else:
+            self.finish("failed")
+
+    @property
+    def lost(self) -> dict[str, int]:
+        with self.stats.lock:
+            return dict(self.stats.lost)
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled and self._pid == os.getpid()
+
+    # -- step records ------------------------------------------------------------------------------------
+    def _merge(self, step: int, values: Mapping[str, Any], overwrite: bool) -> None:
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        sealed: list[StepRecord] = []
+        with self._lock:
+            record = self._open.get(step)
+            if record is None:
+                if step <= self._sealed_max:
+                    self.stats.count_lost("late_step", 1)
+                    if self.options.strict:
+                        raise GradwatchError(f"step {step} was already sent; a step cannot be split")
+                    return
+                record = self._open[step] = StepRecord(step)
+                if len(self._open) > 2 or (len(self._open) == 2 and min(self._open) < step - 1):
+                    for k in [k for k in self._open if k < step - 1 and k not in self._held]:
+                        sealed.append(self._open.pop(k))
+                    if sealed:
+                        self._sealed_max = max(self._sealed_max, max(r.step for r in sealed))
+            record.merge(values, overwrite)
+        for r in sealed:
+            self._worker.submit(r)
+
+    def _seal(self, all_open: bool = False, older_than: float | None = None) -> None:
+        with self._lock:
+            if all_open:
+                keys = list(self._open)
+            else:
+                now = time.monotonic()
+                keys = [k for k, r in self._open.items()
+                        if k not in self._held and older_than is not None and now - r.touched > older_than]
+            sealed = [self._open.pop(k) for k in sorted(keys)]
+            if sealed:
+                self._sealed_max = max(self._sealed_max, max(r.step for r in sealed))
+        for r in sealed:
+            self._worker.submit(r)
+
+    def _seal_stale(self) -> None:
+        if self._open and not self._finished:
+            self._seal(older_than=self.options.seal_after)
+
+    def _hold(self, step: int) -> None:
+        """Keep `step` open: instrumentation will add to it (read back a step late)."""
+        with self._lock:
+            self._held.add(step)
+
+    def _release(self, step: int) -> None:
+        with self._lock:
+            self._held.discard(step)
+
+    def _add_flush_hook(self, hook: Callable[[], None]) -> None:
+        self._flush_hooks.append(hook)
+
+    def _run_flush_hooks(self) -> None:
+        for hook in list(self._flush_hooks):
+            try:
+                hook()
+            except Exception as exc:
+                self._client_error(exc)
+
+    # -- incidents ---------------------------------------------------------------------------------------
+    def _incidents_seen(self, incidents: list[dict[str, Any]]) -> None:
+        """Sender thread: each incident not seen before goes to on_alert, and critical ones to the loop."""
+        for incident in incidents:
+            if not isinstance(incident, dict):
+                continue
+            key = incident.get("id") or (incident.get("signature"), incident.get("layer"),
+                                         incident.get("opened_step", incident.get("step")))
+            if key in self._seen_incidents:
+                continue
+            self._seen_incidents.add(key)
+            if self.options.on_alert is not None:
+                try:
+                    self.options.on_alert(incident)
+                except Exception:
+                    logger.exception("gradwatch: on_alert raised (ignored)")
+            if incident.get("severity") == "critical":
+                self._criticals.append(incident)
+
+    def _act_on_critical(self) -> None:
+        incident = self._criticals.popleft()
+        mode = self.options.on_critical
+        if mode == "raise":
+            raise CriticalIncident(incident)
+        if mode == "stop":
+            self.should_stop = True
+        elif not self._warned_critical:
+            self._warned_critical = True
+            warnings.warn(f"gradwatch: {CriticalIncident(incident)} in run {self.run_id}", RuntimeWarning,
+                          stacklevel=3)
+
+    def _detect_locally(self, record: StepRecord) -> None:
+        events = self._detector.advance(record)
+        if events:
+            self._incidents_seen(events)
+
+    # -- errors and reports ------------------------------------------------------------------------------
+    def _client_error(self, exc: Exception) -> None:
+        if self.options.strict:
+            raise GradwatchError(str(exc)) from exc
+        self.stats.count_lost("invalid_value", 1)
+        self._client_errors += 1
+        if self._client_errors <= 3:
+            logger.error("gradwatch: ignoring a value that could not be logged: %r", exc)
+
+    def _build_report(self) -> DeliveryReport:
+        with self.stats.lock:
+            lost = {k: v for k, v in self.stats.lost.items() if v}
+            spooled = self.stats.spooled
+            return DeliveryReport(
+                run_id=self.run_id, steps=self.stats.sealed, delivered=self.stats.delivered,
+                spooled=spooled, lost=lost,
+                spool_dir=str(self._worker.spool.directory) if spooled else None,
+            )
+
+    def __repr__(self) -> str:
+        return f"<gradwatch.Run {self.run_id} project={self.project!r} name={self.name!r}>"
+
+
+class _LocalDetector:
+    """The service's detectors, run in the sender thread on each sealed step (import deferred)."""
+
+    def __init__(self) -> None:
+        from . import detect
+
+        self._detect = detect
+        self._config = detect.DetectorConfig()
+        self._state = detect.new_state()
+
+    def advance(self, record: StepRecord) -> list[dict[str, Any]]:
+        self._state, events = self._detect.advance(self._state, record.as_detector_input(), self._config)
+        incidents = []
+        for event in events:
+            incident = dict(event.to_dict())
+            incident.setdefault("source", "local")
+            incidents.append(incident)
+        return incidents
+
+
+def _float(x: Any) -> float:
+    if type(x) is float:
+        return x
+    value = to_float(x)
+    if value is None:
+        raise TypeError("None is not a value")
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    """Config and meta as JSON: non-finite floats as their wire names, unknown objects as their str()."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else encode_value(value)
+    return str(value)
+
+
+def _new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:10]
+
+
+def _distributed_rank() -> int | None:
+    """This process's rank under torch.distributed (or torchrun's RANK), without importing torch."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return int(dist.get_rank())
+    except Exception:
+        pass
+    rank = os.environ.get("RANK")
+    if rank is not None and rank.isdigit() and os.environ.get("WORLD_SIZE", "1") != "1":
+        return int(rank)
+    return None
+
+
+def _register_atexit() -> None:
+    global _atexit_registered
+    with _atexit_lock:
+        if not _atexit_registered:
+            atexit.register(_finish_live_runs)
+            _atexit_registered = True
+
+
+def _finish_live_runs() -> None:
+    """At interpreter exit: finish every run the script left open, with a bounded flush each."""
+    crashed = getattr(sys, "last_value", None) is not None
+    for run in list(_live_runs):
+        try:
+            run.finish("crashed" if crashed else "finished")
+        except Exception:
+            logger.exception("gradwatch: finishing run %s at exit failed", run.run_id)

@@ -1,0 +1,92 @@
+"""One optimizer step as the client accumulates it, and its wire form.
+
+`log` and `log_layers` for the same step merge into one record; the record is sealed (handed to the sender,
+never touched again) once a later step is logged or it has aged. A step must never be split across batches:
+the service rejects a resend of a stored step with different values (409).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from time import monotonic
+from time import time as unix_time
+from typing import Any
+
+from .wire import encode_value
+
+__all__ = ["LAYER_FIELDS", "StepRecord", "encode_step"]
+
+# wire field -> StepRecord attribute holding {layer: value}
+LAYER_FIELDS = {
+    "layer_grad_norms": "grad_norms",
+    "layer_weight_norms": "weight_norms",
+    "layer_update_norms": "update_norms",
+}
+
+SCALAR_FIELDS = ("loss", "grad_norm", "lr", "update_norm")
+
+
+@dataclass
+class StepRecord:
+    step: int
+    time: float = field(default_factory=unix_time)
+    touched: float = field(default_factory=monotonic)
+    loss: float | None = None
+    grad_norm: float | None = None
+    lr: float | None = None
+    update_norm: float | None = None
+    skipped: bool | None = None
+    grad_norms: dict[str, float | None] = field(default_factory=dict)
+    weight_norms: dict[str, float | None] = field(default_factory=dict)
+    update_norms: dict[str, float | None] = field(default_factory=dict)
+    scalars: dict[str, float | None] = field(default_factory=dict)
+
+    def merge(self, values: Mapping[str, Any], overwrite: bool = True) -> None:
+        """Fold already-converted values in; `overwrite=False` fills only what is still missing."""
+        for key, value in values.items():
+            if value is None:
+                continue
+            if key in ("grad_norms", "weight_norms", "update_norms", "scalars"):
+                target: dict[str, float | None] = getattr(self, key)
+                if overwrite:
+                    target.update(value)
+                else:
+                    for name, v in value.items():
+                        target.setdefault(name, v)
+            elif overwrite or getattr(self, key) is None:
+                setattr(self, key, value)
+        self.touched = monotonic()
+
+    def layer_names(self) -> list[str]:
+        names: dict[str, None] = {}
+        for attr in LAYER_FIELDS.values():
+            names.update(dict.fromkeys(getattr(self, attr)))
+        return list(names)
+
+    def as_detector_input(self) -> dict[str, Any]:
+        """The shape `gradwatch.detect.advance` takes."""
+        return {
+            "step": self.step, "loss": self.loss, "grad_norm": self.grad_norm, "lr": self.lr,
+            "update_norm": self.update_norm, "layer_grad_norms": dict(self.grad_norms),
+            "layer_weight_norms": dict(self.weight_norms), "layer_update_norms": dict(self.update_norms),
+            "skipped": bool(self.skipped),
+        }
+
+
+def encode_step(record: StepRecord, layers: list[str]) -> dict[str, Any]:
+    """The wire form of a record, per-layer values aligned with `layers` (the batch's layer list)."""
+    out: dict[str, Any] = {"step": record.step, "time": record.time}
+    for name in SCALAR_FIELDS:
+        value = getattr(record, name)
+        if value is not None:
+            out[name] = encode_value(value)
+    for wire_name, attr in LAYER_FIELDS.items():
+        values: dict[str, float | None] = getattr(record, attr)
+        if values:
+            out[wire_name] = [encode_value(values.get(layer)) for layer in layers]
+    if record.scalars:
+        out["scalars"] = {k: encode_value(v) for k, v in record.scalars.items()}
+    if record.skipped is not None:
+        out["skipped"] = record.skipped
+    return out
