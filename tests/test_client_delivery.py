@@ -250,8 +250,9 @@ def test_threads_log_concurrently(recorder: Recorder, tmp_path: Path) -> None:
     for t in threads:
         t.join()
     report = run.finish()
-    # Interleaved steps from other threads may seal a step early (late_step), but none vanish silently.
-    assert report.delivered + sum(report.lost.values()) == 800 + report.lost.get("late_step", 0)
+    # Interleaved step numbers seal each other's steps early (counted as late_step); none vanish silently.
+    assert report.delivered + sum(report.lost.values()) == 800
+    assert set(report.lost) <= {"late_step"}
     assert len(recorder.stored(run.run_id)) == report.delivered
 
 
