@@ -185,14 +185,20 @@ def _band_update(mu: float, dev: float, n: int, x: float, cfg: DetectorConfig) -
 
 
 def _nonfinite_layer(*maps: Mapping[str, Any] | None) -> str | None:
+    """The first layer (in the step's order) with a non-finite norm, or None. A sum is finite only if every
+    term is, so the common all-finite case costs one C-level sum per map."""
     for m in maps:
         if not m:
             continue
-        total = sum(v for v in m.values() if v is not None)
-        if not _isfinite(total):
-            for name, v in m.items():
-                if v is not None and not _isfinite(v):
-                    return name
+        try:
+            if _isfinite(sum(m.values())):
+                continue
+        except TypeError:  # a None among the values
+            if _isfinite(sum(v for v in m.values() if v is not None)):
+                continue
+        for name, v in m.items():
+            if v is not None and not _isfinite(v):
+                return name
     return None
 
 
@@ -204,50 +210,54 @@ def _root_cause(state: dict[str, Any]) -> str | None:
 
 
 def _track_layers(state: dict[str, Any], norms: Mapping[str, Any], step: int, cfg: DetectorConfig) -> None:
-    """Advance every layer's band and remember which layers have broken out of it, and since when."""
+    """Advance every layer's band and remember which layers have broken out of it, and since when.
+
+    This is the only O(layers) work per step, so it is written for speed: one pass, local names, no
+    per-layer allocation. Non-finite values never get here (they are `nonfinite` events first).
+    """
     names = state["layers"]
     if list(norms) != names:
         _realign_layers(state, norms)
         names = state["layers"]
-    mus = state["ly_mu"]
-    devs = state["ly_dev"]
+    try:
+        xs: list[float | None] = list(map(_log, norms.values()))
+    except (TypeError, ValueError):  # a missing (None) or zero norm somewhere: it is skipped this step
+        xs = [_log(v) if v is not None and v > 0.0 else None for v in norms.values()]
     n = state["ly_n"]
+    state["ly_n"] = n + 1
+    mus = state["ly_mu"]
+    if n == 0:
+        for i, x in enumerate(xs):
+            if x is not None:
+                mus[i] = x
+        return
+    devs = state["ly_dev"]
     out = state["out"]
     floor = cfg.band_dev_floor
-    lz = cfg.layer_z
     clip = cfg.band_clip
-    a = cfg.band_alpha if n >= cfg.warmup_steps else max(cfg.band_alpha, 1.0 / (n + 1))
     warm = n >= cfg.warmup_steps
-    i = 0
-    for v in norms.values():
-        if v is None or not v > 0.0 or not _isfinite(v):
-            i += 1
+    a = cfg.band_alpha if warm else max(cfg.band_alpha, 1.0 / (n + 1))
+    lz = cfg.layer_z if warm else math.inf
+    i = -1
+    for x in xs:
+        i += 1
+        if x is None:
             continue
-        x = _log(v)
-        if n == 0:
-            mus[i] = x
-            i += 1
-            continue
-        mu = mus[i]
         dv = devs[i]
         s = dv if dv > floor else floor
-        d = x - mu
-        if warm:
-            if d > lz * s:
-                name = names[i]
-                if name not in out:
-                    out[name] = step
-            elif out:
-                out.pop(names[i], None)
+        d = x - mus[i]
+        if d > lz * s:
+            if names[i] not in out:
+                out[names[i]] = step
+        elif out and names[i] in out:
+            del out[names[i]]
         lim = clip * s
         if d > lim:
             d = lim
         elif d < -lim:
             d = -lim
-        mus[i] = mu + a * d
+        mus[i] += a * d
         devs[i] = dv + a * ((d if d >= 0.0 else -d) - dv)
-        i += 1
-    state["ly_n"] = n + 1
 
 
 def _realign_layers(state: dict[str, Any], norms: Mapping[str, Any]) -> None:
@@ -370,7 +380,10 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
 
     # ---- update ratio: how far this step moved the weights, relative to their size
     if u is not None and lwn:
-        w = math.hypot(*[v for v in lwn.values() if v is not None])
+        try:
+            w = math.hypot(*lwn.values())
+        except TypeError:  # a None among the values
+            w = math.hypot(*[v for v in lwn.values() if v is not None])
         if w > 0.0 and u > 0.0:
             ratio = u / w
             x = _log(ratio)
