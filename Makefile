@@ -34,3 +34,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .gradwatch .pytest_cache
+
+score: $(STAMP)
+	@mkdir -p bench/out
+	$(VENV)/bin/gradwatch replay $(or $(TRACES),../shared/traces/dev) --out bench/out/gradwatch.jsonl
+	$(PY) $(or $(SCORER),../shared/tools/score.py) --traces $(or $(TRACES),../shared/traces/dev) \
+		--alerts bench/out/gradwatch.jsonl --baseline all --by-family
