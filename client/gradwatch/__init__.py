@@ -16,7 +16,7 @@ called.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any as _Any
 
 from ._errors import CriticalIncident, GradwatchError
 from ._options import Options
@@ -36,7 +36,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def watch(model: Any, optimizer: Any, run: Run, **kwargs: Any) -> Any:
+def watch(model: _Any, optimizer: _Any, run: Run, **kwargs: _Any) -> _Any:
     """Instrument a PyTorch model and optimizer: per-layer gradient, weight and update norms for every step.
 
     See `gradwatch._torch.watch` for the options (scaler, start_step, weight_every, update_every)."""
@@ -45,8 +45,8 @@ def watch(model: Any, optimizer: Any, run: Run, **kwargs: Any) -> Any:
     return _watch(model, optimizer, run, **kwargs)
 
 
-def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0,
-                    error_if_nonfinite: bool = False, foreach: bool | None = None) -> Any:
+def clip_grad_norm_(parameters: _Any, max_norm: float, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False, foreach: bool | None = None) -> _Any:
     """Drop-in for `torch.nn.utils.clip_grad_norm_` (same arguments, same return value) whose norm pass also
     gives watch() the per-layer norms, so clipping plus monitoring costs no more than clipping."""
     from ._torch import clip_grad_norm_ as _clip

@@ -1,0 +1,261 @@
+"""PyTorch instrumentation: per-layer gradient, weight and update norms for every optimizer step.
+
+Cost is the point. Norms come from fused multi-tensor kernels (`torch._foreach_norm`, grouped by device and
+dtype exactly as `torch.nn.utils.clip_grad_norm_` groups them), all of a step's results are packed into one
+small tensor, and that tensor is read back one step late, so the training loop never waits on the device for
+monitoring. Where the user clips with `gradwatch.clip_grad_norm_`, the clipping pass's per-tensor norms are
+reused, so clipping plus monitoring reads the gradients once, like clipping alone.
+
+Step numbers are optimizer steps counted by the watch from `start_step` (default 0), including steps that
+AMP's GradScaler skipped; log your loss with the same count and the two merge into one step.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+import weakref
+from typing import Any
+
+import torch
+from torch.utils._foreach_utils import (
+    _device_has_foreach_support,
+    _group_tensors_by_device_and_dtype,
+    _has_foreach_support,
+)
+
+from ._run import Run
+
+__all__ = ["Watch", "clip_grad_norm_", "tensor_norms", "watch"]
+
+_watches: weakref.WeakSet[Watch] = weakref.WeakSet()
+
+
+def tensor_norms(tensors: list[torch.Tensor], norm_type: float = 2.0,
+                 foreach: bool | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The norm of each tensor (0-d tensors, in input order) and their total, computed exactly as
+    `torch.nn.utils.get_total_norm` computes them (same grouping, same order), so the totals are identical."""
+    grouped = _group_tensors_by_device_and_dtype([tensors], with_indices=True)
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    in_group_order: list[torch.Tensor] = []
+    for (device, _), ([group], indices) in grouped.items():
+        if (foreach is None and _has_foreach_support(group, device)) or (
+            foreach and _device_has_foreach_support(device)
+        ):
+            norms = torch._foreach_norm(group, norm_type)
+        elif foreach:
+            raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
+        else:
+            norms = [torch.linalg.vector_norm(g, norm_type) for g in group]
+        in_group_order.extend(norms)
+        for index, norm in zip(indices, norms, strict=True):
+            out[index] = norm
+    first_device = tensors[0].device
+    total = torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in in_group_order]), norm_type)
+    return out, total  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                    foreach: bool | None = None) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_`, returning the same total norm (before clipping), whose per-tensor norms
+    are handed to any `watch()` of these parameters so that it does not read the gradients again."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    else:
+        is_generator = isinstance(parameters, types.GeneratorType)
+        parameters = list(parameters)
+        if is_generator and not parameters:
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
+    with_grad = [p for p in parameters if p.grad is not None]
+    if not with_grad:
+        return torch.tensor(0.0)
+    norm_type = float(norm_type)
+    norms, total = tensor_norms([p.grad for p in with_grad], norm_type, foreach)
+    if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
+            "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
+            "`error_if_nonfinite=False`")
+    if norm_type == 2.0:
+        by_param = {id(p): n for p, n in zip(with_grad, norms, strict=True)}
+        for w in list(_watches):
+            w._take_clip_norms(by_param, total)
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach)
+    return total
+
+
+class Watch:
+    """Hooks on one optimizer (and optionally its GradScaler) that log a model's norms to a run."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: Run, *,
+                 scaler: Any = None, start_step: int = 0, weight_every: int = 1, update_every: int = 1):
+        self.run = run
+        self.optimizer = optimizer
+        self.step = start_step
+        self.weight_every = max(0, weight_every)
+        self.update_every = max(0, update_every)
+        seen: set[int] = set()
+        self.names: list[str] = []
+        self.params: list[torch.nn.Parameter] = []
+        for name, p in model.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                self.names.append(name)
+                self.params.append(p)
+        self._ids = [id(p) for p in self.params]
+        self._clip: tuple[dict[int, torch.Tensor], torch.Tensor] | None = None
+        self._grad: tuple[list[int], torch.Tensor | None, list[torch.Tensor]] | None = None
+        self._snapshot: list[torch.Tensor] | None = None
+        self._pending: tuple[Any, ...] | None = None
+        self._pinned: torch.Tensor | None = None
+        self._handles: list[Any] = []
+        self._scaler = scaler
+        self._scaler_step: Any = None
+        if not run.enabled:
+            return
+        self._handles.append(optimizer.register_step_pre_hook(self._before_step))
+        self._handles.append(optimizer.register_step_post_hook(self._after_step))
+        if scaler is not None:
+            self._wrap_scaler(scaler)
+        run._add_flush_hook(self.collect)
+        _watches.add(self)
+
+    def remove(self) -> None:
+        """Detach every hook (the last step is read back first)."""
+        self.collect()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._scaler_step is not None:
+            del self._scaler.step
+            self._scaler_step = None
+        _watches.discard(self)
+
+    # -- hooks -------------------------------------------------------------------------------------------
+    def _take_clip_norms(self, by_param: dict[int, torch.Tensor], total: torch.Tensor) -> None:
+        if any(i in by_param for i in self._ids):
+            self._clip = (by_param, total)
+
+    @torch.no_grad()
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.collect()
+        present = [i for i, p in enumerate(self.params) if p.grad is not None]
+        clip, self._clip = self._clip, None
+        norms: list[torch.Tensor] = []
+        total = None
+        if present:
+            if clip is not None and all(self._ids[i] in clip[0] for i in present):
+                norms = [clip[0][self._ids[i]] for i in present]
+                if len(present) == len(clip[0]):
+                    total = clip[1]
+            else:
+                norms, total = tensor_norms([self.params[i].grad for i in present])  # type: ignore[misc]
+            if total is None:
+                total = tensor_norms(norms)[1]
+        self._grad = (present, total, norms)
+        if self.update_every and self.step % self.update_every == 0:
+            self._snapshot = torch._foreach_mul([p.detach() for p in self.params], 1.0)
+
+    @torch.no_grad()
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        present, total, norms = self._grad or ([], None, [])
+        self._grad = None
+        parts = list(norms)
+        layout = {"grad": len(parts), "total": total is not None}
+        if total is not None:
+            parts.append(total)
+        if self.weight_every and self.step % self.weight_every == 0:
+            weights, _ = tensor_norms([p.detach() for p in self.params])
+            parts += weights
+            layout["weight"] = len(weights)
+        if self._snapshot is not None:
+            deltas = self._snapshot
+            self._snapshot = None
+            torch._foreach_sub_(deltas, [p.detach() for p in self.params])
+            updates, update_total = tensor_norms(deltas)
+            parts += updates
+            parts.append(update_total)
+            layout["update"] = len(updates)
+        lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
+        packed = self._pack(parts) if parts else None
+        self._pending = (self.step, present, layout, packed, lr)
+        self.run._hold(self.step)
+        self.step += 1
+
+    def _pack(self, parts: list[torch.Tensor]) -> Any:
+        device = parts[0].device
+        packed = torch.stack([t.to(device=device, dtype=torch.float32) for t in parts])
+        if device.type != "cuda":
+            return packed
+        if self._pinned is None or self._pinned.numel() != packed.numel():
+            self._pinned = torch.empty(packed.shape, dtype=torch.float32, pin_memory=True)
+        self._pinned.copy_(packed, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return (self._pinned, event)
+
+    def collect(self) -> None:
+        """Read back the previous step's norms (done on the device by now) and log them."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        step, present, layout, packed, lr = pending
+        values: list[float] = []
+        if isinstance(packed, tuple):
+            host, event = packed
+            event.synchronize()
+            values = host.tolist()
+        elif packed is not None:
+            values = packed.tolist()
+        fields: dict[str, Any] = {}
+        k = layout["grad"]
+        if k:
+            fields["grad_norms"] = {self.names[i]: v for i, v in zip(present, values[:k], strict=True)}
+        pos = k
+        if layout["total"]:
+            fields["grad_norm"] = values[pos]
+            pos += 1
+        n = layout.get("weight", 0)
+        if n:
+            fields["weight_norms"] = dict(zip(self.names, values[pos:pos + n], strict=True))
+            pos += n
+        n = layout.get("update", 0)
+        if n:
+            fields["update_norms"] = dict(zip(self.names, values[pos:pos + n], strict=True))
+            fields["update_norm"] = values[pos + n]
+        if lr is not None:
+            fields["lr"] = float(lr)
+        self.run._log_measured(step, fields)
+        self.run._release(step)
+
+    # -- AMP ---------------------------------------------------------------------------------------------
+    def _wrap_scaler(self, scaler: Any) -> None:
+        """GradScaler.step skips optimizer.step when it found inf/NaN gradients; record that as `skipped`."""
+        original = scaler.step
+        self._scaler_step = original
+
+        def step(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+            before = self.step
+            result = original(optimizer, *args, **kwargs)
+            if optimizer is self.optimizer and self.step == before:
+                self.collect()
+                self._clip = None
+                self._snapshot = None
+                self.run._log_measured(self.step, {"skipped": True})
+                self.step += 1
+            return result
+
+        scaler.step = step
+
+
+def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: Run, *, scaler: Any = None,
+          start_step: int = 0, weight_every: int = 1, update_every: int = 1) -> Watch:
+    """Log per-layer gradient norms (before clipping), weight norms and update norms for every step.
+
+    scaler: the `torch.amp.GradScaler` in use, so that steps it skips are recorded as skipped.
+    start_step: the number of the next optimizer step (to line up with the steps you `log`).
+    weight_every / update_every: measure weight / update norms every N steps (0: never). An update norm
+    needs a copy of the weights before the step, which costs a pass over them."""
+    return Watch(model, optimizer, run, scaler=scaler, start_step=start_step, weight_every=weight_every,
+                 update_every=update_every)

@@ -1,0 +1,156 @@
+"""watch() and clip_grad_norm_ on real tiny training: the numbers must equal a straightforward reference."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import gradwatch  # noqa: E402
+from gradwatch.wire import decode_value  # noqa: E402
+
+from .test_client_fakes import Recorder  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+FAST = {"batch_age": 0.05, "min_backoff": 0.05, "max_backoff": 0.2, "flush_timeout": 3.0}
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(32, 8, generator=g), torch.randn(32, 4, generator=g)
+
+
+def layer(stored: dict, field: str, name: str) -> float | None:
+    return decode_value(stored[field][name])
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    with Recorder() as rec:
+        yield rec
+
+
+def test_norms_equal_a_reference_and_total_equals_torch_clip(recorder: Recorder, tmp_path: Path) -> None:
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    run = gradwatch.init(url=recorder.url, spool_dir=tmp_path, **FAST)
+    gradwatch.watch(model, opt, run)
+    reference = {}
+    for step in range(6):
+        x, y = batch(step)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        grads = {n: torch.linalg.vector_norm(p.grad).item() for n, p in model.named_parameters()}
+        torch_total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+        returned = gradwatch.clip_grad_norm_(model.parameters(), max_norm=0.1)
+        assert returned.item() == torch_total.item()  # the same value torch's clip returns
+        opt.step()
+        updates = {n: torch.linalg.vector_norm(before[n] - p.detach()).item() for n, p in model.named_parameters()}
+        weights = {n: torch.linalg.vector_norm(p.detach()).item() for n, p in model.named_parameters()}
+        reference[step] = (grads, returned.item(), weights, updates)
+        run.log(step, loss=loss)
+    run.finish()
+    stored = recorder.stored(run.run_id)
+    assert sorted(stored) == list(range(6))
+    for step, (grads, total, weights, updates) in reference.items():
+        s = stored[step]
+        assert s["grad_norm"] == total  # pre-clip total, exactly
+        assert s["lr"] == 1e-2 and "loss" in s
+        for name in grads:
+            assert math.isclose(layer(s, "layer_grad_norms", name), grads[name], rel_tol=1e-6)
+            assert math.isclose(layer(s, "layer_weight_norms", name), weights[name], rel_tol=1e-6)
+            assert math.isclose(layer(s, "layer_update_norms", name), updates[name], rel_tol=1e-5, abs_tol=1e-9)
+        total_update = math.sqrt(sum(v * v for v in updates.values()))
+        assert math.isclose(s["update_norm"], total_update, rel_tol=1e-5)
+
+
+def test_without_clipping_total_equals_get_total_norm(recorder: Recorder, tmp_path: Path) -> None:
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = gradwatch.init(url=recorder.url, spool_dir=tmp_path, **FAST)
+    gradwatch.watch(model, opt, run, weight_every=0, update_every=0)
+    totals = []
+    for step in range(3):
+        x, y = batch(step)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        totals.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item())
+        opt.step()
+    run.finish()
+    stored = recorder.stored(run.run_id)
+    assert [stored[i]["grad_norm"] for i in range(3)] == totals
+    assert "layer_weight_norms" not in stored[0] and "update_norm" not in stored[0]
+
+
+def test_clip_matches_torch_exactly() -> None:
+    a, b = tiny_model(), tiny_model()
+    x, y = batch(0)
+    for m in (a, b):
+        torch.nn.functional.mse_loss(m(x), y).backward()
+    ours = gradwatch.clip_grad_norm_(a.parameters(), 0.05)
+    theirs = torch.nn.utils.clip_grad_norm_(b.parameters(), 0.05)
+    assert ours.item() == theirs.item()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa.grad, pb.grad)
+    inf_norm = gradwatch.clip_grad_norm_(a.parameters(), 0.05, norm_type="inf")
+    assert inf_norm.item() == torch.nn.utils.clip_grad_norm_(b.parameters(), 0.05, norm_type="inf").item()
+
+
+def test_nan_gradients_show_up_as_nan(recorder: Recorder, tmp_path: Path) -> None:
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = gradwatch.init(url=recorder.url, spool_dir=tmp_path, **FAST)
+    gradwatch.watch(model, opt, run)
+    x, y = batch(0)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    gradwatch.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    run.log(0, loss=float("nan"))
+    run.finish()
+    s = recorder.stored(run.run_id)[0]
+    assert s["grad_norm"] == "NaN" and s["loss"] == "NaN"
+    assert s["layer_grad_norms"]["0.weight"] == "NaN"
+    assert isinstance(s["layer_grad_norms"]["2.weight"], float)
+    assert s["layer_weight_norms"]["0.weight"] == "NaN"  # clipping by a NaN norm poisons the weights too
+
+
+def test_amp_skipped_steps_are_recorded_as_skipped(recorder: Recorder, tmp_path: Path) -> None:
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    run = gradwatch.init(url=recorder.url, spool_dir=tmp_path, **FAST)
+    gradwatch.watch(model, opt, run, scaler=scaler)
+    for step in range(4):
+        x, y = batch(step)
+        opt.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+        if step == 2:
+            model[2].bias.grad[0] = float("inf")  # an fp16-style overflow: the scaler skips this step
+        scaler.step(opt)
+        scaler.update()
+        run.log(step, loss=1.0)
+    run.finish()
+    stored = recorder.stored(run.run_id)
+    assert sorted(stored) == [0, 1, 2, 3]
+    assert stored[2]["skipped"] is True and "grad_norm" not in stored[2]
+    assert all(stored[i].get("skipped") is not True and "grad_norm" in stored[i] for i in (0, 1, 3))
+
+
+def test_watch_on_a_disabled_run_costs_nothing(tmp_path: Path) -> None:
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = gradwatch.Run("r", gradwatch.Options(spool_dir=tmp_path), {}, enabled=False)
+    w = gradwatch.watch(model, opt, run)
+    assert w._handles == []
