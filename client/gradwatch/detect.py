@@ -202,11 +202,24 @@ def _nonfinite_layer(*maps: Mapping[str, Any] | None) -> str | None:
     return None
 
 
-def _root_cause(state: dict[str, Any]) -> str | None:
+def _root_cause(state: dict[str, Any], norms: Mapping[str, Any] | None, cfg: DetectorConfig) -> str | None:
+    """The layer to blame: the one that broke out of its own band first and is still out; failing that (every
+    layer is noisy enough to stay inside its band), the layer furthest above its band right now. Only called
+    when an event fires, so the O(layers) fallback costs nothing on quiet steps."""
     out = state["out"]
-    if not out:
+    if out:
+        return min(out.items(), key=lambda kv: (kv[1], kv[0]))[0]
+    if not norms or state["ly_n"] < 2 or list(norms) != state["layers"]:
         return None
-    return min(out.items(), key=lambda kv: (kv[1], kv[0]))[0]
+    floor = cfg.band_dev_floor
+    best, best_z = None, 0.0
+    for name, v, mu, dev in zip(state["layers"], norms.values(), state["ly_mu"], state["ly_dev"], strict=True):
+        if v is None or not v > 0.0 or not _isfinite(v):
+            continue
+        z = (_log(v) - mu) / (dev if dev > floor else floor)
+        if z > best_z:
+            best, best_z = name, z
+    return best
 
 
 def _track_layers(state: dict[str, Any], norms: Mapping[str, Any], step: int, cfg: DetectorConfig) -> None:
@@ -309,7 +322,7 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
     if u is not None and not _isfinite(u):
         bad.append(("update_norm", u))
     if bad or bad_layer is not None:
-        layer = bad_layer if bad_layer is not None else _root_cause(state)
+        layer = bad_layer if bad_layer is not None else _root_cause(state, lgn, cfg)
         what, value = bad[0] if bad else ("layer norm", math.nan)
         if bad_layer is not None and lgn and bad_layer in lgn and lgn[bad_layer] is not None:
             value = float(lgn[bad_layer])
@@ -343,12 +356,12 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
                 state["gr_dev"] = s
             if state["gr_n"] >= cfg.growth_steps and x - state["gr_base"] >= _log(cfg.growth_min_factor):
                 base = math.exp(state["gr_base"])
-                events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state),
+                events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state, lgn, cfg),
                                     f"grad norm {g:.4g} has grown {g / base:.3g}x over "
                                     f"{state['gr_n']} steps (band {base:.4g})"))
             elif z > cfg.spike_z and x - mu >= _log(cfg.spike_min_factor):
                 base = math.exp(mu)
-                events.append(Event("grad_spike", WARNING, t, float(g), base, _root_cause(state),
+                events.append(Event("grad_spike", WARNING, t, float(g), base, _root_cause(state, lgn, cfg),
                                     f"grad norm {g:.4g} is {g / base:.3g}x its band {base:.4g}"))
         state["g_mu"], state["g_dev"] = _band_update(mu, dev, n, x, cfg)
         state["g_n"] = n + 1
@@ -371,7 +384,7 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
             state["l_run"] += 1
             if state["l_run"] == cfg.loss_steps:
                 base = math.exp(limit)
-                events.append(Event("loss_divergence", CRITICAL, t, float(loss), base, _root_cause(state),
+                events.append(Event("loss_divergence", CRITICAL, t, float(loss), base, _root_cause(state, lgn, cfg),
                                     f"smoothed loss {math.exp(state['l_ewm']):.4g} has stayed above "
                                     f"{base:.4g} ({cfg.loss_factor:g}x its early level) for "
                                     f"{cfg.loss_steps} steps"))
@@ -393,13 +406,13 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
             state["r_big"] = state["r_big"] + 1 if ratio >= cfg.ratio_sustained else 0
             if n < cfg.warmup_steps and state["r_big"] >= cfg.ratio_sustained_steps:
                 events.append(Event("update_ratio", CRITICAL, t, ratio, cfg.ratio_sustained,
-                                    _ratio_layer(lun, lwn) or _root_cause(state),
+                                    _ratio_cause(state, lun, lwn, lgn, cfg),
                                     f"{state['r_big']} updates in a row at least {cfg.ratio_sustained:g}x the "
                                     f"weight norm (now {ratio:.3g}x)"))
             elif n < cfg.warmup_steps:
                 if ratio >= cfg.ratio_critical:
                     events.append(Event("update_ratio", CRITICAL, t, ratio, cfg.ratio_critical,
-                                        _ratio_layer(lun, lwn) or _root_cause(state),
+                                        _ratio_cause(state, lun, lwn, lgn, cfg),
                                         f"update norm is {ratio:.3g}x the weight norm at step {t}, "
                                         f"before the run has a history (limit {cfg.ratio_critical:g}x)"))
             else:
@@ -407,7 +420,7 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
                 if (x - mu) / s > cfg.ratio_z and x - mu >= _log(cfg.ratio_min_factor):
                     base = math.exp(mu)
                     events.append(Event("update_ratio", WARNING, t, ratio, base,
-                                        _ratio_layer(lun, lwn) or _root_cause(state),
+                                        _ratio_cause(state, lun, lwn, lgn, cfg),
                                         f"update/weight ratio {ratio:.3g} is {ratio / base:.3g}x "
                                         f"its band {base:.3g}"))
             state["r_mu"], state["r_dev"] = _band_update(mu, dev, n, x, cfg)
@@ -416,17 +429,24 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
     return state, events
 
 
-def _ratio_layer(lun: Mapping[str, Any] | None, lwn: Mapping[str, Any]) -> str | None:
-    """The layer whose update moved it furthest relative to its weights, when per-layer updates are sent."""
-    if not lun:
-        return None
+def _ratio_cause(state: dict[str, Any], lun: Mapping[str, Any] | None, lwn: Mapping[str, Any],
+                 lgn: Mapping[str, Any] | None, cfg: DetectorConfig) -> str | None:
+    """The layer to blame for an outsized update: the one whose own update is largest relative to its weights
+    when the client sends per-layer updates; else the usual root cause; else (the first steps, no bands yet)
+    the layer with the largest gradient relative to its weights, which is what plain SGD's update follows."""
+    if lun:
+        return _largest_ratio(lun, lwn)
+    return _root_cause(state, lgn, cfg) or (_largest_ratio(lgn, lwn) if lgn else None)
+
+
+def _largest_ratio(numerators: Mapping[str, Any], weights: Mapping[str, Any]) -> str | None:
     best = None
     best_ratio = 0.0
-    for name, un in lun.items():
-        wn = lwn.get(name)
-        if un is None or not wn:
+    for name, m in numerators.items():
+        wn = weights.get(name)
+        if m is None or not wn:
             continue
-        r = un / wn
+        r = m / wn
         if r > best_ratio:
             best, best_ratio = name, r
     return best
