@@ -111,3 +111,17 @@ def test_replay_on_real_dev_traces_writes_lines_the_scorer_accepts(tmp_path: Pat
     scored = json.loads(result.stdout)["results"][0]["all"]
     assert scored["early_detected"] == 1
     assert scored["false_alarms"] == 0
+
+
+def test_set_overrides_one_setting_and_rejects_unknown_ones(tmp_path: Path) -> None:
+    from gradwatch.replay import config_with
+
+    assert config_with(["growth_steps=2", "loss_factor=2.5"]).growth_steps == 2
+    assert config_with(["loss_factor=2.5"]).loss_factor == 2.5
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        config_with(["no_such_setting=1"])
+    with pytest.raises(ValueError, match="takes a int"):
+        config_with(["growth_steps=two"])
+    trace = tmp_path / "t.jsonl"
+    write_trace(trace, "t", synthetic_steps(5))
+    assert cli.main(["replay", str(trace), "--set", "bogus=1"]) == 2

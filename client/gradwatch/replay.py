@@ -14,6 +14,7 @@ Traces are JSON lines, plain (`*.jsonl`) or gzip-compressed (`*.jsonl.gz`): an o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import os
@@ -25,7 +26,7 @@ from typing import IO, Any
 from gradwatch.detect import DetectorConfig, Event, advance, new_incident_state, new_state, track_incidents
 from gradwatch.wire import decode_value
 
-__all__ = ["add_arguments", "decode_step", "read_trace", "replay_run", "run", "trace_paths"]
+__all__ = ["add_arguments", "config_with", "decode_step", "read_trace", "replay_run", "run", "trace_paths"]
 
 TRACE_SUFFIXES = (".jsonl", ".jsonl.gz")
 _SCALARS = ("loss", "grad_norm", "update_norm", "lr")
@@ -38,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where to write alerts as JSON lines (default: standard output)")
     parser.add_argument("--every-event", action="store_true",
                         help="write every detector event, not only incident openings (for debugging)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
+                        help="override one DetectorConfig setting, e.g. --set growth_steps=2 (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +52,11 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         print(f"gradwatch replay: no *.jsonl or *.jsonl.gz traces in {args.traces}", file=sys.stderr)
         return 2
-    config = DetectorConfig()
+    try:
+        config = config_with(args.overrides)
+    except ValueError as exc:
+        print(f"gradwatch replay: {exc}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     n_steps = n_alerts = 0
     out: IO[str]
@@ -71,6 +78,23 @@ def run(args: argparse.Namespace) -> int:
     print(f"gradwatch replay: {len(paths)} runs, {n_steps} steps, {n_alerts} alerts "
           f"in {seconds:.1f} s", file=sys.stderr)
     return 0
+
+
+def config_with(overrides: list[str]) -> DetectorConfig:
+    """The default DetectorConfig with FIELD=VALUE settings applied, each converted to the field's type."""
+    defaults = DetectorConfig()
+    known = {f.name for f in dataclasses.fields(DetectorConfig)}
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        name, sep, text = item.partition("=")
+        if not sep or name not in known:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(known))}")
+        kind = type(getattr(defaults, name))
+        try:
+            changes[name] = kind(text)
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {name} takes a {kind.__name__}") from None
+    return dataclasses.replace(defaults, **changes)
 
 
 def trace_paths(where: str) -> list[str]:
