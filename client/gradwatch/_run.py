@@ -240,7 +240,9 @@ class Run:
         self._seal(all_open=True)
         self._worker.update_run({"status": status})
         delivered = self._worker.flush(self.options.flush_timeout if timeout is None else timeout)
-        if not delivered:
+        if delivered:
+            self._worker.stop()
+        else:
             self._worker.abandon()
         report = self._build_report()
         if report.spooled == 0 and delivered:

@@ -142,6 +142,10 @@ class Worker:
             return False
         return not self._spool_pending
 
+    def stop(self) -> None:
+        """End the sender thread at its next wake-up (after a complete flush, there is nothing left to do)."""
+        self._abandoned = True
+
     def abandon(self) -> None:
         """Stop the sender where it is and move everything not yet delivered to the spool.
 

@@ -1,8 +1,8 @@
 """`gradwatch sync [DIR]`: upload the steps that jobs left in their spool while the service was unreachable.
 
 Each run's spool holds whole batch bodies with their `batch_id`, so syncing twice, or syncing what the job
-itself already delivered, stores nothing twice. Runs whose process is still alive are left to that process
-unless `--force`; a run whose process died while "running" is marked "crashed".
+itself already delivered, stores nothing twice. Runs still in progress in a live process are left to that
+process unless `--force`; a run whose process died while "running" is marked "crashed".
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def sync_run(directory: Path, url: str | None = None, token: str | None = None, 
         result.skipped = f"no {META_FILE}, and no --url given"
         return result
     alive = owner_alive(meta)
-    if alive and not force:
+    if alive and not meta.get("finished") and not force:
         result.skipped = f"process {meta['owner']['pid']} still owns it; --force to sync anyway"
         return result
     body = dict(meta.get("run") or {})
