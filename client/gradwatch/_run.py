@@ -345,8 +345,7 @@ class Run:
         for incident in incidents:
             if not isinstance(incident, dict):
                 continue
-            key = incident.get("id") or (incident.get("signature"), incident.get("layer"),
-                                         incident.get("opened_step", incident.get("step")))
+            key = _incident_key(incident)
             if key in self._seen_incidents:
                 continue
             self._seen_incidents.add(key)
@@ -399,7 +398,8 @@ class Run:
 
 
 class _LocalDetector:
-    """The service's detectors, run in the sender thread on each sealed step (import deferred)."""
+    """The service's detectors (`gradwatch.detect`), run in the sender thread on each sealed step so that
+    alerts work while the service is down. Imported on first use: the detectors are optional at run time."""
 
     def __init__(self) -> None:
         from . import detect
@@ -407,15 +407,26 @@ class _LocalDetector:
         self._detect = detect
         self._config = detect.DetectorConfig()
         self._state = detect.new_state()
+        self._incidents = detect.new_incident_state()
 
     def advance(self, record: StepRecord) -> list[dict[str, Any]]:
+        """The incidents opened (or escalated) at this step, shaped like the service's."""
         self._state, events = self._detect.advance(self._state, record.as_detector_input(), self._config)
-        incidents = []
-        for event in events:
-            incident = dict(event.to_dict())
-            incident.setdefault("source", "local")
-            incidents.append(incident)
-        return incidents
+        self._incidents, opened, _resolved = self._detect.track_incidents(
+            self._incidents, events, record.step, self._config)
+        return [{**incident, "source": "local"} for incident in opened]
+
+
+def _incident_key(incident: dict[str, Any]) -> Any:
+    """The same incident from the service and from the local detectors has the same key; an escalation
+    (warning to critical) is a new one."""
+    signature = incident.get("signature")
+    if signature is None:
+        return ("id", incident.get("id"))
+    opened = next((incident[k] for k in ("opened_at", "opened_step", "step") if incident.get(k) is not None), None)
+    if opened is None:
+        return ("id", incident.get("id"), signature, incident.get("severity"))
+    return (signature, opened, incident.get("severity"))
 
 
 def _float(x: Any) -> float:

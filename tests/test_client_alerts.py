@@ -1,0 +1,55 @@
+"""Closing the loop without the service: local detection raises alerts while the service is down."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import gradwatch
+
+from .test_client_fakes import Recorder
+
+
+def closed_port_url() -> str:
+    with Recorder() as probe:
+        return probe.url  # closed again on exit: connections are refused
+
+
+def test_local_detection_alerts_and_stops_with_the_service_down(tmp_path: Path) -> None:
+    alerts: list[dict] = []
+    run = gradwatch.init(url=closed_port_url(), spool_dir=tmp_path, local_detection=True, on_critical="stop",
+                         on_alert=alerts.append, batch_age=0.05, flush_timeout=1.0)
+    step = 0
+    for step in range(40):
+        run.log(step, loss=1.0 / (step + 1), grad_norm=1.0 + 0.01 * (step % 3))
+    run.log(40, loss=float("nan"), grad_norm=float("inf"))
+    run.log(41, loss=float("nan"), grad_norm=float("inf"))
+    run.log(42, loss=float("nan"), grad_norm=float("inf"))
+    deadline = time.monotonic() + 5
+    while not run.should_stop and time.monotonic() < deadline:
+        step += 1
+        run.log(43 + step, loss=float("nan"))
+        time.sleep(0.02)
+    report = run.finish(timeout=0.5)
+    assert run.should_stop
+    signatures = {a["signature"] for a in alerts}
+    assert "nonfinite" in signatures
+    nonfinite = next(a for a in alerts if a["signature"] == "nonfinite")
+    assert nonfinite["severity"] == "critical" and nonfinite["source"] == "local"
+    assert nonfinite["opened_at"] == 40
+    assert report.lost == {}  # the steps themselves wait in the spool
+
+
+def test_an_alert_seen_locally_and_from_the_service_is_reported_once(tmp_path: Path) -> None:
+    alerts: list[dict] = []
+    with Recorder() as rec:
+        rec.incidents = [{"id": 1, "signature": "nonfinite", "severity": "critical", "opened_at": 5,
+                          "layer": None}]
+        run = gradwatch.init(url=rec.url, spool_dir=tmp_path, local_detection=True, on_alert=alerts.append,
+                             batch_age=0.05)
+        for step in range(5):
+            run.log(step, loss=1.0, grad_norm=1.0)
+        for step in range(5, 9):
+            run.log(step, loss=float("nan"), grad_norm=float("nan"))
+        run.finish()
+    assert [a["signature"] for a in alerts] == ["nonfinite"]
