@@ -28,11 +28,12 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, database_url: str, port: int | None = None, env: dict[str, str] | None = None,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, args: list[str] | None = None) -> None:
         self.database_url = database_url
         self.port = port or free_port()
         self.env = {**os.environ, "GRADWATCH_DATABASE_URL": database_url, **(env or {})}
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="gradwatch-server-", suffix=".log")[1])
+        self.args = list(args or [])
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
@@ -49,7 +50,8 @@ class ServerProcess:
             self.migrate()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gradwatch_service", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "gradwatch_service", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+             *self.args],
             env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         if wait:

@@ -32,9 +32,10 @@ _LITTLE = array("d").itemsize == 8 and struct.pack("=d", 1.0) == struct.pack("<d
 
 def pack_floats(values: Sequence[float | None]) -> bytes:
     """A list of floats (None = not measured) as a float64 blob."""
-    if None in values:
-        values = [_MISSING if v is None else v for v in values]
-    a = array("d", values)
+    try:
+        a = array("d", values)
+    except TypeError:  # some layer not measured: the rare path
+        a = array("d", [_MISSING if v is None else v for v in values])
     if not _LITTLE:
         a.byteswap()
     return a.tobytes()

@@ -21,7 +21,7 @@ from typing import Any
 from gradwatch.wire import encode_value
 from sqlalchemy import Connection, select, update
 
-from .codec import pack_floats, sqlite_real_in
+from .codec import pack_floats
 from .models import FLAG_LATE, FLAG_SKIPPED, projects, runs, steps
 from .schemas import RunUpsert, StepBatch, StepIn
 
@@ -183,17 +183,25 @@ def _layer_mapper(run_layers: list[str], batch_layers: list[str] | None) -> tupl
     return merged, [position[name] for name in batch_layers]
 
 
-def _row_for(step: StepIn, run_pk: int, now: float, n_layers_batch: int | None, n_layers_run: int,
-             index_map: list[int] | None, sqlite: bool, flags: int) -> tuple[Any, ...]:
-    arrays: list[Any] = []
-    for name in _LAYER_FIELDS:
-        values = getattr(step, name)
-        if values is not None:
-            if n_layers_batch is not None and len(values) != n_layers_batch:
-                raise BatchInvalid(["body", "steps", f"step {step.step}", name],
-                                   f"has {len(values)} values but there are {n_layers_batch} layers")
-            if n_layers_batch is None and len(values) > n_layers_run:
-                raise BatchInvalid(["body", "steps", f"step {step.step}", name],
+def _rows_for(new_steps: Sequence[StepIn], run_pk: int, n_layers_batch: int | None, n_layers_run: int,
+              index_map: list[int] | None, sqlite: bool, late: set[int]) -> list[tuple[Any, ...]]:
+    """Database rows for the new steps; this loop is the hot path of ingest, so it stays flat."""
+    now = _time.time()
+    pack = pack_floats if sqlite else None
+    rows: list[tuple[Any, ...]] = []
+    append = rows.append
+    for s in new_steps:
+        arrays: list[Any] = [s.layer_grad_norms, s.layer_weight_norms, s.layer_update_norms]
+        for k in range(3):
+            values = arrays[k]
+            if values is None:
+                continue
+            if n_layers_batch is not None:
+                if len(values) != n_layers_batch:
+                    raise BatchInvalid(["body", "steps", f"step {s.step}", _LAYER_FIELDS[k]],
+                                       f"has {len(values)} values but there are {n_layers_batch} layers")
+            elif len(values) > n_layers_run:
+                raise BatchInvalid(["body", "steps", f"step {s.step}", _LAYER_FIELDS[k]],
                                    f"has {len(values)} values but the run has {n_layers_run} layers: "
                                    "send `layers` with the batch or the run")
             if index_map is not None:
@@ -201,17 +209,24 @@ def _row_for(step: StepIn, run_pk: int, now: float, n_layers_batch: int | None, 
                 for i, v in zip(index_map, values, strict=True):
                     placed[i] = v
                 values = placed
-            if sqlite:
-                values = pack_floats(values)
-        arrays.append(values)
-    scalars = step.scalars
-    scalars_doc = None if scalars is None else json.dumps({k: encode_value(v) for k, v in scalars.items()})
-    if sqlite:
-        return (run_pk, step.step, step.time if step.time is not None else now, sqlite_real_in(step.loss),
-                sqlite_real_in(step.grad_norm), sqlite_real_in(step.lr), sqlite_real_in(step.update_norm),
-                flags, *arrays, scalars_doc)
-    return (run_pk, step.step, step.time if step.time is not None else now, step.loss, step.grad_norm,
-            step.lr, step.update_norm, flags, *arrays, scalars_doc)
+            arrays[k] = pack(values) if pack is not None else values
+        scalars = s.scalars
+        flags = (FLAG_SKIPPED if s.skipped else 0) | (FLAG_LATE if late and s.step in late else 0)
+        loss, grad_norm, lr, update_norm = s.loss, s.grad_norm, s.lr, s.update_norm
+        if sqlite:  # SQLite would store a NaN parameter as NULL; see codec
+            loss = loss if loss == loss else "NaN"
+            grad_norm = grad_norm if grad_norm == grad_norm else "NaN"
+            lr = lr if lr == lr else "NaN"
+            update_norm = update_norm if update_norm == update_norm else "NaN"
+        append((run_pk, s.step, now if s.time is None else s.time, loss, grad_norm, lr, update_norm, flags,
+                arrays[0], arrays[1], arrays[2],
+                None if scalars is None else _scalars_doc(scalars, sqlite)))
+    return rows
+
+
+def _scalars_doc(scalars: dict[str, float | None], sqlite: bool) -> Any:
+    doc = {k: encode_value(v) for k, v in scalars.items()}
+    return json.dumps(doc) if sqlite else doc
 
 
 def _canon(x: Any) -> Any:
@@ -278,6 +293,30 @@ def _insert_sql(dialect: str) -> str:
     return f"INSERT INTO steps ({cols}) VALUES ({', '.join(marks)})"
 
 
+_COPY_TYPES = ["int8", "int8", "float8", "float8", "float8", "float8", "float8", "int2",
+               "float8[]", "float8[]", "float8[]", "jsonb"]
+
+
+def insert_rows(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Insert step rows: executemany on SQLite, binary COPY on PostgreSQL (five times executemany's rate).
+
+    COPY cannot skip conflicting rows, which is fine: the caller has already removed stored steps under the run's
+    row lock, so no other transaction can insert these steps meanwhile.
+    """
+    if conn.dialect.name != "postgresql":
+        conn.exec_driver_sql(_insert_sql(conn.dialect.name), rows)
+        return
+    from psycopg.types.json import Jsonb
+
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    with cursor.copy(f"COPY steps ({', '.join(STEP_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(_COPY_TYPES)
+        for row in rows:
+            if row[11] is not None:
+                row = (*row[:11], Jsonb(row[11]))
+            copy.write_row(row)
+
+
 def append_steps(conn: Connection, run_id: str, batch: StepBatch) -> BatchOutcome:
     """Store a batch's new steps; raises RunNotFound, StepConflict or BatchInvalid (then nothing is stored)."""
     run = _lock_run(conn, run_id)
@@ -311,16 +350,11 @@ def append_steps(conn: Connection, run_id: str, batch: StepBatch) -> BatchOutcom
         raise StepConflict(run_id, sorted(set(conflicts)))
 
     new_steps = [unique[k] for k in sorted(unique) if k not in stored]
-    sqlite = conn.dialect.name == "sqlite"
-    now = _time.time()
-    late = {s.step for s in new_steps if last_step is not None and s.step < last_step}
-    rows = [
-        _row_for(s, run_pk, now, n_batch_layers, len(layers), index_map, sqlite,
-                 (FLAG_SKIPPED if s.skipped else 0) | (FLAG_LATE if s.step in late else 0))
-        for s in new_steps
-    ]
+    late = set() if last_step is None or not new_steps or new_steps[0].step >= last_step else \
+        {s.step for s in new_steps if s.step < last_step}
+    rows = _rows_for(new_steps, run_pk, n_batch_layers, len(layers), index_map, conn.dialect.name == "sqlite", late)
     if rows:
-        conn.exec_driver_sql(_insert_sql(conn.dialect.name), rows)
+        insert_rows(conn, rows)
         new_last = max(new_steps[-1].step, last_step if last_step is not None else -1)
         changes: dict[str, Any] = {"last_step": new_last, "n_steps": int(run.n_steps) + len(rows),
                                    "updated_at": now_utc()}

@@ -31,6 +31,8 @@ class Settings(BaseSettings):
         default="FULL", pattern="^(OFF|NORMAL|FULL|EXTRA)$",
         description="SQLite PRAGMA synchronous; FULL makes every acknowledged batch survive power loss",
     )
+    ingest_concurrency: int = Field(
+        default=1, ge=1, description="batches processed at once per process; scale out with workers or replicas")
     db_pool_size: int = Field(default=8, ge=1, description="PostgreSQL connection pool size per process")
 
 

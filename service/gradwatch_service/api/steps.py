@@ -50,7 +50,8 @@ async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, set
                             last_step=outcome.last_step, open_incidents=[])
 
     try:
-        result = await run_in_threadpool(ingest)
+        async with request.app.state.ingest_slots:
+            result = await run_in_threadpool(ingest)
     except RunNotFound as exc:
         raise HTTPException(404, str(exc)) from None
     except StepConflict as exc:

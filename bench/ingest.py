@@ -1,0 +1,193 @@
+"""End-to-end ingest throughput vs. the raw insert rate of the same table through the same driver.
+
+A real `gradwatch serve` (uvicorn) in a subprocess; 4 client processes, each sending one run of steps with
+50 values per step (loss, grad norm, lr, update norm and 46 per-layer gradient norms) in gzip'd batches over one
+keep-alive HTTP connection. Bodies are encoded before the clock starts: this measures the service, not the
+clients. The raw rate inserts the same rows, batch by batch, one transaction per batch, with the database driver
+alone (no HTTP, no validation). Run: `python bench/ingest.py [--quick] [--json]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import http.client
+import json
+import math
+import multiprocessing as mp
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ServerProcess, emit, fresh_database, print_table, rss_mb  # noqa: E402
+
+N_LAYERS = 46
+VALUES_PER_STEP = 4 + N_LAYERS
+LAYERS = [f"blocks.{i // 2}.{'weight' if i % 2 == 0 else 'bias'}" for i in range(N_LAYERS)]
+
+
+def make_steps(n: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    steps = []
+    for i in range(n):
+        g = [rng.lognormvariate(0, 1) for _ in range(N_LAYERS)]
+        steps.append({"step": i, "time": 1.7e9 + i, "loss": rng.random() * 3,
+                      "grad_norm": math.sqrt(sum(x * x for x in g)), "lr": 3e-4, "update_norm": rng.random() * 1e-2,
+                      "layer_grad_norms": g})
+    return steps
+
+
+def batches(steps: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
+    return [steps[i: i + size] for i in range(0, len(steps), size)]
+
+
+def client(url: str, run_id: str, n_steps: int, batch_size: int, seed: int, start: Any, done: Any) -> None:
+    host, port = url.removeprefix("http://").split(":")
+    bodies = [gzip.compress(json.dumps({"batch_id": f"{run_id}-{k}", "steps": b}).encode(), 1)
+              for k, b in enumerate(batches(make_steps(n_steps, seed), batch_size))]
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn.request("PUT", f"/v1/runs/{run_id}", json.dumps({"project": "bench", "layers": LAYERS}),
+                 {"content-type": "application/json"})
+    assert conn.getresponse().read() and True
+    start.wait()
+    for body in bodies:
+        conn.request("POST", f"/v1/runs/{run_id}/steps", body,
+                     {"content-type": "application/json", "content-encoding": "gzip"})
+        r = conn.getresponse()
+        payload = r.read()
+        if r.status != 200:
+            raise SystemExit(f"ingest failed: {r.status} {payload[:300]!r}")
+    conn.close()
+    done.put(time.perf_counter())
+
+
+def end_to_end(url: str, n_clients: int, n_steps: int, batch_size: int, server: ServerProcess) -> tuple[float, float]:
+    ctx = mp.get_context("spawn")
+    start, done = ctx.Barrier(n_clients + 1), ctx.Queue()
+    procs = [ctx.Process(target=client, args=(url, f"bench-{k}", n_steps, batch_size, k, start, done))
+             for k in range(n_clients)]
+    for p in procs:
+        p.start()
+    peak = [0.0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            assert server.proc is not None
+            peak[0] = max(peak[0], rss_mb(server.proc.pid))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start.wait()
+    t0 = time.perf_counter()
+    ends = [done.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+        if p.exitcode:
+            raise SystemExit(f"client exited with {p.exitcode}")
+    stop.set()
+    sampler.join()
+    return n_clients * n_steps * VALUES_PER_STEP / (max(ends) - t0), peak[0]
+
+
+def raw_insert(database_url: str, n_clients: int, n_steps: int, batch_size: int) -> float:
+    """The same rows into the same table through the same driver: executemany, one commit per batch."""
+    from gradwatch_service.codec import pack_floats
+    from gradwatch_service.db import make_engine
+    from gradwatch_service.ingest import _COPY_TYPES, STEP_COLUMNS, _insert_sql
+    from gradwatch_service.migrate import upgrade
+
+    engine = make_engine(database_url)
+    upgrade(engine)
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO projects (name) VALUES ('raw')")
+        for k in range(n_clients):
+            conn.exec_driver_sql(
+                "INSERT INTO runs (run_id, project_id, status, layer_names, n_steps, created_at, updated_at) "
+                f"VALUES ('raw-{k}', 1, 'running', '[]', 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)")
+    run_pks = [r[0] for r in engine.connect().exec_driver_sql("SELECT id FROM runs ORDER BY id").all()]
+    assert len(STEP_COLUMNS) == 12
+    work = []
+    for k in range(n_clients):
+        for b in batches(make_steps(n_steps, k), batch_size):
+            work.append([(run_pks[k], s["step"], s["time"], s["loss"], s["grad_norm"], s["lr"], s["update_norm"], 0,
+                          s["layer_grad_norms"], None, None, None) for s in b])
+    sql = _insert_sql(engine.dialect.name)
+    raw = engine.raw_connection()
+    driver = raw.driver_connection
+    t0 = time.perf_counter()
+    for rows in work:  # the driver's own work: pack the arrays as the service does, insert, commit
+        if sqlite:
+            rows = [r[:8] + (pack_floats(r[8]),) + r[9:] for r in rows]
+            driver.execute("BEGIN IMMEDIATE")
+            driver.executemany(sql, rows)
+            driver.execute("COMMIT")
+        else:  # the fastest way in through psycopg, and the one the service uses: binary COPY
+            with driver.cursor().copy(f"COPY steps ({', '.join(STEP_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as cp:
+                cp.set_types(_COPY_TYPES)
+                for r in rows:
+                    cp.write_row(r)
+            driver.commit()
+    elapsed = time.perf_counter() - t0
+    raw.close()
+    engine.dispose()
+    return n_clients * n_steps * VALUES_PER_STEP / elapsed
+
+
+def measure(backend: str, n_clients: int, n_steps: int, batch_size: int, workdir: Path,
+            workers: int) -> dict[str, float]:
+    with fresh_database(backend, workdir) as url:
+        server = ServerProcess(url, log_path=workdir / f"server-{backend}.log", args=["--workers", str(workers)])
+        server.start()
+        try:
+            e2e, rss = end_to_end(server.url, n_clients, n_steps, batch_size, server)
+        finally:
+            server.stop()
+    with fresh_database(backend, workdir) as url:
+        raw = raw_insert(url, n_clients, n_steps, batch_size)
+    return {"values_per_s": e2e, "raw_values_per_s": raw, "ratio_to_raw": e2e / raw, "service_rss_mb": rss}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small run for CI")
+    ap.add_argument("--json", action="store_true", help="print one JSON object of the figures")
+    ap.add_argument("--steps", type=int, help="steps per client (default 25000, quick 2000)")
+    ap.add_argument("--batch", type=int, default=1000, help="steps per batch")
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--backends", default="sqlite,postgres")
+    ap.add_argument("--workers", type=int, default=2, help="service worker processes (one per core here)")
+    args = ap.parse_args()
+    n_steps = args.steps or (2000 if args.quick else 25000)
+    figures: dict[str, Any] = {}
+    rss = 0.0
+    with tempfile.TemporaryDirectory(prefix="gradwatch-bench-") as tmp:
+        for backend in args.backends.split(","):
+            m = measure(backend, args.clients, n_steps, args.batch, Path(tmp), args.workers)
+            name = "postgres" if backend.startswith("postgres") else "sqlite"
+            figures[f"{name}_values_per_s"] = round(m["values_per_s"])
+            figures[f"{name}_raw_values_per_s"] = round(m["raw_values_per_s"])
+            figures[f"{name}_ratio_to_raw"] = round(m["ratio_to_raw"], 3)
+            rss = max(rss, m["service_rss_mb"])
+            if not args.json:
+                print_table(f"ingest, {name}: {args.clients} clients x {n_steps} steps x {VALUES_PER_STEP} values, "
+                            f"batches of {args.batch}, {args.workers} service workers", [
+                                ("end-to-end values/s", m["values_per_s"]),
+                                ("raw insert values/s", m["raw_values_per_s"]),
+                                ("end-to-end / raw", round(m["ratio_to_raw"], 3)),
+                                ("service peak RSS MB", m["service_rss_mb"]),
+                            ])
+    figures["service_rss_mb"] = round(rss, 1)
+    emit(figures, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
