@@ -72,11 +72,11 @@ class DetectorConfig:
     """... if it is also at least this many times the band's typical value."""
 
     # --- grad_growth (critical)
-    growth_z: float = 3.0
+    growth_z: float = 3.5
     """A step counts towards growth when its grad norm is this many deviations above the band at its start."""
-    growth_steps: int = 3
+    growth_steps: int = 4
     """Consecutive counting steps needed (a lone spike is a grad_spike, not growth) ..."""
-    growth_min_factor: float = 10.0
+    growth_min_factor: float = 5.0
     """... and the grad norm must have grown this many times over the band at the start."""
 
     # --- loss_divergence (critical)
@@ -145,13 +145,13 @@ def new_state() -> dict[str, Any]:
         "steps": 0,  # steps seen (skipped ones included)
         "last_step": None,
         # grad norm band (log space)
-        "g_n": 0, "g_mu": 0.0, "g_dev": 0.0,
+        "g_n": 0, "g_mu": 0.0, "g_dev": 0.0, "g_warm": [],
         # grad growth run: consecutive steps above the band held when the run started
         "gr_n": 0, "gr_base": 0.0, "gr_dev": 0.0,
         # loss: early baseline, smoothed log loss, consecutive divergent steps
         "l_n": 0, "l_first": 0.0, "l_sum": 0.0, "l_start": 0.0, "l_ewm": 0.0, "l_run": 0,
         # update ratio band (log of update norm / weight norm)
-        "r_n": 0, "r_mu": 0.0, "r_dev": 0.0, "r_big": 0,
+        "r_n": 0, "r_mu": 0.0, "r_dev": 0.0, "r_warm": [], "r_big": 0,
         # per-layer grad norm bands, aligned with "layers"
         "layers": [], "ly_n": 0, "ly_mu": [], "ly_dev": [],
         # layers now above their band: name -> first step out (the root-cause candidates)
@@ -159,29 +159,43 @@ def new_state() -> dict[str, Any]:
     }
 
 
-def _finite_or_none(x: Any) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return x if _isfinite(x) else math.nan
+_GRAD_BAND = ("g_n", "g_mu", "g_dev", "g_warm")
+_RATIO_BAND = ("r_n", "r_mu", "r_dev", "r_warm")
 
 
-def _band_update(mu: float, dev: float, n: int, x: float, cfg: DetectorConfig) -> tuple[float, float]:
-    """the first sample seeds the mean; later ones move it at most band_clip deviations."""
-    if n == 0:
-        return x, 0.0
-    a = cfg.band_alpha
-    if n < cfg.warmup_steps:  # plain running mean/deviation while warming up: every early sample counts
-        a = max(a, 1.0 / (n + 1))
+def _band_learn(state: dict[str, Any], keys: tuple[str, str, str, str], x: float, cfg: DetectorConfig) -> None:
+    """Teach a band one sample (log space).
+
+    The first `warmup_steps` samples are kept and the band is their median and mean absolute deviation from
+    it, so a wild first step (common: the untrained model) cannot skew the band for long. After that the
+    band is an EWMA whose input is clipped to `band_clip` deviations, ZClip-style: one spike moves it
+    a little, a lasting change of level moves it all the way within a few band memories.
+    """
+    kn, kmu, kdev, kwarm = keys
+    n = state[kn]
+    state[kn] = n + 1
+    if n < cfg.warmup_steps:
+        warm = state[kwarm]
+        warm.append(x)
+        ordered = sorted(warm)
+        k = len(ordered)
+        mid = ordered[k // 2] if k % 2 else 0.5 * (ordered[k // 2 - 1] + ordered[k // 2])
+        state[kmu] = mid
+        state[kdev] = sum(abs(v - mid) for v in ordered) / k
+        if n + 1 == cfg.warmup_steps:
+            warm.clear()
+        return
+    mu = state[kmu]
+    dev = state[kdev]
     d = x - mu
-    lim = cfg.band_clip * max(dev, cfg.band_dev_floor)
+    lim = cfg.band_clip * (dev if dev > cfg.band_dev_floor else cfg.band_dev_floor)
     if d > lim:
         d = lim
     elif d < -lim:
         d = -lim
-    mu += a * d
-    dev += a * (abs(d) - dev)
-    return mu, dev
+    a = cfg.band_alpha
+    state[kmu] = mu + a * d
+    state[kdev] = dev + a * ((d if d >= 0.0 else -d) - dev)
 
 
 def _nonfinite_layer(*maps: Mapping[str, Any] | None) -> str | None:
@@ -363,8 +377,7 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
                 base = math.exp(mu)
                 events.append(Event("grad_spike", WARNING, t, float(g), base, _root_cause(state, lgn, cfg),
                                     f"grad norm {g:.4g} is {g / base:.3g}x its band {base:.4g}"))
-        state["g_mu"], state["g_dev"] = _band_update(mu, dev, n, x, cfg)
-        state["g_n"] = n + 1
+        _band_learn(state, _GRAD_BAND, x, cfg)
 
     # ---- loss divergence: the smoothed loss stays well above the run's early level
     if loss is not None and loss > 0.0:
@@ -423,8 +436,7 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
                                         _ratio_cause(state, lun, lwn, lgn, cfg),
                                         f"update/weight ratio {ratio:.3g} is {ratio / base:.3g}x "
                                         f"its band {base:.3g}"))
-            state["r_mu"], state["r_dev"] = _band_update(mu, dev, n, x, cfg)
-            state["r_n"] = n + 1
+            _band_learn(state, _RATIO_BAND, x, cfg)
 
     return state, events
 
