@@ -76,7 +76,7 @@ def _layers(n: int) -> Callable[[argparse.Namespace], float]:
 MEASUREMENTS = [
     Measurement("detect_us_per_step_50_layers", "advance(), 50 layers", "us/step", _layers(50)),
     Measurement("detect_us_per_step_10_layers", "advance(), 10 layers", "us/step", _layers(10)),
-    Measurement("detect_us_per_step_no_layers", "advance(), totals only", "us/step", _layers(0)),
+    Measurement("detect_us_per_step_no_layers", "advance(), no per-layer maps", "us/step", _layers(0)),
 ]
 
 

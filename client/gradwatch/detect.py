@@ -11,12 +11,12 @@ callers must carry on with the returned state. The state never holds NaN or infi
 `json.dumps`/`json.loads` between batches, and a run resumed from a round-tripped state raises exactly the
 events it would have raised without the round trip.
 
-Everything is measured in log space against robust, self-calibrating bands: an exponentially weighted mean
-whose input is clipped to a few deviations (so one spike cannot drag it), and an exponentially weighted mean
-absolute deviation. Heavy-tailed but healthy series widen their own band instead of paging someone; the
-only absolute limits are the ones nothing healthy crosses (non-finite values, an update many times the size
-of the weights before a run has a history). docs/detection.md explains each signature, its settings and how
-well it does on the labelled traces.
+Everything is measured in log space against robust, self-calibrating bands: seeded with the median of a
+run's first samples, then an exponentially weighted mean whose input is clipped to a few deviations (so one
+spike cannot drag it) and an exponentially weighted mean absolute deviation. Heavy-tailed but healthy series
+widen their own band instead of paging someone; the only absolute limits are the ones nothing healthy
+crosses (non-finite values, updates as large as the weights before a run has a history).
+docs/detection.md explains each signature, its settings and how well it does on the labelled traces.
 """
 
 from __future__ import annotations
