@@ -31,7 +31,7 @@ DEFAULT_TRACES = os.path.join(HERE, "..", "..", "shared", "traces", "dev")
 # signature -> (run, last step to draw or None for all, why this run)
 EXAMPLES: dict[str, tuple[str, int | None, str]] = {
     "nonfinite": ("dev-072-cnn", None, "grad norm overflows to inf after a 2-step blow-up"),
-    "grad_spike": ("dev-112-lstm", None, "a healthy run: one 10x spike, a warning, no page"),
+    "grad_spike": ("dev-049-transformer", None, "a healthy run: one spike far above its band is a warning, not a page"),
     "grad_growth": ("dev-119-lstm", 300, "grad norm leaves its band and keeps climbing, 21 steps before divergence"),
     "loss_divergence": ("dev-028-rnn", 340, "unstable RNN whose smoothed loss settles far above its start"),
     "update_ratio": ("dev-059-transformer", 40, "first Adam step 11.5x the weights: critical at step 0"),
@@ -101,8 +101,8 @@ def draw(signature: str, run_id: str, rows: dict[str, list[Any]], header: dict[s
         if diverged_at is not None:
             ax.axvline(diverged_at, color="black", lw=0.8, ls="--")
         for step, sig, severity in rows["opened"]:
-            ax.axvline(step, color=COLOURS[severity], lw=1.4 if sig == signature else 0.5,
-                       alpha=0.9 if sig == signature else 0.35)
+            ax.axvline(step, color=COLOURS[severity], lw=1.2 if sig == signature else 0.5,
+                       alpha=0.5 if sig == signature else 0.3, zorder=0)
         ax.legend(loc="upper left", fontsize=7, frameon=False)
         ax.tick_params(labelsize=7)
     first = next((s for s, sig, _ in rows["opened"] if sig == signature), None)
