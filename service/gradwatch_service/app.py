@@ -12,7 +12,7 @@ from fastapi.openapi.utils import get_openapi
 from sqlalchemy import Engine
 
 from . import __doc__ as package_doc
-from .api import health, runs, steps
+from .api import health, incidents, runs, steps
 from .db import make_engine
 from .migrate import schema_problem
 from .schemas import RunUpsert, StepBatch
@@ -40,12 +40,14 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app = FastAPI(title="gradwatch", version="0.1.0", description=package_doc or "", lifespan=lifespan)
     app.state.settings = settings
     app.state.engine = engine
+    app.state.detector = settings.detector_config()
     # Batches are CPU work (inflate, parse) then a write that holds the database's lock. Letting every request in
     # at once only makes threads fight over the GIL (measured: 4 concurrent clients, 1 slot is 40 % faster than 4).
     app.state.ingest_slots = asyncio.Semaphore(settings.ingest_concurrency)
     app.include_router(health.router)
     app.include_router(runs.router)
     app.include_router(steps.router)
+    app.include_router(incidents.router)
     _document_raw_bodies(app)
     return app
 

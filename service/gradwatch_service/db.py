@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,13 @@ from sqlalchemy.engine import make_url
 
 from .settings import Settings
 
-__all__ = ["make_engine", "write_transaction", "read_connection", "is_sqlite"]
+__all__ = ["make_engine", "write_transaction", "read_connection", "is_sqlite", "now_utc"]
 
 _SQLITE_WRITE_LOCKS: dict[int, threading.Lock] = {}
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
 
 
 def is_sqlite(engine: Engine) -> bool:

@@ -15,13 +15,15 @@ import json
 import time as _time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
+from gradwatch.detect import DetectorConfig
 from gradwatch.wire import encode_value
 from sqlalchemy import Connection, select, update
 
 from .codec import pack_floats
+from .db import now_utc
+from .detection import advance_detection
 from .models import FLAG_LATE, FLAG_SKIPPED, projects, runs, steps
 from .schemas import RunUpsert, StepBatch, StepIn
 
@@ -66,10 +68,6 @@ class BatchOutcome:
     layers: list[str]
     new_steps: list[StepIn] = field(default_factory=list)
     late_steps: set[int] = field(default_factory=set)
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
 
 
 def encode_json_doc(doc: Any) -> Any:
@@ -160,7 +158,8 @@ def upsert_run(conn: Connection, run_id: str, body: RunUpsert) -> bool:
 
 
 def _lock_run(conn: Connection, run_id: str) -> Any:
-    q = select(runs.c.id, runs.c.layer_names, runs.c.last_step, runs.c.n_steps).where(runs.c.run_id == run_id)
+    q = select(runs.c.id, runs.c.layer_names, runs.c.last_step, runs.c.n_steps, runs.c.detector_state) \
+        .where(runs.c.run_id == run_id)
     if conn.dialect.name == "postgresql":
         q = q.with_for_update()
     return conn.execute(q).first()
@@ -317,8 +316,10 @@ def insert_rows(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
             copy.write_row(row)
 
 
-def append_steps(conn: Connection, run_id: str, batch: StepBatch) -> BatchOutcome:
-    """Store a batch's new steps; raises RunNotFound, StepConflict or BatchInvalid (then nothing is stored)."""
+def append_steps(conn: Connection, run_id: str, batch: StepBatch,
+                 detector: DetectorConfig | None = None) -> BatchOutcome:
+    """Store a batch's new steps and, with a detector config, judge them; raises RunNotFound, StepConflict or
+    BatchInvalid (then nothing is stored)."""
     run = _lock_run(conn, run_id)
     if run is None:
         raise RunNotFound(run_id)
@@ -358,6 +359,10 @@ def append_steps(conn: Connection, run_id: str, batch: StepBatch) -> BatchOutcom
         new_last = max(new_steps[-1].step, last_step if last_step is not None else -1)
         changes: dict[str, Any] = {"last_step": new_last, "n_steps": int(run.n_steps) + len(rows),
                                    "updated_at": now_utc()}
+        if detector is not None:
+            judged = advance_detection(conn, run_pk, run.detector_state, new_steps,
+                                       batch.layers if batch.layers is not None else layers, detector)
+            changes["detector_state"] = judged.state_doc
         if layers != list(run.layer_names):
             changes["layer_names"] = layers
         conn.execute(update(runs).where(runs.c.id == run_pk).values(**changes))

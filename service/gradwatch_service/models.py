@@ -22,6 +22,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Table,
+    Text,
     func,
 )
 from sqlalchemy.dialects import postgresql
@@ -30,7 +31,7 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from .codec import pack_floats, sqlite_real_in, sqlite_real_out, unpack_floats
 
-__all__ = ["metadata", "projects", "runs", "steps", "Real", "FloatArray", "JsonDoc"]
+__all__ = ["metadata", "projects", "runs", "steps", "incidents", "Real", "FloatArray", "JsonDoc"]
 
 metadata = MetaData(
     naming_convention={
@@ -136,6 +137,29 @@ steps = Table(
     Column("layer_update_norms", FloatArray()),
     Column("scalars", JsonDoc()),
     sqlite_with_rowid=False,
+)
+
+incidents = Table(
+    "incidents",
+    metadata,
+    Column("run_pk", BigInteger, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("seq", Integer, primary_key=True, comment="1, 2, ... within the run"),
+    Column("signature", String(32), nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("status", String(16), nullable=False, comment="open or resolved"),
+    Column("opened_step", BigInteger, nullable=False),
+    Column("last_step", BigInteger, nullable=False, comment="last step the signature fired"),
+    Column("resolved_step", BigInteger),
+    Column("layer", String(256), comment="root cause: the layer whose norm broke out of its band first"),
+    Column("value", Real()),
+    Column("baseline", Real()),
+    Column("message", Text, nullable=False),
+    Column("evidence", JsonDoc(), comment="the step's values and the band they broke, at opening and escalation"),
+    Column("opened_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("resolved_at", DateTime(timezone=True)),
+    Index(None, "status", "updated_at"),
+    Index(None, "updated_at"),
 )
 
 FLAG_SKIPPED = 1

@@ -11,10 +11,10 @@ from gradwatch.wire import decode_value
 from sqlalchemy import Connection, func, select
 
 from .downsample import downsample_minmax
-from .models import FLAG_LATE, FLAG_SKIPPED, projects, runs, steps
-from .schemas import RunPublic, Series, StepOut
+from .models import FLAG_LATE, FLAG_SKIPPED, incidents, projects, runs, steps
+from .schemas import Incident, RunPublic, Series, StepOut
 
-__all__ = ["get_run", "list_runs", "read_steps", "read_series", "UnknownLayer"]
+__all__ = ["get_run", "list_runs", "read_steps", "read_series", "list_incidents", "UnknownLayer"]
 
 _RUN_COLUMNS = (runs.c.id, runs.c.run_id, projects.c.name.label("project"), runs.c.name, runs.c.status,
                 runs.c.config, runs.c.meta, runs.c.layer_names, runs.c.last_step, runs.c.n_steps,
@@ -126,3 +126,36 @@ def _series(field: str, layer: str | None, step_list: list[int], values: list[fl
     else:
         s, v = step_list, values
     return Series(field=field, layer=layer, steps=s, values=v)
+
+
+def list_incidents(conn: Connection, *, project: str | None = None, run_pk: int | None = None,
+                   run_id: str | None = None, status: str | None = None, severity: str | None = None,
+                   limit: int = 100, offset: int = 0) -> tuple[list[Incident], int]:
+    """Incidents, most recently updated first."""
+    joined = incidents.join(runs, runs.c.id == incidents.c.run_pk).join(projects, projects.c.id == runs.c.project_id)
+    q = select(incidents, runs.c.run_id, projects.c.name.label("project")).select_from(joined)
+    count_q = select(func.count()).select_from(joined)
+    conditions = []
+    if project is not None:
+        conditions.append(projects.c.name == project)
+    if run_pk is not None:
+        conditions.append(incidents.c.run_pk == run_pk)
+    if run_id is not None:
+        conditions.append(runs.c.run_id == run_id)
+    if status is not None:
+        conditions.append(incidents.c.status == status)
+    if severity is not None:
+        conditions.append(incidents.c.severity == severity)
+    for c in conditions:
+        q, count_q = q.where(c), count_q.where(c)
+    q = q.order_by(incidents.c.updated_at.desc(), incidents.c.run_pk, incidents.c.seq.desc())
+    q = q.limit(limit).offset(offset)
+    out = [
+        Incident(id=f"{r.run_id}#{r.seq}", run_id=r.run_id, project=r.project, seq=r.seq, signature=r.signature,
+                 severity=r.severity, status=r.status, opened_step=r.opened_step, last_step=r.last_step,
+                 resolved_step=r.resolved_step, layer=r.layer, value=r.value, baseline=r.baseline,
+                 message=r.message, evidence=r.evidence, opened_at=_utc(r.opened_at), updated_at=_utc(r.updated_at),
+                 resolved_at=None if r.resolved_at is None else _utc(r.resolved_at))
+        for r in conn.execute(q)
+    ]
+    return out, int(conn.execute(count_q).scalar_one())

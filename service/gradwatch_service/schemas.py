@@ -106,16 +106,31 @@ class StepBatch(WireModel):
 
 
 class Incident(WireModel):
-    id: int
+    """An explosion signature that fired on a run: open while it keeps firing, resolved after it went quiet."""
+
+    id: str = Field(description="run_id#seq, stable")
     run_id: str
-    signature: str
+    project: str
+    seq: int = Field(description="1, 2, ... within the run")
+    signature: str = Field(description="nonfinite, grad_spike, grad_growth, loss_divergence or update_ratio")
     severity: Literal["warning", "critical"]
     status: Literal["open", "resolved"]
     opened_step: int
-    last_step: int
-    resolved_step: int | None = None
-    layer: str | None = None
-    evidence: dict[str, Any] | None = None
+    last_step: int = Field(description="the last step at which the signature fired")
+    resolved_step: int | None
+    layer: str | None = Field(description="root cause: the layer whose norm broke out of its band first")
+    value: Value | None
+    baseline: Value | None = Field(description="the band or limit the value broke")
+    message: str
+    evidence: dict[str, Any] | None
+    opened_at: datetime
+    updated_at: datetime
+    resolved_at: datetime | None
+
+
+class IncidentsPublic(WireModel):
+    incidents: list[Incident]
+    count: int
 
 
 class IngestResult(WireModel):

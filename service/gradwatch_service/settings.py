@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path(".gradwatch")
@@ -33,7 +34,26 @@ class Settings(BaseSettings):
     )
     ingest_concurrency: int = Field(
         default=1, ge=1, description="batches processed at once per process; scale out with workers or replicas")
+    detection: bool = Field(default=True, description="run the explosion detectors on every ingested batch")
+    detector: dict[str, float | int] = Field(
+        default_factory=dict,
+        description="DetectorConfig overrides as JSON, e.g. GRADWATCH_DETECTOR='{\"layer_z\": 5}'",
+    )
     db_pool_size: int = Field(default=8, ge=1, description="PostgreSQL connection pool size per process")
+
+    @field_validator("detector")
+    @classmethod
+    def _known_detector_fields(cls, v: dict[str, float | int]) -> dict[str, float | int]:
+        from gradwatch.detect import DetectorConfig
+
+        DetectorConfig(**v)  # raises TypeError naming an unknown field
+        return v
+
+    def detector_config(self) -> Any:
+        """The DetectorConfig ingest uses, or None when detection is off."""
+        from gradwatch.detect import DetectorConfig
+
+        return DetectorConfig(**self.detector) if self.detection else None
 
 
 @lru_cache(maxsize=1)

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from ..body import parse_body, read_body
 from ..db import read_connection, write_transaction
 from ..ingest import BatchInvalid, RunNotFound, StepConflict, append_steps
-from ..queries import UnknownLayer, get_run_row, read_series, read_steps
+from ..queries import UnknownLayer, get_run_row, list_incidents, read_series, read_steps
 from ..schemas import SERIES_FIELDS, IngestResult, SeriesPublic, StepBatch, StepsPublic
 from .deps import EngineDep, SettingsDep, model_response
 from .runs import RunIdPath
@@ -38,6 +38,7 @@ _BATCH_EXAMPLE = StepBatch.model_config["json_schema_extra"]["examples"][0]  # t
 )
 async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
     raw = await read_body(request, settings.max_body_bytes)
+    detector = request.app.state.detector
 
     def ingest() -> IngestResult:
         batch = parse_body(StepBatch, raw)
@@ -45,9 +46,10 @@ async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, set
             raise BatchInvalid(["body", "steps"], f"{len(batch.steps)} steps in one batch; at most "
                                                   f"{settings.max_batch_steps} (send several batches)")
         with write_transaction(engine) as conn:
-            outcome = append_steps(conn, run_id, batch)
+            outcome = append_steps(conn, run_id, batch, detector)
+            open_now, _ = list_incidents(conn, run_pk=outcome.run_pk, status="open")
         return IngestResult(run_id=run_id, accepted=outcome.accepted, duplicates=outcome.duplicates,
-                            last_step=outcome.last_step, open_incidents=[])
+                            last_step=outcome.last_step, open_incidents=open_now)
 
     try:
         async with request.app.state.ingest_slots:

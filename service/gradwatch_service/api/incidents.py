@@ -1,0 +1,54 @@
+"""/v1/incidents and /v1/runs/{run_id}/incidents: what the detectors found, with evidence."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Response
+from starlette.concurrency import run_in_threadpool
+
+from ..db import read_connection
+from ..queries import get_run_row, list_incidents
+from ..schemas import IncidentsPublic
+from .deps import EngineDep, model_response
+from .runs import RunIdPath
+
+router = APIRouter(tags=["incidents"])
+
+Status = Annotated[Literal["open", "resolved"] | None, Query(description="open or resolved; both when absent")]
+Severity = Annotated[Literal["warning", "critical"] | None, Query()]
+Limit = Annotated[int, Query(ge=1, le=1000)]
+Offset = Annotated[int, Query(ge=0)]
+
+
+@router.get("/v1/incidents", summary="Incidents across runs, most recently updated first",
+            response_model=IncidentsPublic)
+async def get_incidents(engine: EngineDep, project: str | None = None, run_id: str | None = None,
+                        status: Status = None, severity: Severity = None, limit: Limit = 100,
+                        offset: Offset = 0) -> Response:
+    def read() -> IncidentsPublic:
+        with read_connection(engine) as conn:
+            rows, count = list_incidents(conn, project=project, run_id=run_id, status=status, severity=severity,
+                                         limit=limit, offset=offset)
+        return IncidentsPublic(incidents=rows, count=count)
+
+    return model_response(await run_in_threadpool(read))
+
+
+@router.get("/v1/runs/{run_id}/incidents", summary="One run's incidents with their evidence",
+            response_model=IncidentsPublic, responses={404: {"description": "unknown run"}})
+async def get_run_incidents(run_id: RunIdPath, engine: EngineDep, status: Status = None, severity: Severity = None,
+                            limit: Limit = 100, offset: Offset = 0) -> Response:
+    def read() -> IncidentsPublic | None:
+        with read_connection(engine) as conn:
+            run = get_run_row(conn, run_id)
+            if run is None:
+                return None
+            rows, count = list_incidents(conn, run_pk=run.id, status=status, severity=severity, limit=limit,
+                                         offset=offset)
+        return IncidentsPublic(incidents=rows, count=count)
+
+    out = await run_in_threadpool(read)
+    if out is None:
+        raise HTTPException(404, f"run {run_id!r} does not exist")
+    return model_response(out)

@@ -1,0 +1,120 @@
+"""Detection inside the ingest transaction: advance the run's detector state, open and resolve incidents.
+
+Runs under the run's row lock, in the same transaction as the steps it judges, so any replica can take any
+batch and a crash loses neither steps nor incidents. The detectors themselves are `gradwatch.detect` (pure,
+shared with the client and replay); this module only feeds them and keeps the incident rows in step.
+Steps older than the state's last step arrived late: they are stored (flagged) but not judged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gradwatch import detect
+from gradwatch.wire import decode_value, encode_value
+from sqlalchemy import Connection, and_, insert, select, update
+
+from .db import now_utc
+from .models import incidents
+from .schemas import StepIn
+
+__all__ = ["DetectionOutcome", "advance_detection", "load_state"]
+
+STATE_DOC_VERSION = 1
+
+
+@dataclass
+class DetectionOutcome:
+    state_doc: dict[str, Any]
+    opened: int
+    resolved: int
+
+
+def load_state(doc: Any) -> dict[str, Any]:
+    """The run's stored detection document, or a fresh one."""
+    if isinstance(doc, dict) and doc.get("v") == STATE_DOC_VERSION:
+        return doc
+    return {"v": STATE_DOC_VERSION, "detector": detect.new_state(), "incidents": detect.new_incident_state(),
+            "seq": {}, "next_seq": 1}
+
+
+def _detector_input(s: StepIn, layer_names: Sequence[str]) -> dict[str, Any]:
+    step: dict[str, Any] = {"step": s.step, "loss": s.loss, "grad_norm": s.grad_norm, "lr": s.lr,
+                            "update_norm": s.update_norm, "skipped": s.skipped}
+    if s.layer_grad_norms is not None:
+        step["layer_grad_norms"] = dict(zip(layer_names, s.layer_grad_norms, strict=False))
+    if s.layer_weight_norms is not None:
+        step["layer_weight_norms"] = dict(zip(layer_names, s.layer_weight_norms, strict=False))
+    if s.layer_update_norms is not None:
+        step["layer_update_norms"] = dict(zip(layer_names, s.layer_update_norms, strict=False))
+    return step
+
+
+def _evidence(inc: dict[str, Any], s: StepIn) -> dict[str, Any]:
+    return {"step": s.step, "signature": inc["signature"], "severity": inc["severity"], "layer": inc.get("layer"),
+            "value": inc.get("value"), "baseline": inc.get("baseline"), "message": inc.get("message"),
+            "values": {"loss": encode_value(s.loss), "grad_norm": encode_value(s.grad_norm),
+                       "lr": encode_value(s.lr), "update_norm": encode_value(s.update_norm)}}
+
+
+def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: Sequence[StepIn],
+                      layer_names: Sequence[str], config: detect.DetectorConfig) -> DetectionOutcome:
+    """Judge the batch's new, in-order steps; write incident changes. The caller stores the returned state."""
+    doc = load_state(state_doc)
+    state, inc_state, seq_of = doc["detector"], doc["incidents"], doc["seq"]
+    last = state.get("last_step")
+    now = now_utc()
+    opened_n = resolved_n = 0
+    touched: dict[str, int] = {}  # signature -> last step it fired in this batch
+    for s in new_steps:
+        if last is not None and s.step <= last:
+            continue  # late: stored and flagged by ingest, not judged
+        state, events = detect.advance(state, _detector_input(s, layer_names), config)
+        last = s.step
+        if not events and not inc_state["open"]:
+            continue
+        inc_state, opened, resolved = detect.track_incidents(inc_state, events, s.step, config)
+        for ev in events:
+            touched[ev.signature] = ev.step
+        for inc in opened:
+            sig = inc["signature"]
+            if inc.get("escalated") and sig in seq_of:
+                conn.execute(update(incidents).where(and_(incidents.c.run_pk == run_pk, incidents.c.seq == seq_of[sig]))
+                             .values(severity=inc["severity"], value=decode_value(inc.get("value")),
+                                     baseline=decode_value(inc.get("baseline")), message=inc["message"],
+                                     layer=inc.get("layer"), updated_at=now,
+                                     evidence={"opened": _stored_evidence(conn, run_pk, seq_of[sig]),
+                                               "escalated": _evidence(inc, s)}))
+                continue
+            seq = doc["next_seq"]
+            doc["next_seq"] = seq + 1
+            seq_of[sig] = seq
+            conn.execute(insert(incidents).values(
+                run_pk=run_pk, seq=seq, signature=sig, severity=inc["severity"], status="open",
+                opened_step=inc["opened_at"], last_step=inc["last_seen"], layer=inc.get("layer"),
+                value=decode_value(inc.get("value")), baseline=decode_value(inc.get("baseline")),
+                message=inc["message"], evidence={"opened": _evidence(inc, s)}, opened_at=now, updated_at=now))
+            opened_n += 1
+        for inc in resolved:
+            seq = seq_of.pop(inc["signature"], None)
+            if seq is None:
+                continue
+            conn.execute(update(incidents).where(and_(incidents.c.run_pk == run_pk, incidents.c.seq == seq))
+                         .values(status="resolved", resolved_step=inc["resolved_at"], last_step=inc["last_seen"],
+                                 resolved_at=now, updated_at=now))
+            touched.pop(inc["signature"], None)
+            resolved_n += 1
+    for sig, step in touched.items():
+        if sig in seq_of:
+            conn.execute(update(incidents).where(and_(incidents.c.run_pk == run_pk, incidents.c.seq == seq_of[sig]))
+                         .values(last_step=step, updated_at=now))
+    doc["detector"], doc["incidents"] = state, inc_state
+    return DetectionOutcome(state_doc=doc, opened=opened_n, resolved=resolved_n)
+
+
+def _stored_evidence(conn: Connection, run_pk: int, seq: int) -> Any:
+    ev = conn.execute(select(incidents.c.evidence).where(and_(incidents.c.run_pk == run_pk,
+                                                              incidents.c.seq == seq))).scalar()
+    return (ev or {}).get("opened") if isinstance(ev, dict) else None
