@@ -160,6 +160,23 @@ def test_root_cause_is_the_layer_that_broke_out_first() -> None:
     assert critical[0].layer == "block.1.weight"
 
 
+def test_the_whole_network_climbing_together_is_growth_after_two_steps() -> None:
+    steps = noisy_steps(60, sigma=0.1)
+    # noisy_steps' layers sit around 1.0 each; all four go to 3x, then 9x
+    steps += [make_step(t, layer_grads={n: 3.0 ** (t - 59) for n in LAYERS}) for t in (60, 61)]
+    _, events = run(steps)
+    assert [(e.signature, e.severity, e.step) for e in events][-1] == ("grad_growth", "critical", 61)
+
+
+def test_one_layer_jumping_for_two_steps_is_not_growth() -> None:
+    steps = noisy_steps(60, sigma=0.1)
+    jump = {"embed.weight": 1.0, "block.0.weight": 1.0, "block.1.weight": 20.0, "head.weight": 1.0}
+    steps += [make_step(t, layer_grads=jump) for t in (60, 61)]
+    _, events = run(steps)
+    assert [(e.signature, e.severity) for e in events] == [("grad_spike", "warning")] * 2
+    assert {e.layer for e in events} == {"block.1.weight"}
+
+
 def test_layers_appearing_later_are_tracked_without_losing_the_others() -> None:
     steps = noisy_steps(30)
     extra = make_step(30, layer_grads={**{n: 0.5 for n in LAYERS}, "new.weight": 0.5})

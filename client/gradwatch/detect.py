@@ -78,6 +78,15 @@ class DetectorConfig:
     """Consecutive counting steps needed (a lone spike is a grad_spike, not growth) ..."""
     growth_min_factor: float = 5.0
     """... and the grad norm must have grown this many times over the band at the start."""
+    growth_layer_share: float = 0.8
+    """Growth, too, when at least this share of the layers is out of its own band (see `layer_z`) ..."""
+    growth_layer_steps: int = 2
+    """... for this many consecutive steps ..."""
+    growth_layer_min_factor: float = 2.0
+    """... while the total grad norm is at least this many times its band: the whole network is climbing
+    together, which a spike in one layer never does."""
+    growth_layer_min_layers: int = 4
+    """The network-wide test needs at least this many layers to mean anything."""
 
     # --- loss_divergence (critical)
     loss_alpha: float = 0.2
@@ -105,7 +114,7 @@ class DetectorConfig:
     ratio_sustained_steps: int = 2
 
     # --- root cause
-    layer_z: float = 4.0
+    layer_z: float = 3.0
     """A layer's grad norm this many deviations above its own band has broken out (root-cause bookkeeping)."""
 
     # --- incidents
@@ -147,7 +156,7 @@ def new_state() -> dict[str, Any]:
         # grad norm band (log space)
         "g_n": 0, "g_mu": 0.0, "g_dev": 0.0, "g_warm": [],
         # grad growth run: consecutive steps above the band held when the run started
-        "gr_n": 0, "gr_base": 0.0, "gr_dev": 0.0,
+        "gr_n": 0, "gr_base": 0.0, "gr_dev": 0.0, "gw_n": 0,
         # loss: early baseline, smoothed log loss, consecutive divergent steps
         "l_n": 0, "l_first": 0.0, "l_sum": 0.0, "l_start": 0.0, "l_ewm": 0.0, "l_run": 0,
         # update ratio band (log of update norm / weight norm)
@@ -368,11 +377,23 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
                 state["gr_n"] = 1
                 state["gr_base"] = mu
                 state["gr_dev"] = s
+            # network-wide: most layers out of their own bands at once, step after step
+            n_layers = len(state["layers"])
+            if (n_layers >= cfg.growth_layer_min_layers and len(state["out"]) >= cfg.growth_layer_share * n_layers
+                    and x - mu >= _log(cfg.growth_layer_min_factor)):
+                state["gw_n"] += 1
+            else:
+                state["gw_n"] = 0
             if state["gr_n"] >= cfg.growth_steps and x - state["gr_base"] >= _log(cfg.growth_min_factor):
                 base = math.exp(state["gr_base"])
                 events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state, lgn, cfg),
                                     f"grad norm {g:.4g} has grown {g / base:.3g}x over "
                                     f"{state['gr_n']} steps (band {base:.4g})"))
+            elif state["gw_n"] >= cfg.growth_layer_steps:
+                base = math.exp(mu)
+                events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state, lgn, cfg),
+                                    f"{len(state['out'])} of {n_layers} layers above their bands for "
+                                    f"{state['gw_n']} steps; grad norm {g:.4g} is {g / base:.3g}x its band"))
             elif z > cfg.spike_z and x - mu >= _log(cfg.spike_min_factor):
                 base = math.exp(mu)
                 events.append(Event("grad_spike", WARNING, t, float(g), base, _root_cause(state, lgn, cfg),
