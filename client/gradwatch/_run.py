@@ -429,9 +429,14 @@ def _incident_key(incident: dict[str, Any]) -> Any:
     return (signature, opened, incident.get("severity"))
 
 
-def _float(x: Any) -> float:
+def _float(x: Any) -> Any:
+    """A logged value as a float, except a 0-d tensor on an accelerator: that is kept (detached) and read by
+    the sender thread, because reading it here would wait for the device."""
     if type(x) is float:
         return x
+    device = getattr(x, "device", None)
+    if device is not None and getattr(device, "type", "cpu") != "cpu" and getattr(x, "ndim", None) == 0:
+        return x.detach()
     value = to_float(x)
     if value is None:
         raise TypeError("None is not a value")

@@ -13,9 +13,9 @@ from time import monotonic
 from time import time as unix_time
 from typing import Any
 
-from .wire import encode_value
+from .wire import encode_value, to_float
 
-__all__ = ["LAYER_FIELDS", "StepRecord", "encode_step"]
+__all__ = ["LAYER_FIELDS", "StepRecord", "encode_step", "resolve"]
 
 # wire field -> StepRecord attribute holding {layer: value}
 LAYER_FIELDS = {
@@ -67,11 +67,20 @@ class StepRecord:
     def as_detector_input(self) -> dict[str, Any]:
         """The shape `gradwatch.detect.advance` takes."""
         return {
-            "step": self.step, "loss": self.loss, "grad_norm": self.grad_norm, "lr": self.lr,
-            "update_norm": self.update_norm, "layer_grad_norms": dict(self.grad_norms),
+            "step": self.step, "loss": resolve(self.loss), "grad_norm": resolve(self.grad_norm),
+            "lr": resolve(self.lr), "update_norm": resolve(self.update_norm),
+            "layer_grad_norms": dict(self.grad_norms),
             "layer_weight_norms": dict(self.weight_norms), "layer_update_norms": dict(self.update_norms),
             "skipped": bool(self.skipped),
         }
+
+
+def resolve(value: Any) -> float | None:
+    """A stored value as a float. Device tensors are kept as they were logged and read here, in the sender
+    thread, so that `run.log(step, loss=loss)` never makes the training thread wait for the device."""
+    if value is None or type(value) is float:
+        return value
+    return to_float(value)
 
 
 def encode_step(record: StepRecord, layers: list[str]) -> dict[str, Any]:
@@ -80,13 +89,13 @@ def encode_step(record: StepRecord, layers: list[str]) -> dict[str, Any]:
     for name in SCALAR_FIELDS:
         value = getattr(record, name)
         if value is not None:
-            out[name] = encode_value(value)
+            out[name] = encode_value(resolve(value))
     for wire_name, attr in LAYER_FIELDS.items():
         values: dict[str, float | None] = getattr(record, attr)
         if values:
             out[wire_name] = [encode_value(values.get(layer)) for layer in layers]
     if record.scalars:
-        out["scalars"] = {k: encode_value(v) for k, v in record.scalars.items()}
+        out["scalars"] = {k: encode_value(resolve(v)) for k, v in record.scalars.items()}
     if record.skipped is not None:
         out["skipped"] = record.skipped
     return out

@@ -1,0 +1,302 @@
+"""What the gradwatch client costs a training job, side by side with the floor and with wandb.watch.
+
+    python bench/client_overhead.py            # readable table
+    python bench/client_overhead.py --json     # one JSON object (keys below)
+    python bench/client_overhead.py --quick    # fewer repeats, no wandb (CI)
+
+Measured on CPU on a 3.7M-parameter MLP with 50 parameter tensors (25 Linear(384, 384) layers):
+
+- norms_vs_floor: the per-layer gradient norm pass (every tensor's norm plus the total) over the time of
+  `torch.nn.utils.get_total_norm` on the same gradients, the floor for reading every gradient once.
+- step_overhead_pct: a whole training step (forward, backward, clip, AdamW) with watch() + run.log() against
+  the same step bare, both clipping (gradwatch.clip_grad_norm_ vs torch's). Bare and watched blocks alternate
+  and the medians are compared, so drift in the machine affects both alike.
+- log_p99_us_up / _down / _hung: run.log() call latency with the service up (a local HTTP sink in another
+  process), down (connection refused) and hung (a socket that accepts and never answers).
+- wandb_watch_step_overhead_pct: the same step with wandb.watch(model, log="gradients", log_freq=1) in
+  offline mode (null, with the reason printed, where wandb cannot run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gradwatch
+import torch
+from gradwatch._torch import tensor_norms
+
+DIM, LAYERS, BATCH = 384, 25, 256
+
+SINK = r"""
+import http.server, json, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def do_PUT(self): self._ok({"run_id": "x"})
+    def do_POST(self):
+        self._ok({"accepted": 0, "duplicates": 0, "open_incidents": []})
+    def _ok(self, body):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        data = json.dumps(body).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(data))); self.end_headers()
+        self.wfile.write(data)
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"""
+
+
+def build() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for i in range(LAYERS):
+        layers.append(torch.nn.Linear(DIM, DIM))
+        if i < LAYERS - 1:
+            layers.append(torch.nn.ReLU())
+    model = torch.nn.Sequential(*layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    return model, opt, torch.randn(BATCH, DIM, generator=g), torch.randn(BATCH, DIM, generator=g)
+
+
+@contextlib.contextmanager
+def sink_server() -> Iterator[str]:
+    proc = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def hung_server() -> Iterator[str]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)  # connections complete in the kernel's backlog; nothing ever reads or answers
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def timed(fn: Callable[[], Any], n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+# -- 1. the norm pass against the floor ----------------------------------------------------------------------
+def norms_vs_floor(repeats: int) -> dict[str, float]:
+    model, _opt, x, y = build()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    grads = [p.grad for p in model.parameters()]
+
+    def ours() -> None:
+        norms, total = tensor_norms(grads)
+        torch.stack([*norms, total])  # packed for the one-step-late read-back, as watch() does
+
+    def floor() -> None:
+        torch.nn.utils.get_total_norm(grads)
+
+    for fn in (ours, floor):
+        timed(fn, 20)
+    ours_t, floor_t = [], []
+    for _ in range(repeats):
+        ours_t.append(timed(ours, 20))
+        floor_t.append(timed(floor, 20))
+    o, f = statistics.median(ours_t), statistics.median(floor_t)
+    return {"ours_ms": o * 1e3, "floor_ms": f * 1e3, "ratio": o / f}
+
+
+# -- 2. whole-step overhead ----------------------------------------------------------------------------------
+def step_overhead(url: str, blocks: int, block_steps: int, spool: Path, **watch_options: int) -> dict[str, float]:
+    bare_model, bare_opt, x, y = build()
+    model, opt, _, _ = build()
+    run = gradwatch.init(project="bench", name="client_overhead", url=url, spool_dir=spool)
+    gradwatch.watch(model, opt, run, **watch_options)
+    state = {"bare": 0, "watched": 0}
+
+    def bare_step() -> None:
+        bare_opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(bare_model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(bare_model.parameters(), 1.0)
+        bare_opt.step()
+        state["bare"] += 1
+
+    def watched_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        gradwatch.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        run.log(state["watched"], loss=loss)
+        state["watched"] += 1
+
+    timed(bare_step, 3)
+    timed(watched_step, 3)
+    result = paired(bare_step, watched_step, blocks, block_steps)
+    run.finish()
+    return result
+
+
+def paired(bare: Callable[[], Any], other: Callable[[], Any], blocks: int, block_steps: int) -> dict[str, float]:
+    """Alternate blocks of bare and instrumented steps; the overhead is the median of the per-pair ratios, so
+    noise from other processes on the machine (which comes and goes) falls on both sides of a pair."""
+    bare_t, other_t, ratios = [], [], []
+    for i in range(blocks):
+        if i % 2 == 0:
+            b, o = timed(bare, block_steps), timed(other, block_steps)
+        else:
+            o, b = timed(other, block_steps), timed(bare, block_steps)
+        bare_t.append(b)
+        other_t.append(o)
+        ratios.append(o / b)
+    return {"bare_ms": statistics.median(bare_t) * 1e3, "watched_ms": statistics.median(other_t) * 1e3,
+            "overhead_pct": (statistics.median(ratios) - 1) * 100}
+
+
+def wandb_overhead(blocks: int, block_steps: int) -> tuple[dict[str, float] | None, str | None]:
+    try:
+        import wandb
+    except ImportError as exc:
+        return None, f"wandb is not installed ({exc})"
+    bare_model, bare_opt, x, y = build()
+    model, opt, _, _ = build()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            os.environ.setdefault("WANDB_SILENT", "true")
+            wrun = wandb.init(project="gradwatch-bench", mode="offline", dir=tmp)
+            wandb.watch(model, log="gradients", log_freq=1)
+        except Exception as exc:  # noqa: BLE001 - the reason is the result
+            return None, f"wandb could not start offline: {type(exc).__name__}: {exc}"
+
+        def bare_step() -> None:
+            bare_opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.mse_loss(bare_model(x), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(bare_model.parameters(), 1.0)
+            bare_opt.step()
+
+        def wandb_step() -> None:
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            wandb.log({"loss": loss.item()})
+
+        timed(bare_step, 3)
+        timed(wandb_step, 3)
+        result = paired(bare_step, wandb_step, blocks, block_steps)
+        wrun.finish()
+    return result, None
+
+
+# -- 3. log() latency ----------------------------------------------------------------------------------------
+def log_latency(url: str, n: int, spool: Path) -> dict[str, float]:
+    run = gradwatch.init(project="bench", name="log_latency", url=url, spool_dir=spool, flush_timeout=1.0)
+    clock = time.perf_counter_ns
+    for step in range(1000):
+        run.log(step, loss=1.0, grad_norm=2.0, lr=1e-3)
+    samples = []
+    for step in range(1000, 1000 + n):
+        t0 = clock()
+        run.log(step, loss=1.0, grad_norm=2.0, lr=1e-3)
+        samples.append(clock() - t0)
+        # A training step does other work between two logs; 20 us is a very fast one.
+        until = clock() + 20_000
+        while clock() < until:
+            pass
+    t0 = time.perf_counter()
+    run.finish()
+    finish_s = time.perf_counter() - t0
+    samples.sort()
+    return {"p50_us": samples[n // 2] / 1e3, "p99_us": samples[int(n * 0.99)] / 1e3,
+            "max_us": samples[-1] / 1e3, "finish_s": finish_s}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and no wandb (for CI)")
+    args = parser.parse_args()
+    say: Callable[..., None] = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if args.json else print
+    logging_quiet()
+    blocks, block_steps, n_logs = (6, 10, 5_000) if args.quick else (20, 10, 20_000)
+    n_params = sum(p.numel() for p in build()[0].parameters())
+    say(f"model: {n_params / 1e6:.2f}M parameters in {2 * LAYERS} tensors, batch {BATCH}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        spool = Path(tmp)
+        floor = norms_vs_floor(10 if args.quick else 30)
+        say(f"norm pass: per-layer {floor['ours_ms']:.3f} ms vs get_total_norm {floor['floor_ms']:.3f} ms "
+            f"= {floor['ratio']:.2f}x (target <= 1.2x)")
+        with sink_server() as url:
+            default = step_overhead(url, blocks, block_steps, spool)
+            say(f"step: bare {default['bare_ms']:.1f} ms, watch()+log {default['watched_ms']:.1f} ms "
+                f"= {default['overhead_pct']:+.2f}% (defaults: weight/update norms every 10 steps; target <= 1%)")
+            every = step_overhead(url, blocks, block_steps, spool, weight_every=1, update_every=1)
+            say(f"step: bare {every['bare_ms']:.1f} ms, watch()+log {every['watched_ms']:.1f} ms "
+                f"= {every['overhead_pct']:+.2f}% (weight and update norms on every step)")
+            up = log_latency(url, n_logs, spool)
+        down = log_latency(closed_port_url(), n_logs, spool)
+        with hung_server() as url:
+            hung = log_latency(url, n_logs, spool)
+        for name, r in (("up", up), ("down", down), ("hung", hung)):
+            say(f"log() service {name:4}: p50 {r['p50_us']:.1f} us, p99 {r['p99_us']:.1f} us, "
+                f"max {r['max_us']:.0f} us; finish() {r['finish_s']:.2f} s (target p99 <= 50 us)")
+    if args.quick:
+        wandb_result, reason = None, "skipped with --quick"
+    else:
+        wandb_result, reason = wandb_overhead(blocks, block_steps)
+    if wandb_result is None:
+        say(f"wandb.watch(log='gradients', log_freq=1): not measured: {reason}")
+    else:
+        say(f"wandb.watch(log='gradients', log_freq=1), offline: bare {wandb_result['bare_ms']:.1f} ms, "
+            f"watched {wandb_result['watched_ms']:.1f} ms = {wandb_result['overhead_pct']:+.1f}%")
+    if args.json:
+        print(json.dumps({
+            "norms_vs_floor": round(floor["ratio"], 3),
+            "step_overhead_pct": round(default["overhead_pct"], 2),
+            "step_overhead_pct_every_step": round(every["overhead_pct"], 2),
+            "log_p99_us_up": round(up["p99_us"], 1),
+            "log_p99_us_down": round(down["p99_us"], 1),
+            "log_p99_us_hung": round(hung["p99_us"], 1),
+            "wandb_watch_step_overhead_pct": None if wandb_result is None
+            else round(wandb_result["overhead_pct"], 1),
+            "wandb_reason": reason,
+        }))
+    return 0
+
+
+def logging_quiet() -> None:
+    import logging
+
+    logging.getLogger("gradwatch").setLevel(logging.ERROR)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
