@@ -43,7 +43,7 @@ def test_norms_equal_a_reference_and_total_equals_torch_clip(recorder: Recorder,
     model = tiny_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     run = gradwatch.init(url=recorder.url, spool_dir=tmp_path, **FAST)
-    gradwatch.watch(model, opt, run)
+    gradwatch.watch(model, opt, run, weight_every=1, update_every=1)
     reference = {}
     for step in range(6):
         x, y = batch(step)
@@ -111,7 +111,7 @@ def test_nan_gradients_show_up_as_nan(recorder: Recorder, tmp_path: Path) -> Non
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     run = gradwatch.init(url=recorder.url, spool_dir=tmp_path, **FAST)
-    gradwatch.watch(model, opt, run)
+    gradwatch.watch(model, opt, run, weight_every=1)
     x, y = batch(0)
     torch.nn.functional.mse_loss(model(x), y).backward()
     model[0].weight.grad[0, 0] = float("nan")
@@ -146,6 +146,23 @@ def test_amp_skipped_steps_are_recorded_as_skipped(recorder: Recorder, tmp_path:
     assert sorted(stored) == [0, 1, 2, 3]
     assert stored[2]["skipped"] is True and "grad_norm" not in stored[2]
     assert all(stored[i].get("skipped") is not True and "grad_norm" in stored[i] for i in (0, 1, 3))
+
+
+def test_weight_and_update_norms_are_sampled_by_default(recorder: Recorder, tmp_path: Path) -> None:
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = gradwatch.init(url=recorder.url, spool_dir=tmp_path, **FAST)
+    gradwatch.watch(model, opt, run)
+    for step in range(12):
+        x, y = batch(step)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    run.finish()
+    stored = recorder.stored(run.run_id)
+    assert [s for s in range(12) if "layer_update_norms" in stored[s]] == [0, 10]
+    assert [s for s in range(12) if "layer_weight_norms" in stored[s]] == [0, 10]
+    assert all("layer_grad_norms" in stored[s] for s in range(12))
 
 
 def test_watch_on_a_disabled_run_costs_nothing(tmp_path: Path) -> None:
