@@ -210,6 +210,21 @@ def test_loss_divergence_when_the_loss_stays_far_above_its_early_level() -> None
     assert 50 < div[0].step <= 65  # smoothing (~8 steps to cross) + loss_steps (5)
 
 
+def test_loss_giving_back_most_of_its_progress_is_divergence() -> None:
+    """Trained from 2.0 down to 0.2, then back up to 1.2: never above its start, but most progress is gone."""
+    rng = random.Random(5)
+    losses = [2.0 * 0.1 ** min(1.0, t / 100) for t in range(200)] + [1.2] * 60
+    steps = [make_step(t, loss=v * math.exp(rng.gauss(0.0, 0.1))) for t, v in enumerate(losses)]
+    _, events = run(steps)
+    div = [e for e in events if e.signature == "loss_divergence"]
+    assert [e.severity for e in div] == ["critical"]
+    assert 200 < div[0].step < 260
+    assert "given back" in div[0].message
+
+    _, quiet = run(steps[:200])  # the same run without the climb back: nothing
+    assert not [e for e in quiet if e.signature == "loss_divergence"]
+
+
 def test_a_lone_spike_is_a_warning_not_growth() -> None:
     steps = [*noisy_steps(50, sigma=0.1), make_step(50, grad=100.0), *noisy_steps(30, start=51, sigma=0.1)]
     _, events = run(steps)

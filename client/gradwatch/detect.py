@@ -96,7 +96,15 @@ class DetectorConfig:
     loss_factor: float = 3.0
     """The smoothed loss is divergent while above this many times the early baseline ..."""
     loss_steps: int = 5
-    """... for this many consecutive steps."""
+    """... for this many consecutive steps (this also applies to the give-back test below)."""
+    loss_giveback_alpha: float = 0.05
+    """Weight of a new loss in the slow smoothed log loss that tracks progress (about 20 steps of memory)."""
+    loss_giveback_share: float = 0.7
+    """Divergent, too, when the slow smoothed loss has given back this share of the progress it made (in log
+    space, from the early baseline down to its best level) ..."""
+    loss_giveback_min_progress: float = 2.0
+    """... provided the run had improved at least this many times on its early baseline: only real progress can
+    be lost, and a run that never learned much is judged by `loss_factor` alone."""
 
     # --- update_ratio (update norm / weight norm)
     ratio_z: float = 6.0
@@ -159,6 +167,8 @@ def new_state() -> dict[str, Any]:
         "gr_n": 0, "gr_base": 0.0, "gr_dev": 0.0, "gw_n": 0,
         # loss: early baseline, smoothed log loss, consecutive divergent steps
         "l_n": 0, "l_first": 0.0, "l_sum": 0.0, "l_start": 0.0, "l_ewm": 0.0, "l_run": 0,
+        # loss give-back: slow smoothed log loss, its best level, consecutive steps past the share
+        "l_slow": 0.0, "l_best": 0.0, "lb_run": 0,
         # update ratio band (log of update norm / weight norm)
         "r_n": 0, "r_mu": 0.0, "r_dev": 0.0, "r_warm": [], "r_big": 0,
         # per-layer grad norm bands, aligned with "layers"
@@ -407,8 +417,10 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
         if n == 0:
             state["l_first"] = x
             state["l_ewm"] = x
+            state["l_slow"] = x
         else:
             state["l_ewm"] += cfg.loss_alpha * (x - state["l_ewm"])
+            state["l_slow"] += cfg.loss_giveback_alpha * (x - state["l_slow"])
         if n < cfg.loss_start_steps:
             state["l_sum"] += x
             state["l_start"] = min(state["l_first"], state["l_sum"] / (n + 1))
@@ -424,6 +436,25 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
                                     f"{cfg.loss_steps} steps"))
         else:
             state["l_run"] = 0
+        # give-back: the loss climbed most of the way back from its best level to where it started
+        if n >= cfg.warmup_steps:
+            slow = state["l_slow"]
+            best = slow if n == cfg.warmup_steps or slow < state["l_best"] else state["l_best"]
+            state["l_best"] = best
+            progress = state["l_start"] - best
+            if (progress >= _log(cfg.loss_giveback_min_progress)
+                    and slow - best >= cfg.loss_giveback_share * progress):
+                state["lb_run"] += 1
+                if state["lb_run"] == cfg.loss_steps:
+                    level = math.exp(best + cfg.loss_giveback_share * progress)
+                    events.append(Event("loss_divergence", CRITICAL, t, float(loss), level,
+                                        _root_cause(state, lgn, cfg),
+                                        f"smoothed loss {math.exp(slow):.4g} has given back "
+                                        f"{(slow - best) / progress:.0%} of its progress (start "
+                                        f"{math.exp(state['l_start']):.4g}, best {math.exp(best):.4g}) "
+                                        f"for {cfg.loss_steps} steps"))
+            else:
+                state["lb_run"] = 0
 
     # ---- update ratio: how far this step moved the weights, relative to their size
     if u is not None and lwn:
