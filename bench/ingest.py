@@ -141,18 +141,22 @@ def raw_insert(database_url: str, n_clients: int, n_steps: int, batch_size: int)
     return n_clients * n_steps * VALUES_PER_STEP / elapsed
 
 
-def measure(backend: str, n_clients: int, n_steps: int, batch_size: int, workdir: Path,
-            workers: int) -> dict[str, float]:
+def measure(backend: str, n_clients: int, n_steps: int, batch_size: int, workdir: Path, workers: int = 1,
+            env: dict[str, str] | None = None, raw: bool = True) -> dict[str, float]:
+    """End-to-end (and, with raw, the raw insert rate) on a fresh database; env goes to the service."""
     with fresh_database(backend, workdir) as url:
-        server = ServerProcess(url, log_path=workdir / f"server-{backend}.log", args=["--workers", str(workers)])
+        server = ServerProcess(url, log_path=workdir / f"server-{backend}.log", args=["--workers", str(workers)],
+                               env=env)
         server.start()
         try:
             e2e, rss = end_to_end(server.url, n_clients, n_steps, batch_size, server)
         finally:
             server.stop()
+    if not raw:
+        return {"values_per_s": e2e, "service_rss_mb": rss}
     with fresh_database(backend, workdir) as url:
-        raw = raw_insert(url, n_clients, n_steps, batch_size)
-    return {"values_per_s": e2e, "raw_values_per_s": raw, "ratio_to_raw": e2e / raw, "service_rss_mb": rss}
+        raw_rate = raw_insert(url, n_clients, n_steps, batch_size)
+    return {"values_per_s": e2e, "raw_values_per_s": raw_rate, "ratio_to_raw": e2e / raw_rate, "service_rss_mb": rss}
 
 
 def main() -> int:
@@ -163,7 +167,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1000, help="steps per batch")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--backends", default="sqlite,postgres")
-    ap.add_argument("--workers", type=int, default=2, help="service worker processes (one per core here)")
+    ap.add_argument("--workers", type=int, default=1, help="service worker processes")
     args = ap.parse_args()
     n_steps = args.steps or (2000 if args.quick else 25000)
     figures: dict[str, Any] = {}

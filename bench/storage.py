@@ -63,8 +63,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="10,000 steps instead of 100,000")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--backends", default="sqlite,postgres")
+    ap.add_argument("--steps", type=int, help="steps to store (default 100,000; quick 10,000)")
     args = ap.parse_args()
-    n_steps = 10_000 if args.quick else 100_000
+    n_steps = args.steps or (10_000 if args.quick else 100_000)
     figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="gradwatch-storage-") as tmp:
         for backend in args.backends.split(","):

@@ -1,0 +1,46 @@
+"""The benchmarks keep working: each runs in --quick mode and prints the JSON keys its issue names.
+
+No timing is asserted here (timings belong in docs/benchmarks.md); only that every figure is there and sane.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import require_postgres
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _run(script: str, *args: str) -> dict[str, float]:
+    done = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--json", *args], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+@pytest.mark.slow
+def test_ingest_benchmark_reports_its_figures() -> None:
+    require_postgres()
+    figures = _run("ingest.py", "--steps", "500")
+    keys = {"sqlite_values_per_s", "sqlite_raw_values_per_s", "sqlite_ratio_to_raw", "postgres_values_per_s",
+            "postgres_raw_values_per_s", "postgres_ratio_to_raw", "service_rss_mb"}
+    assert keys <= set(figures)
+    assert all(figures[k] > 0 for k in keys)
+    assert figures["sqlite_ratio_to_raw"] == pytest.approx(
+        figures["sqlite_values_per_s"] / figures["sqlite_raw_values_per_s"], rel=0.01)
+
+
+@pytest.mark.slow
+def test_storage_benchmark_reports_bytes_per_value() -> None:
+    require_postgres()
+    figures = _run("storage.py", "--steps", "2000")
+    assert set(figures) == {"sqlite_bytes_per_value", "postgres_bytes_per_value"}
+    # a float64 per value is the floor; the row and page overhead must stay modest
+    assert 8.0 < figures["sqlite_bytes_per_value"] < 16.0
+    assert 8.0 < figures["postgres_bytes_per_value"] < 24.0
