@@ -33,7 +33,7 @@ EXAMPLES: dict[str, tuple[str, int | None, str]] = {
     "nonfinite": ("dev-072-cnn", None, "grad norm overflows to inf after a 2-step blow-up"),
     "grad_spike": ("dev-049-transformer", None, "a healthy run: one spike far above its band is a warning, not a page"),
     "grad_growth": ("dev-119-lstm", 300, "grad norm leaves its band and keeps climbing, 21 steps before divergence"),
-    "loss_divergence": ("dev-028-rnn", 340, "unstable RNN whose smoothed loss settles far above its start"),
+    "loss_divergence": ("dev-083-cnn", 260, "trained to near zero, then gives most of it back, 86 steps ahead"),
     "update_ratio": ("dev-059-transformer", 40, "first Adam step 11.5x the weights: critical at step 0"),
 }
 COLOURS = {"critical": "#d62728", "warning": "#ff7f0e"}
@@ -43,8 +43,8 @@ def replay_with_bands(steps: list[dict[str, Any]], cfg: DetectorConfig) -> dict[
     """Per step: the measurements, the bands the detectors judged them against, and the incidents opened."""
     state = new_state()
     incidents = new_incident_state()
-    rows: dict[str, list[Any]] = {k: [] for k in ("step", "loss", "loss_limit", "grad", "g_mu", "g_hi",
-                                                   "ratio", "r_mu", "r_hi")}
+    rows: dict[str, list[Any]] = {k: [] for k in ("step", "loss", "loss_slow", "loss_limit", "giveback", "grad", "g_mu",
+                                                   "g_hi", "ratio", "r_mu", "r_hi")}
     opened: list[tuple[int, str, str]] = []
     for step in steps:
         g_ready = state["g_n"] >= cfg.warmup_steps
@@ -59,8 +59,13 @@ def replay_with_bands(steps: list[dict[str, Any]], cfg: DetectorConfig) -> dict[
         u = step.get("update_norm")
         rows["step"].append(step["step"])
         rows["loss"].append(_positive(step.get("loss")))
+        rows["loss_slow"].append(math.exp(state["l_slow"]) if state["l_n"] else math.nan)
         rows["loss_limit"].append(math.exp(state["l_start"]) * cfg.loss_factor
                                   if state["l_n"] > cfg.loss_start_steps else math.nan)
+        progress = state["l_start"] - state["l_best"]
+        rows["giveback"].append(math.exp(state["l_best"] + cfg.loss_giveback_share * progress)
+                                if state["l_n"] > cfg.warmup_steps
+                                and progress >= math.log(cfg.loss_giveback_min_progress) else math.nan)
         rows["grad"].append(_positive(step.get("grad_norm")))
         rows["g_mu"].append(math.exp(g_mu) if g_ready else math.nan)
         rows["g_hi"].append(math.exp(g_mu + cfg.spike_z * g_dev) if g_ready else math.nan)
@@ -81,9 +86,12 @@ def draw(signature: str, run_id: str, rows: dict[str, list[Any]], header: dict[s
     fig, axes = plt.subplots(3, 1, figsize=(8.0, 6.4), sharex=True)
     x = rows["step"]
     ax = axes[0]
-    ax.semilogy(x, rows["loss"], color="#1f77b4", lw=0.8, label="loss")
+    ax.semilogy(x, rows["loss"], color="#1f77b4", lw=0.6, alpha=0.6, label="loss")
+    ax.semilogy(x, rows["loss_slow"], color="#17becf", lw=1.0, label="slow average")
     ax.semilogy(x, rows["loss_limit"], color="#555555", lw=0.8, ls=":",
                 label=f"loss_divergence limit ({cfg.loss_factor:g}x early level)")
+    ax.semilogy(x, rows["giveback"], color="#8c564b", lw=0.8, ls="--",
+                label=f"give-back level ({cfg.loss_giveback_share:.0%} of progress lost; slow average)")
     ax = axes[1]
     ax.semilogy(x, rows["grad"], color="#9467bd", lw=0.8, label="grad norm")
     ax.semilogy(x, rows["g_mu"], color="#555555", lw=0.8, label="band mean")
