@@ -128,6 +128,17 @@ def test_state_stays_json_safe_through_nonfinite_and_zero_values() -> None:
     json.dumps(state, allow_nan=False)
 
 
+def test_a_state_from_an_older_version_is_completed_not_rejected() -> None:
+    state, _ = run(noisy_steps(30))
+    old = {k: v for k, v in state.items() if not k.startswith("l")}  # as if the loss detectors were new
+    old["v"] = 0
+    state, events = advance(old, make_step(30), DetectorConfig())
+    assert events == []
+    assert state["v"] == new_state()["v"]
+    assert set(state) == set(new_state())
+    assert state["g_n"] == 31
+
+
 def test_skipped_steps_do_not_alert_and_teach_nothing() -> None:
     steps = noisy_steps(40)
     state, _ = run(steps)

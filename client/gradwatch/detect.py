@@ -163,7 +163,8 @@ def new_state() -> dict[str, Any]:
         "last_step": None,
         # grad norm band (log space)
         "g_n": 0, "g_mu": 0.0, "g_dev": 0.0, "g_warm": [],
-        # grad growth run: consecutive steps above the band held when the run started
+        # grad growth: consecutive steps above the band held when the climb started (gr_*), and
+        # consecutive steps with most layers out of their bands (gw_n)
         "gr_n": 0, "gr_base": 0.0, "gr_dev": 0.0, "gw_n": 0,
         # loss: early baseline, smoothed log loss, consecutive divergent steps
         "l_n": 0, "l_first": 0.0, "l_sum": 0.0, "l_start": 0.0, "l_ewm": 0.0, "l_run": 0,
@@ -176,6 +177,17 @@ def new_state() -> dict[str, Any]:
         # layers now above their band: name -> first step out (the root-cause candidates)
         "out": {},
     }
+
+
+def _upgraded(state: dict[str, Any]) -> dict[str, Any]:
+    """A state stored by another version of this module, with whatever it lacks taken from a fresh state.
+
+    The service keeps states in its database across upgrades; a new detector starts from scratch only on the
+    parts it did not have before.
+    """
+    fresh = new_state()
+    fresh.update({k: v for k, v in state.items() if k in fresh and k != "v"})
+    return fresh
 
 
 _GRAD_BAND = ("g_n", "g_mu", "g_dev", "g_warm")
@@ -331,6 +343,8 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
     alerts nor teaches the bands anything: the scaler already handled it.
     """
     cfg = config if config is not None else _DEFAULT
+    if state.get("v") != STATE_VERSION:
+        state = _upgraded(state)
     t = int(step["step"])
     state["steps"] += 1
     state["last_step"] = t
