@@ -39,8 +39,17 @@ class RunUpsert(WireModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"project": "vision", "name": "resnet50-lr0.4", "config": {"lr": 0.4},
-                                         "status": "running", "layers": ["conv1.weight", "fc.weight"]}]},
+        json_schema_extra={
+            "examples": [
+                {
+                    "project": "vision",
+                    "name": "resnet50-lr0.4",
+                    "config": {"lr": 0.4},
+                    "status": "running",
+                    "layers": ["conv1.weight", "fc.weight"],
+                }
+            ]
+        },
     )
 
 
@@ -57,10 +66,32 @@ class RunPublic(WireModel):
     created_at: datetime
     updated_at: datetime
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "run_id": "resnet50-7f3a",
+                    "project": "vision",
+                    "name": "resnet50-lr0.4",
+                    "status": "running",
+                    "config": {"lr": 0.4},
+                    "meta": None,
+                    "layers": ["conv1.weight", "fc.weight"],
+                    "last_step": 1999,
+                    "n_steps": 2000,
+                    "created_at": "2026-11-26T10:00:00Z",
+                    "updated_at": "2026-11-26T10:20:00Z",
+                }
+            ]
+        }
+    )
+
 
 class RunsPublic(WireModel):
     runs: list[RunPublic]
     count: int
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"runs": [], "count": 0}]})
 
 
 def _finite_time(t: float | None) -> float | None:
@@ -93,15 +124,26 @@ class StepBatch(WireModel):
     model_config = ConfigDict(
         extra="forbid",
         ser_json_inf_nan="strings",
-        json_schema_extra={"examples": [{
-            "batch_id": "3f1c9a",
-            "layers": ["fc1.weight", "fc2.weight"],
-            "steps": [
-                {"step": 0, "loss": 2.31, "grad_norm": 14.2, "lr": 0.001, "update_norm": 0.013,
-                 "layer_grad_norms": [14.1, 0.9], "layer_weight_norms": [8.0, 0.2]},
-                {"step": 1, "loss": "NaN", "grad_norm": "Infinity", "layer_grad_norms": ["Infinity", 0.8]},
-            ],
-        }]},
+        json_schema_extra={
+            "examples": [
+                {
+                    "batch_id": "3f1c9a",
+                    "layers": ["fc1.weight", "fc2.weight"],
+                    "steps": [
+                        {
+                            "step": 0,
+                            "loss": 2.31,
+                            "grad_norm": 14.2,
+                            "lr": 0.001,
+                            "update_norm": 0.013,
+                            "layer_grad_norms": [14.1, 0.9],
+                            "layer_weight_norms": [8.0, 0.2],
+                        },
+                        {"step": 1, "loss": "NaN", "grad_norm": "Infinity", "layer_grad_norms": ["Infinity", 0.8]},
+                    ],
+                }
+            ]
+        },
     )
 
 
@@ -127,10 +169,39 @@ class Incident(WireModel):
     updated_at: datetime
     resolved_at: datetime | None
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "resnet50-7f3a#1",
+                    "run_id": "resnet50-7f3a",
+                    "project": "vision",
+                    "seq": 1,
+                    "signature": "grad_growth",
+                    "severity": "critical",
+                    "status": "open",
+                    "opened_step": 1840,
+                    "last_step": 1851,
+                    "resolved_step": None,
+                    "layer": "layer4.2.conv3.weight",
+                    "value": 412.5,
+                    "baseline": 3.1,
+                    "message": "grad norm grew 130x over 12 steps",
+                    "evidence": {"opened": {"step": 1840}},
+                    "opened_at": "2026-11-26T10:18:00Z",
+                    "updated_at": "2026-11-26T10:18:30Z",
+                    "resolved_at": None,
+                }
+            ]
+        }
+    )
+
 
 class IncidentsPublic(WireModel):
     incidents: list[Incident]
     count: int
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"incidents": [], "count": 0}]})
 
 
 class IngestResult(WireModel):
@@ -139,6 +210,14 @@ class IngestResult(WireModel):
     duplicates: int = Field(description="steps already stored with identical values (resends)")
     last_step: int | None = Field(description="highest step stored for the run")
     open_incidents: list[Incident] = Field(default_factory=list)
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"run_id": "resnet50-7f3a", "accepted": 998, "duplicates": 2, "last_step": 1999, "open_incidents": []}
+            ]
+        }
+    )
 
 
 class StepOut(WireModel):
@@ -161,9 +240,43 @@ class StepsPublic(WireModel):
     layers: list[str]
     steps: list[StepOut]
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "run_id": "r1",
+                    "layers": ["fc1.weight"],
+                    "steps": [
+                        {
+                            "step": 0,
+                            "time": 1764151200.0,
+                            "loss": "NaN",
+                            "grad_norm": "Infinity",
+                            "lr": 0.001,
+                            "update_norm": None,
+                            "layer_grad_norms": ["Infinity"],
+                            "layer_weight_norms": [8.0],
+                            "layer_update_norms": None,
+                            "scalars": None,
+                            "skipped": False,
+                            "late": False,
+                        }
+                    ],
+                }
+            ]
+        }
+    )
 
-SERIES_FIELDS = ("loss", "grad_norm", "lr", "update_norm", "layer_grad_norms", "layer_weight_norms",
-                 "layer_update_norms")
+
+SERIES_FIELDS = (
+    "loss",
+    "grad_norm",
+    "lr",
+    "update_norm",
+    "layer_grad_norms",
+    "layer_weight_norms",
+    "layer_update_norms",
+)
 
 
 class Series(WireModel):
@@ -179,3 +292,24 @@ class SeriesPublic(WireModel):
     end: int | None
     max_points: int | None
     series: list[Series]
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "run_id": "r1",
+                    "start": 0,
+                    "end": 999,
+                    "max_points": 4,
+                    "series": [
+                        {
+                            "field": "grad_norm",
+                            "layer": None,
+                            "steps": [3, 410, 512, 999],
+                            "values": [0.8, 2900.0, 0.7, "NaN"],
+                        }
+                    ],
+                }
+            ]
+        }
+    )

@@ -20,7 +20,8 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="The database is reachable and its schema current",
-            responses={503: {"description": "not ready", "content": {"application/json": {
+            responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}},
+                       503: {"description": "not ready", "content": {"application/json": {
                 "example": {"status": "unavailable", "detail": "database unreachable: ..."}}}}})
 async def readyz(engine: EngineDep) -> JSONResponse:
     def check() -> str | None:
