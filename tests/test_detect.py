@@ -139,6 +139,30 @@ def test_a_state_from_an_older_version_is_completed_not_rejected() -> None:
     assert state["g_n"] == 31
 
 
+def test_garbage_in_never_breaks_the_state() -> None:
+    """Random mixes of None, 0, negatives, NaN, inf, vanishing and changing layers, skipped steps."""
+    rng = random.Random(11)
+    odd = [None, 0.0, -1.0, math.nan, math.inf, -math.inf, 5e-324, 1e-300, 1e300, 1.7e308]
+
+    def value() -> float | None:
+        return rng.choice(odd) if rng.random() < 0.1 else math.exp(rng.gauss(0.0, 2.0))
+
+    state = new_state()
+    for t in range(2000):
+        names = rng.sample(LAYERS, rng.randint(0, len(LAYERS)))
+        step: dict[str, object] = {"step": t, "loss": value(), "grad_norm": value(), "update_norm": value(),
+                                   "lr": 0.1, "skipped": rng.random() < 0.05}
+        if names:
+            step["layer_grad_norms"] = {n: value() for n in names}
+            step["layer_weight_norms"] = {n: value() for n in names}
+        if rng.random() < 0.3 and names:
+            step["layer_update_norms"] = {n: value() for n in names}
+        state, events = advance(state, step, DetectorConfig())
+        for e in events:
+            json.dumps(e.to_dict(), allow_nan=False)
+        state = json.loads(json.dumps(state, allow_nan=False))
+
+
 def test_skipped_steps_do_not_alert_and_teach_nothing() -> None:
     steps = noisy_steps(40)
     state, _ = run(steps)

@@ -476,8 +476,8 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
             w = math.hypot(*lwn.values())
         except TypeError:  # a None among the values
             w = math.hypot(*[v for v in lwn.values() if v is not None])
-        if w > 0.0 and u > 0.0:
-            ratio = u / w
+        ratio = u / w if 0.0 < w < math.inf else 0.0
+        if 0.0 < ratio < math.inf:  # a quotient of finite norms can still underflow or overflow
             x = _log(ratio)
             n = state["r_n"]
             mu = state["r_mu"]
