@@ -46,18 +46,21 @@ def batches(steps: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]
     return [steps[i: i + size] for i in range(0, len(steps), size)]
 
 
-def client(url: str, run_id: str, n_steps: int, batch_size: int, seed: int, start: Any, done: Any) -> None:
+def client(url: str, run_id: str, n_steps: int, batch_size: int, seed: int, start: Any, done: Any,
+           use_gzip: bool = True) -> None:
     host, port = url.removeprefix("http://").split(":")
-    bodies = [gzip.compress(json.dumps({"batch_id": f"{run_id}-{k}", "steps": b}).encode(), 1)
+    bodies = [json.dumps({"batch_id": f"{run_id}-{k}", "steps": b}).encode()
               for k, b in enumerate(batches(make_steps(n_steps, seed), batch_size))]
+    if use_gzip:
+        bodies = [gzip.compress(body, 1) for body in bodies]
+    headers = {"content-type": "application/json", **({"content-encoding": "gzip"} if use_gzip else {})}
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
     conn.request("PUT", f"/v1/runs/{run_id}", json.dumps({"project": "bench", "layers": LAYERS}),
                  {"content-type": "application/json"})
     assert conn.getresponse().read() and True
     start.wait()
     for body in bodies:
-        conn.request("POST", f"/v1/runs/{run_id}/steps", body,
-                     {"content-type": "application/json", "content-encoding": "gzip"})
+        conn.request("POST", f"/v1/runs/{run_id}/steps", body, headers)
         r = conn.getresponse()
         payload = r.read()
         if r.status != 200:
@@ -66,10 +69,11 @@ def client(url: str, run_id: str, n_steps: int, batch_size: int, seed: int, star
     done.put(time.perf_counter())
 
 
-def end_to_end(url: str, n_clients: int, n_steps: int, batch_size: int, server: ServerProcess) -> tuple[float, float]:
+def end_to_end(url: str, n_clients: int, n_steps: int, batch_size: int, server: ServerProcess,
+               use_gzip: bool = True) -> tuple[float, float]:
     ctx = mp.get_context("spawn")
     start, done = ctx.Barrier(n_clients + 1), ctx.Queue()
-    procs = [ctx.Process(target=client, args=(url, f"bench-{k}", n_steps, batch_size, k, start, done))
+    procs = [ctx.Process(target=client, args=(url, f"bench-{k}", n_steps, batch_size, k, start, done, use_gzip))
              for k in range(n_clients)]
     for p in procs:
         p.start()
@@ -142,14 +146,14 @@ def raw_insert(database_url: str, n_clients: int, n_steps: int, batch_size: int)
 
 
 def measure(backend: str, n_clients: int, n_steps: int, batch_size: int, workdir: Path, workers: int = 1,
-            env: dict[str, str] | None = None, raw: bool = True) -> dict[str, float]:
+            env: dict[str, str] | None = None, raw: bool = True, use_gzip: bool = True) -> dict[str, float]:
     """End-to-end (and, with raw, the raw insert rate) on a fresh database; env goes to the service."""
     with fresh_database(backend, workdir) as url:
         server = ServerProcess(url, log_path=workdir / f"server-{backend}.log", args=["--workers", str(workers)],
                                env=env)
         server.start()
         try:
-            e2e, rss = end_to_end(server.url, n_clients, n_steps, batch_size, server)
+            e2e, rss = end_to_end(server.url, n_clients, n_steps, batch_size, server, use_gzip)
         finally:
             server.stop()
     if not raw:
@@ -167,6 +171,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1000, help="steps per batch")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--backends", default="sqlite,postgres")
+    ap.add_argument("--no-gzip", action="store_true", help="send plain JSON (the client gzips by default)")
     ap.add_argument("--workers", type=int, default=1, help="service worker processes")
     args = ap.parse_args()
     n_steps = args.steps or (2000 if args.quick else 25000)
@@ -174,7 +179,8 @@ def main() -> int:
     rss = 0.0
     with tempfile.TemporaryDirectory(prefix="gradwatch-bench-") as tmp:
         for backend in args.backends.split(","):
-            m = measure(backend, args.clients, n_steps, args.batch, Path(tmp), args.workers)
+            m = measure(backend, args.clients, n_steps, args.batch, Path(tmp), args.workers,
+                        use_gzip=not args.no_gzip)
             name = "postgres" if backend.startswith("postgres") else "sqlite"
             figures[f"{name}_values_per_s"] = round(m["values_per_s"])
             figures[f"{name}_raw_values_per_s"] = round(m["raw_values_per_s"])

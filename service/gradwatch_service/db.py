@@ -7,6 +7,8 @@ survives power loss), foreign keys on, and write transactions that take the writ
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +23,38 @@ from .settings import Settings
 
 __all__ = ["make_engine", "write_transaction", "read_connection", "is_sqlite", "now_utc"]
 
-_SQLITE_WRITE_LOCKS: dict[int, threading.Lock] = {}
+_SQLITE_WRITE_LOCKS: dict[int, _WriterLock] = {}
+
+
+class _WriterLock:
+    """Queues SQLite writers: a thread lock within the process, an flock on `<db>.lock` across processes.
+
+    SQLite's own busy handler polls with growing sleeps (up to 100 ms), which wastes the database's time when
+    several service workers write; a blocking flock hands the lock over the moment it is released.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self._thread_lock = threading.Lock()
+        self._path = f"{path}.lock" if path else None
+        self._fd: int | None = None
+
+    def __enter__(self) -> None:
+        self._thread_lock.acquire()
+        if self._path is not None:
+            try:
+                if self._fd is None:
+                    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            except BaseException:
+                self._thread_lock.release()
+                raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
 
 
 def now_utc() -> datetime:
@@ -40,7 +73,8 @@ def make_engine(url: str, settings: Settings | None = None) -> Engine:
             Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(u, connect_args={"check_same_thread": False, "timeout": 30})
         _configure_sqlite(engine, settings.sqlite_synchronous)
-        _SQLITE_WRITE_LOCKS[id(engine)] = threading.Lock()
+        memory = not u.database or u.database == ":memory:"
+        _SQLITE_WRITE_LOCKS[id(engine)] = _WriterLock(None if memory else str(Path(u.database).expanduser()))
         return engine
     if u.get_backend_name() == "postgresql":
         return create_engine(u, pool_size=settings.db_pool_size, max_overflow=settings.db_pool_size,
