@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = ROOT / ".gradwatch"
+DATA_DIR = Path(os.environ.get("GRADWATCH_DEMO_DIR", ROOT / ".gradwatch"))
 
 
 def get(url: str) -> Any:
