@@ -555,8 +555,10 @@ def track_incidents(incident_state: dict[str, Any], events: list[Event], step: i
     JSON-safe dicts: signature, severity, opened_at, last_seen, layer, value, baseline, message
     (+ resolved_at once resolved).
     """
-    cfg = config if config is not None else _DEFAULT
     open_ = incident_state["open"]
+    if not events and not open_:  # the common case: a quiet step with nothing open
+        return incident_state, [], []
+    cfg = config if config is not None else _DEFAULT
     opened: list[dict[str, Any]] = []
     resolved: list[dict[str, Any]] = []
     for ev in events:
