@@ -125,3 +125,15 @@ def test_set_overrides_one_setting_and_rejects_unknown_ones(tmp_path: Path) -> N
     trace = tmp_path / "t.jsonl"
     write_trace(trace, "t", synthetic_steps(5))
     assert cli.main(["replay", str(trace), "--set", "bogus=1"]) == 2
+
+
+def test_every_event_writes_each_step_that_fires_not_only_openings(tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    steps = synthetic_steps(30)[:-1]
+    steps += [{"step": t, "loss": "Infinity", "grad_norm": 1.0} for t in (30, 31, 32)]
+    write_trace(trace, "t", steps)
+    openings = replay(trace, tmp_path / "a.jsonl")
+    assert cli.main(["replay", str(trace), "--every-event", "--out", str(tmp_path / "e.jsonl")]) == 0
+    events = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert [(a["step"], a["signature"]) for a in openings] == [(30, "nonfinite")]
+    assert [(e["step"], e["signature"]) for e in events] == [(30, "nonfinite"), (31, "nonfinite"), (32, "nonfinite")]
