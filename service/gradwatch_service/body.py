@@ -7,18 +7,22 @@ memory and gets a 413, never an out-of-memory kill.
 from __future__ import annotations
 
 import zlib
+from types import ModuleType
 from typing import TypeVar
-
-try:  # Intel ISA-L inflates about twice as fast as zlib: ingest is mostly inflate, parse, insert
-    from isal import isal_zlib as _zlib
-except ImportError:  # pragma: no cover - optional speed-up
-    _zlib = zlib  # type: ignore[no-redef]
 
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 __all__ = ["read_body", "parse_body"]
+
+_zlib: ModuleType
+try:  # Intel ISA-L inflates about twice as fast as zlib: ingest is mostly inflate, parse, insert
+    from isal import isal_zlib as _zlib
+except ImportError:  # pragma: no cover - optional speed-up
+    _zlib = zlib
+_INFLATE_ERRORS: tuple[type[Exception], ...] = (zlib.error, _zlib.error)
+
 
 M = TypeVar("M", bound=BaseModel)
 _JSON_TYPES = ("application/json", "application/x-ndjson")
@@ -52,7 +56,7 @@ def gunzip_capped(data: bytes, max_bytes: int) -> bytes:
         if len(out) > max_bytes or inflater.unconsumed_tail:
             raise HTTPException(413, f"decompressed request body is over the {max_bytes}-byte limit")
         out += inflater.flush()
-    except (zlib.error, _zlib.error) as exc:
+    except _INFLATE_ERRORS as exc:
         raise HTTPException(400, f"Content-Encoding is gzip but the body is not valid gzip: {exc}") from exc
     if len(out) > max_bytes:
         raise HTTPException(413, f"decompressed request body is over the {max_bytes}-byte limit")

@@ -32,9 +32,10 @@ _LITTLE = array("d").itemsize == 8 and struct.pack("=d", 1.0) == struct.pack("<d
 
 def pack_floats(values: Sequence[float | None]) -> bytes:
     """A list of floats (None = not measured) as a float64 blob."""
+    a: array[float]
     try:
-        a = array("d", values)
-    except TypeError:  # some layer not measured: the rare path
+        a = array("d", values)  # type: ignore[arg-type]  # a None raises TypeError: the rare path below
+    except TypeError:  # some layer not measured
         a = array("d", [_MISSING if v is None else v for v in values])
     if not _LITTLE:
         a.byteswap()
@@ -47,7 +48,7 @@ def unpack_floats(blob: bytes) -> list[float | None]:
     a.frombytes(blob)
     if not _LITTLE:
         a.byteswap()
-    out: list[float | None] = a.tolist()
+    out: list[float | None] = list(a.tolist())
     if _MISSING_BYTES in blob:
         for i in range(len(out)):
             if blob[8 * i: 8 * i + 8] == _MISSING_BYTES:

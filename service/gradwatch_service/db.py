@@ -73,8 +73,8 @@ def make_engine(url: str, settings: Settings | None = None) -> Engine:
             Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(u, connect_args={"check_same_thread": False, "timeout": 30})
         _configure_sqlite(engine, settings.sqlite_synchronous)
-        memory = not u.database or u.database == ":memory:"
-        _SQLITE_WRITE_LOCKS[id(engine)] = _WriterLock(None if memory else str(Path(u.database).expanduser()))
+        on_disk = u.database if u.database and u.database != ":memory:" else None
+        _SQLITE_WRITE_LOCKS[id(engine)] = _WriterLock(None if on_disk is None else str(Path(on_disk).expanduser()))
         return engine
     if u.get_backend_name() == "postgresql":
         return create_engine(u, pool_size=settings.db_pool_size, max_overflow=settings.db_pool_size,

@@ -211,7 +211,10 @@ def _rows_for(new_steps: Sequence[StepIn], run_pk: int, n_layers_batch: int | No
             arrays[k] = pack(values) if pack is not None else values
         scalars = s.scalars
         flags = (FLAG_SKIPPED if s.skipped else 0) | (FLAG_LATE if late and s.step in late else 0)
-        loss, grad_norm, lr, update_norm = s.loss, s.grad_norm, s.lr, s.update_norm
+        loss: float | str | None = s.loss
+        grad_norm: float | str | None = s.grad_norm
+        lr: float | str | None = s.lr
+        update_norm: float | str | None = s.update_norm
         if sqlite:  # SQLite would store a NaN parameter as NULL; see codec
             loss = loss if loss == loss else "NaN"
             grad_norm = grad_norm if grad_norm == grad_norm else "NaN"
