@@ -233,6 +233,20 @@ def test_one_bold_first_step_is_not_critical_but_two_in_a_row_are() -> None:
     assert [(e.signature, e.severity, e.step) for e in events] == [("update_ratio", "critical", 1)]
 
 
+def test_a_plain_gradient_first_step_of_half_the_weights_is_critical() -> None:
+    # make_step: lr 0.1, grad norm 1.0 and weights 10.0; an update of 6.0 is larger than lr x grad, so
+    # it is not a plain gradient step (Adam-like) and 0.6x the weights is survivable
+    _, events = run([make_step(0, update=6.0)])
+    assert not [e for e in events if e.severity == "critical"]
+    # the same relative size from a plain step: lr x grad = 0.1 x 60 = 6.0
+    _, events = run([make_step(0, grad=60.0, update=6.0)])
+    assert [(e.signature, e.severity, e.baseline) for e in events] == [
+        ("update_ratio", "critical", DetectorConfig().ratio_gradient_step)]
+    # only the first update is read this way
+    _, events = run([make_step(0), make_step(1, grad=60.0, update=6.0)])
+    assert not [e for e in events if e.severity == "critical"]
+
+
 def test_loss_divergence_when_the_loss_stays_far_above_its_early_level() -> None:
     rng = random.Random(1)
     steps = noisy_steps(50, seed=1)

@@ -45,6 +45,7 @@ STATE_VERSION = 1
 
 _log = math.log
 _isfinite = math.isfinite
+_PLAIN_STEP_TOLERANCE = 1.05  # weight decay adds a little to a plain gradient step
 _TINY = 1e-300  # norms of exactly 0 (a dead layer) are floored here before taking the log
 
 
@@ -120,6 +121,14 @@ class DetectorConfig:
     norm come `ratio_sustained_steps` times in a row: one step that outgrows the weights can be a bold start,
     consecutive ones are the weights running away."""
     ratio_sustained_steps: int = 2
+    ratio_gradient_step: float = 0.5
+    """Critical, too, when the run's first update is a plain gradient step that moves the weights by this share
+    of their norm. The first update is a plain gradient step when it is no larger than lr x grad norm: SGD's
+    always is (momentum buffers start empty; clipping only shrinks it), Adam's is lr per coordinate whatever
+    the gradient. A plain step that big means the learning rate is past what the loss surface allows, and
+    the next gradient, and step, will be bigger still; Adam's normalised steps cannot compound like that,
+    which is why a bold first Adam step is often survived. Later steps are not judged this way: momentum
+    and optimizer state blur what "plain" means."""
 
     # --- root cause
     layer_z: float = 3.0
@@ -489,7 +498,15 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
                                     f"{state['r_big']} updates in a row at least {cfg.ratio_sustained:g}x the "
                                     f"weight norm (now {ratio:.3g}x)"))
             elif n < cfg.warmup_steps:
-                if ratio >= cfg.ratio_critical:
+                lr = step.get("lr")
+                plain = (n == 0 and lr is not None and g is not None and lr > 0.0 and g > 0.0
+                         and u <= _PLAIN_STEP_TOLERANCE * lr * g)
+                if plain and ratio >= cfg.ratio_gradient_step:
+                    events.append(Event("update_ratio", CRITICAL, t, ratio, cfg.ratio_gradient_step,
+                                        _ratio_cause(state, lun, lwn, lgn, cfg),
+                                        f"the first update, a plain gradient step (lr x gradient), moved the "
+                                        f"weights by {ratio:.3g}x their norm (limit {cfg.ratio_gradient_step:g}x)"))
+                elif ratio >= cfg.ratio_critical:
                     events.append(Event("update_ratio", CRITICAL, t, ratio, cfg.ratio_critical,
                                         _ratio_cause(state, lun, lwn, lgn, cfg),
                                         f"update norm is {ratio:.3g}x the weight norm at step {t}, "
