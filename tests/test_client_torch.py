@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -153,16 +154,16 @@ def test_weight_and_update_norms_are_sampled_by_default(recorder: Recorder, tmp_
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     run = gradwatch.init(url=recorder.url, spool_dir=tmp_path, **FAST)
     gradwatch.watch(model, opt, run)
-    for step in range(12):
+    for step in range(22):
         x, y = batch(step)
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
     run.finish()
     stored = recorder.stored(run.run_id)
-    assert [s for s in range(12) if "layer_update_norms" in stored[s]] == [0, 10]
-    assert [s for s in range(12) if "layer_weight_norms" in stored[s]] == [0, 10]
-    assert all("layer_grad_norms" in stored[s] for s in range(12))
+    assert [s for s in range(22) if "layer_update_norms" in stored[s]] == [0, 20]
+    assert [s for s in range(22) if "layer_weight_norms" in stored[s]] == [0, 20]
+    assert all("layer_grad_norms" in stored[s] for s in range(22))
 
 
 def test_watch_on_a_disabled_run_costs_nothing(tmp_path: Path) -> None:
@@ -171,3 +172,47 @@ def test_watch_on_a_disabled_run_costs_nothing(tmp_path: Path) -> None:
     run = gradwatch.Run("r", gradwatch.Options(spool_dir=tmp_path), {}, enabled=False)
     w = gradwatch.watch(model, opt, run)
     assert w._handles == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_watch_on_cuda_matches_reference_without_syncing(recorder: Recorder, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    run = gradwatch.init(url=recorder.url, spool_dir=tmp_path, **FAST)
+    gradwatch.watch(model, opt, run, weight_every=1, update_every=1)
+    expected = {}
+    for step in range(5):
+        x = torch.randn(32, 64, device="cuda")
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        if step == 4:
+            model[2].bias.grad[0] = float("nan")
+        expected[step] = {n: torch.linalg.vector_norm(p.grad).item() for n, p in model.named_parameters()}
+        torch.cuda.synchronize()
+        with warnings.catch_warnings():  # "a prototype feature" UserWarning
+            warnings.simplefilter("ignore")
+            torch.cuda.set_sync_debug_mode("error")  # any host-device sync in clip, hooks or log raises
+        try:
+            total = gradwatch.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            run.log(step, loss=loss)
+        finally:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.cuda.set_sync_debug_mode("default")
+        expected[step]["total"] = total.item()
+    run.finish()
+    stored = recorder.stored(run.run_id)
+    assert sorted(stored) == list(range(5))
+    for step, ref in expected.items():
+        s = stored[step]
+        if step == 4:
+            assert s["grad_norm"] == "NaN" and s["layer_grad_norms"]["2.bias"] == "NaN"
+            continue
+        assert s["grad_norm"] == ref["total"]
+        for name, value in ref.items():
+            if name != "total":
+                assert math.isclose(layer(s, "layer_grad_norms", name), value, rel_tol=1e-5)
+        assert isinstance(s["update_norm"], float) and isinstance(s["loss"], float)

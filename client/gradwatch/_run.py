@@ -29,7 +29,7 @@ from typing import Any
 from ._errors import CriticalIncident, GradwatchError
 from ._options import Options
 from ._spool import Spool
-from ._step import StepRecord
+from ._step import DeviceScalar, StepRecord
 from ._worker import DeliveryStats, Worker
 from .wire import encode_value, to_float
 
@@ -430,13 +430,17 @@ def _incident_key(incident: dict[str, Any]) -> Any:
 
 
 def _float(x: Any) -> Any:
-    """A logged value as a float, except a 0-d tensor on an accelerator: that is kept (detached) and read by
-    the sender thread, because reading it here would wait for the device."""
+    """A logged value as a float, except a 0-d tensor on an accelerator: that is read later by the sender
+    thread, because reading it here would make the training loop wait for the device."""
     if type(x) is float:
         return x
     device = getattr(x, "device", None)
-    if device is not None and getattr(device, "type", "cpu") != "cpu" and getattr(x, "ndim", None) == 0:
-        return x.detach()
+    if device is not None and getattr(x, "ndim", None) == 0:
+        kind = getattr(device, "type", "cpu")
+        if kind == "cuda":
+            return DeviceScalar(x)
+        if kind != "cpu":
+            return x.detach()
     value = to_float(x)
     if value is None:
         raise TypeError("None is not a value")

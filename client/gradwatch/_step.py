@@ -15,7 +15,7 @@ from typing import Any
 
 from .wire import encode_value, to_float
 
-__all__ = ["LAYER_FIELDS", "StepRecord", "encode_step", "resolve"]
+__all__ = ["LAYER_FIELDS", "DeviceScalar", "StepRecord", "encode_step", "resolve"]
 
 # wire field -> StepRecord attribute holding {layer: value}
 LAYER_FIELDS = {
@@ -75,11 +75,33 @@ class StepRecord:
         }
 
 
+class DeviceScalar:
+    """A 0-d tensor logged from an accelerator: a copy to pinned host memory, queued behind the work that
+    computes it, and an event marking its completion. The sender thread waits on the event (the wait releases
+    the GIL), so neither thread holds up the training loop while the device catches up."""
+
+    __slots__ = ("event", "host")
+
+    def __init__(self, tensor: Any) -> None:
+        import torch
+
+        self.host = torch.empty((), dtype=tensor.dtype, pin_memory=True)
+        self.host.copy_(tensor.detach(), non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def value(self) -> float:
+        self.event.synchronize()
+        return float(self.host)
+
+
 def resolve(value: Any) -> float | None:
-    """A stored value as a float. Device tensors are kept as they were logged and read here, in the sender
-    thread, so that `run.log(step, loss=loss)` never makes the training thread wait for the device."""
+    """A stored value as a float. Accelerator tensors are kept as they were logged and read here, in the
+    sender thread, so that `run.log(step, loss=loss)` never makes the training thread wait for the device."""
     if value is None or type(value) is float:
         return value
+    if type(value) is DeviceScalar:
+        return value.value()
     return to_float(value)
 
 
