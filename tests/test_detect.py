@@ -163,6 +163,19 @@ def test_garbage_in_never_breaks_the_state() -> None:
         state = json.loads(json.dumps(state, allow_nan=False))
 
 
+def test_weights_and_updates_measured_every_20_steps_are_enough_and_quiet() -> None:
+    """The torch client measures weight and update norms every 20 steps by default (step 0 included)."""
+    steps = noisy_steps(600, seed=9)
+    for step in steps:
+        if step["step"] % 20:
+            del step["update_norm"], step["layer_weight_norms"]
+    state, events = run(steps)
+    assert events == []
+    assert state["r_n"] == 30
+    _, events = run([make_step(0, update=150.0), *steps[1:40]])
+    assert [(e.signature, e.severity, e.step) for e in events] == [("update_ratio", "critical", 0)]
+
+
 def test_skipped_steps_do_not_alert_and_teach_nothing() -> None:
     steps = noisy_steps(40)
     state, _ = run(steps)
