@@ -44,3 +44,10 @@ def test_storage_benchmark_reports_bytes_per_value() -> None:
     # a float64 per value is the floor; the row and page overhead must stay modest
     assert 8.0 < figures["sqlite_bytes_per_value"] < 16.0
     assert 8.0 < figures["postgres_bytes_per_value"] < 24.0
+
+
+@pytest.mark.slow
+def test_detect_benchmark_reports_its_figures() -> None:
+    figures = _run("detect.py")
+    assert figures["detect_us_per_step_50_layers"] > 0
+    assert 0 < figures["ingest_ratio_detection_on"] < 2
