@@ -6,9 +6,9 @@
 
 The service ingests about 70,000 steps/s and detection must keep at least 75 % of that, so one step with 50
 layers has a budget of about 5 us in CPython 3.11 (one ingested step costs about 14 us end to end). Steps are
-built before timing (decoding JSON is the ingest path's cost, not the detector's) and replayed through `advance` + `track_incidents`, as the service does.
+built before timing (decoding JSON is the ingest path's cost, not the detector's) and replayed through
+`advance` + `track_incidents` on every step, as in the service (it also resolves incidents on quiet steps).
 Each measurement is one entry in MEASUREMENTS; add a function there to add a row and a JSON key.
-`track_incidents` runs on every step, as in the service (it also resolves incidents on quiet steps).
 """
 
 from __future__ import annotations
