@@ -201,6 +201,7 @@ def test_alerts_reach_the_callback_once_and_critical_raises(recorder: Recorder, 
     run.log(4, loss=1.0)
     run.finish()
     assert seen == [7]
+    assert sorted(recorder.stored(run.run_id)) == [0, 1, 2, 3, 4]  # the step that raised is kept
 
 
 def test_critical_stop_and_warn(recorder: Recorder, tmp_path: Path) -> None:

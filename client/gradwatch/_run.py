@@ -165,8 +165,6 @@ class Run:
         Calls for the same step merge; a step is sent once a later step is logged (or on flush/finish)."""
         if not self._enabled or self._finished or self._pid != os.getpid():
             return
-        if self._criticals:
-            self._act_on_critical()
         try:
             values: dict[str, Any] = {}
             if loss is not None:
@@ -184,6 +182,8 @@ class Run:
             self._merge(step, values, True)
         except Exception as exc:
             self._client_error(exc)
+        if self._criticals:  # after recording: the step that raises is not lost
+            self._act_on_critical()
 
     def log_layers(
         self,
@@ -238,8 +238,9 @@ class Run:
         self._run_flush_hooks()
         self._finished = True
         self._seal(all_open=True)
-        self._worker.update_run({"status": status})
-        delivered = self._worker.flush(self.options.flush_timeout if timeout is None else timeout)
+        deadline = time.monotonic() + (self.options.flush_timeout if timeout is None else timeout)
+        self._worker.update_run({"status": status}, timeout=max(0.0, deadline - time.monotonic()))
+        delivered = self._worker.flush(max(0.0, deadline - time.monotonic()))
         if delivered:
             self._worker.stop()
         else:

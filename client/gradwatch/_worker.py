@@ -126,10 +126,13 @@ class Worker:
         if spill:
             self._spool_records(spill)
 
-    def update_run(self, body: dict[str, Any]) -> None:
-        """Send a run update (e.g. the final status) after every step submitted before it."""
+    def update_run(self, body: dict[str, Any], timeout: float) -> None:
+        """Send a run update (e.g. the final status) after every step submitted before it. If the queue stays
+        full for `timeout` (a hung service), the update waits in the run body for the spool or the next PUT."""
         self._start()
-        self._put_control(_RunUpdate(body))
+        if not self._put_control(_RunUpdate(body), timeout):
+            self._run_body = {**self._run_body, **body}  # a new dict: the sender may be serialising the old
+            self._run_dirty = True
 
     def flush(self, timeout: float) -> bool:
         """Deliver everything submitted so far, trying the spool once more; True when done within `timeout`.
@@ -168,7 +171,7 @@ class Worker:
                 if isinstance(item, StepRecord):
                     records.append(item)
                 elif isinstance(item, _RunUpdate):
-                    self._run_body.update(item.body)
+                    self._run_body = {**self._run_body, **item.body}
                     self._run_dirty = True
                 elif isinstance(item, _Flush):
                     item.done.set()
@@ -239,7 +242,7 @@ class Worker:
                 self._pending.append(item)
         elif isinstance(item, _RunUpdate):
             self._ship_all()
-            self._run_body.update(item.body)
+            self._run_body = {**self._run_body, **item.body}
             self._run_dirty = True
             # The update goes out after the spooled steps (see _drain); kept in run.json until it does.
             if self._spool_pending or not self._put_run():
