@@ -439,7 +439,7 @@ def _float(x: Any) -> Any:
     if device is not None and getattr(x, "ndim", None) == 0:
         kind = getattr(device, "type", "cpu")
         if kind == "cuda":
-            return DeviceScalar(x)
+            return DeviceScalar.of(x)
         if kind != "cpu":
             return x.detach()
     value = to_float(x)

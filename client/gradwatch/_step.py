@@ -58,6 +58,16 @@ class StepRecord:
                 setattr(self, key, value)
         self.touched = monotonic()
 
+    def materialize(self) -> None:
+        """Replace values still on their way from the device by floats (sender thread; idempotent)."""
+        for name in SCALAR_FIELDS:
+            value = getattr(self, name)
+            if value is not None and type(value) is not float:
+                setattr(self, name, resolve(value))
+        for key, value in self.scalars.items():
+            if type(value) is not float:
+                self.scalars[key] = resolve(value)
+
     def layer_names(self) -> list[str]:
         names: dict[str, None] = {}
         for attr in LAYER_FIELDS.values():
@@ -76,23 +86,43 @@ class StepRecord:
 
 
 class DeviceScalar:
-    """A 0-d tensor logged from an accelerator: a copy to pinned host memory, queued behind the work that
+    """A 0-d tensor logged from a CUDA device: a copy to pinned host memory, queued behind the work that
     computes it, and an event marking its completion. The sender thread waits on the event (the wait releases
-    the GIL), so neither thread holds up the training loop while the device catches up."""
+    the GIL), so neither thread holds up the training loop while the device catches up. Host buffers and
+    events are recycled once read: allocating pinned memory on every `log()` would cost more than the log."""
 
-    __slots__ = ("event", "host")
+    __slots__ = ("event", "host", "key")
+    _free: list[DeviceScalar] = []
 
-    def __init__(self, tensor: Any) -> None:
+    def __init__(self, key: tuple[Any, Any]) -> None:
         import torch
 
-        self.host = torch.empty((), dtype=tensor.dtype, pin_memory=True)
-        self.host.copy_(tensor.detach(), non_blocking=True)
+        self.key = key
+        self.host = torch.empty((), dtype=key[0], pin_memory=True)
         self.event = torch.cuda.Event()
-        self.event.record()
+
+    @classmethod
+    def of(cls, tensor: Any) -> DeviceScalar:
+        import torch
+
+        key = (tensor.dtype, tensor.device)
+        try:
+            slot = cls._free.pop()  # atomic under the GIL
+        except IndexError:
+            slot = None
+        if slot is None or slot.key != key:
+            slot = cls(key)
+        slot.host.copy_(tensor.detach(), non_blocking=True)
+        slot.event.record(torch.cuda.current_stream(tensor.device))
+        return slot
 
     def value(self) -> float:
+        """Wait for the copy and read it; the slot is recycled, so call this once (see StepRecord.materialize)."""
         self.event.synchronize()
-        return float(self.host)
+        value = float(self.host)
+        if len(self._free) < 64:
+            self._free.append(self)
+        return value
 
 
 def resolve(value: Any) -> float | None:

@@ -111,6 +111,7 @@ class Watch:
         self._buffers: list[torch.Tensor] | None = None
         self._pending: tuple[Any, ...] | None = None
         self._pinned: torch.Tensor | None = None
+        self._event: Any = None
         self._handles: list[Any] = []
         self._scaler = scaler
         self._scaler_step: Any = None
@@ -207,9 +208,10 @@ class Watch:
         if self._pinned is None or self._pinned.numel() != packed.numel():
             self._pinned = torch.empty(packed.shape, dtype=torch.float32, pin_memory=True)
         self._pinned.copy_(packed, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return (self._pinned, event)
+        if self._event is None:
+            self._event = torch.cuda.Event()
+        self._event.record()  # read (and so free to re-record) before the next step packs
+        return (self._pinned, self._event)
 
     def collect(self) -> None:
         """Read back the previous step's norms (done on the device by now) and log them."""

@@ -235,6 +235,7 @@ class Worker:
         if self._on_tick is not None:
             self._on_tick()
         if isinstance(item, StepRecord):
+            item.materialize()
             self._sealed(item)
             with self._state_lock:
                 if not self._pending:
@@ -331,6 +332,7 @@ class Worker:
     def _encode(self, records: list[StepRecord]) -> dict[str, Any]:
         """Caller holds _state_lock. The run's layer list only ever grows, as the service requires."""
         for record in records:
+            record.materialize()
             for name in record.layer_names():
                 if name not in self._layer_set:
                     self._layer_set.add(name)
