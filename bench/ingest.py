@@ -32,13 +32,15 @@ LAYERS = [f"blocks.{i // 2}.{'weight' if i % 2 == 0 else 'bias'}" for i in range
 
 
 def make_steps(n: int, seed: int) -> list[dict[str, Any]]:
+    """A healthy-looking run: layer norms log-normal around levels of their own, a slowly falling noisy loss."""
     rng = random.Random(seed)
+    levels = [rng.uniform(-2.0, 1.0) for _ in range(N_LAYERS)]
     steps = []
     for i in range(n):
-        g = [rng.lognormvariate(0, 1) for _ in range(N_LAYERS)]
-        steps.append({"step": i, "time": 1.7e9 + i, "loss": rng.random() * 3,
-                      "grad_norm": math.sqrt(sum(x * x for x in g)), "lr": 3e-4, "update_norm": rng.random() * 1e-2,
-                      "layer_grad_norms": g})
+        g = [math.exp(level + rng.gauss(0.0, 0.4)) for level in levels]
+        steps.append({"step": i, "time": 1.7e9 + i, "loss": 2.0 * math.exp(-i / 20_000 + rng.gauss(0.0, 0.1)),
+                      "grad_norm": math.sqrt(sum(x * x for x in g)), "lr": 3e-4,
+                      "update_norm": 0.05 * math.exp(rng.gauss(0.0, 0.3)), "layer_grad_norms": g})
     return steps
 
 
