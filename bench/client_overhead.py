@@ -247,6 +247,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and no wandb (for CI)")
+    parser.add_argument("--no-wandb", action="store_true", help="do not measure wandb.watch")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="where the model trains (the targets are for cpu)")
     args = parser.parse_args()
@@ -279,8 +280,8 @@ def main() -> int:
         for name, r in (("up", up), ("down", down), ("hung", hung)):
             say(f"log() service {name:4}: p50 {r['p50_us']:.1f} us, p99 {r['p99_us']:.1f} us, "
                 f"max {r['max_us']:.0f} us; finish() {r['finish_s']:.2f} s (target p99 <= 50 us)")
-    if args.quick:
-        wandb_result, reason = None, "skipped with --quick"
+    if args.quick or args.no_wandb:
+        wandb_result, reason = None, "skipped with --quick" if args.quick else "skipped with --no-wandb"
     else:
         wandb_result, reason = wandb_overhead(blocks, block_steps)
     if wandb_result is None:

@@ -239,7 +239,7 @@ class Run:
         self._finished = True
         self._seal(all_open=True)
         deadline = time.monotonic() + (self.options.flush_timeout if timeout is None else timeout)
-        self._worker.update_run({"status": status}, timeout=max(0.0, deadline - time.monotonic()))
+        self._worker.update_run({"status": status})
         delivered = self._worker.flush(max(0.0, deadline - time.monotonic()))
         if delivered:
             self._worker.stop()

@@ -8,9 +8,9 @@ that is lost anyway is counted by reason.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
-import queue
 import random
 import threading
 import time
@@ -31,7 +31,7 @@ logger = logging.getLogger("gradwatch")
 
 RETRY_AFTER_CAP = 300.0
 DRAIN_BATCHES_PER_TICK = 20
-IDLE_TICK = 0.5
+TICK = 0.1  # the sender collects sealed steps this often: no wake-up per step, so log() stays cheap
 
 
 @dataclass
@@ -83,7 +83,12 @@ class Worker:
         self._on_incidents = on_incidents
         self._on_sealed = on_sealed
         self._on_tick = on_tick
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=options.max_queue)
+        # Sealed steps: a plain deque (append and popleft are atomic), bounded by max_queue in submit(), with
+        # no per-step notification: the sender wakes every TICK, or at once for a full batch or a control item.
+        self._records: collections.deque[StepRecord] = collections.deque()
+        self._controls: collections.deque[object] = collections.deque()
+        self._wake = threading.Event()
+        self._last_tick = 0.0
         self._transport = HttpTransport(options.url, options.token, options.timeout, options.compress)
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
@@ -113,11 +118,12 @@ class Worker:
             self._start()
         with self.stats.lock:
             self.stats.sealed += 1
-        try:
-            self._queue.put_nowait(record)
+        records = self._records
+        if len(records) < self.options.max_queue:
+            records.append(record)
+            if len(records) == self.options.batch_size:
+                self._wake.set()
             return
-        except queue.Full:
-            pass
         spill: list[StepRecord] | None = None
         with self._state_lock:
             self._overflow.append(record)
@@ -126,13 +132,10 @@ class Worker:
         if spill:
             self._spool_records(spill)
 
-    def update_run(self, body: dict[str, Any], timeout: float) -> None:
-        """Send a run update (e.g. the final status) after every step submitted before it. If the queue stays
-        full for `timeout` (a hung service), the update waits in the run body for the spool or the next PUT."""
+    def update_run(self, body: dict[str, Any]) -> None:
+        """Send a run update (e.g. the final status) after every step submitted before it."""
         self._start()
-        if not self._put_control(_RunUpdate(body), timeout):
-            self._run_body = {**self._run_body, **body}  # a new dict: the sender may be serialising the old
-            self._run_dirty = True
+        self._put_control(_RunUpdate(body))
 
     def flush(self, timeout: float) -> bool:
         """Deliver everything submitted so far, trying the spool once more; True when done within `timeout`.
@@ -140,8 +143,8 @@ class Worker:
         if self._thread is None:
             return not self._spool_pending
         marker = _Flush()
-        deadline = time.monotonic() + timeout
-        if not self._put_control(marker, timeout) or not marker.done.wait(max(0.0, deadline - time.monotonic())):
+        self._put_control(marker)
+        if not marker.done.wait(max(0.0, timeout)):
             return False
         return not self._spool_pending
 
@@ -163,14 +166,11 @@ class Worker:
             records, self._pending = self._pending, []
             records += self._overflow
             self._overflow = []
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, StepRecord):
-                    records.append(item)
-                elif isinstance(item, _RunUpdate):
+            while self._records:
+                records.append(self._records.popleft())
+            while self._controls:
+                item = self._controls.popleft()
+                if isinstance(item, _RunUpdate):
                     self._run_body = {**self._run_body, **item.body}
                     self._run_dirty = True
                 elif isinstance(item, _Flush):
@@ -201,73 +201,84 @@ class Worker:
     def _start(self) -> None:
         with self._start_lock:
             if self._pid != os.getpid():
-                # A forked child: the parent's thread does not exist here and the queue is a copy.
+                # A forked child: the parent's thread does not exist here.
                 self._pid = os.getpid()
                 self._thread = None
-                self._queue = queue.Queue(maxsize=self.options.max_queue)
+                self._records = collections.deque()
+                self._controls = collections.deque()
+                self._wake = threading.Event()
                 self._state_lock = threading.Lock()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name=f"gradwatch-sender-{self.run_id}",
                                                 daemon=True)
                 self._thread.start()
 
-    def _put_control(self, item: object, timeout: float | None = None) -> bool:
-        try:
-            self._queue.put(item, timeout=timeout if timeout is not None else self.options.flush_timeout)
-            return True
-        except queue.Full:
-            return False
+    def _put_control(self, item: object) -> None:
+        self._controls.append(item)
+        self._wake.set()
 
     def _loop(self) -> None:
         while not self._abandoned:
-            try:
-                item = self._queue.get(timeout=self._wait_time())
-            except queue.Empty:
-                item = None
+            self._wake.wait(self._wait_time())
+            self._wake.clear()
             if self._abandoned:
                 return
             try:
-                self._handle(item)
+                self._cycle()
             except Exception:  # the sender must outlive any bug in one batch
                 logger.exception("gradwatch: sender error (continuing)")
 
-    def _handle(self, item: object) -> None:
-        if self._on_tick is not None:
-            self._on_tick()
-        if isinstance(item, StepRecord):
-            item.materialize()
-            self._sealed(item)
-            with self._state_lock:
-                if not self._pending:
-                    self._pending_since = time.monotonic()
-                self._pending.append(item)
-        elif isinstance(item, _RunUpdate):
-            self._ship_all()
-            self._run_body = {**self._run_body, **item.body}
-            self._run_dirty = True
-            # The update goes out after the spooled steps (see _drain); kept in run.json until it does.
-            if self._spool_pending or not self._put_run():
-                self._write_meta(force=True)
-        elif isinstance(item, _Flush):
-            self._ship_all()
-            self._retry_at = 0.0
-            if self._spool_pending:
-                self._drain(max_batches=None)
-            elif self._run_dirty and not self._put_run():
-                self._write_meta(force=True)
-            item.done.set()
-            return
+    def _cycle(self) -> None:
         now = time.monotonic()
-        if len(self._pending) >= self.options.batch_size or (
-            self._pending and now - self._pending_since >= self.options.batch_age
-        ) or (self._overflow and self._queue.empty()):
+        if self._on_tick is not None and now - self._last_tick >= TICK:
+            self._last_tick = now
+            self._on_tick()
+        while True:
+            self._take_records()
+            if not self._controls:
+                break
+            item = self._controls.popleft()
+            if isinstance(item, _RunUpdate):
+                self._ship_all()
+                self._run_body = {**self._run_body, **item.body}
+                self._run_dirty = True
+                # The update goes out after the spooled steps (see _drain); kept in run.json until it does.
+                if self._spool_pending or not self._put_run():
+                    self._write_meta(force=True)
+            elif isinstance(item, _Flush):
+                self._ship_all()
+                self._retry_at = 0.0
+                if self._spool_pending:
+                    self._drain(max_batches=None)
+                elif self._run_dirty and not self._put_run():
+                    self._write_meta(force=True)
+                item.done.set()
+        if (self._pending and time.monotonic() - self._pending_since >= self.options.batch_age) or self._overflow:
             self._ship()
         if self._spool_pending and time.monotonic() >= self._retry_at and not self._auth_failed:
             self._drain(max_batches=DRAIN_BATCHES_PER_TICK)
 
+    def _take_records(self) -> None:
+        """Move sealed steps from the deque into the pending batch, shipping each batch as it fills."""
+        records = self._records
+        while records:
+            try:
+                record = records.popleft()
+            except IndexError:
+                break
+            record.materialize()
+            self._sealed(record)
+            with self._state_lock:
+                if not self._pending:
+                    self._pending_since = time.monotonic()
+                self._pending.append(record)
+                full = len(self._pending) >= self.options.batch_size
+            if full:
+                self._ship()
+
     def _wait_time(self) -> float:
         now = time.monotonic()
-        wait = IDLE_TICK
+        wait = TICK
         if self._pending:
             wait = min(wait, self._pending_since + self.options.batch_age - now)
         if self._spool_pending and not self._auth_failed:
