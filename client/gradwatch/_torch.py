@@ -2,7 +2,8 @@
 
 Cost is the point. Norms come from fused multi-tensor kernels (`torch._foreach_norm`, grouped by device and
 dtype exactly as `torch.nn.utils.clip_grad_norm_` groups them), all of a step's results are packed into one
-small tensor, and that tensor is read back one step late, so the training loop never waits on the device for
+small tensor copied to pinned host memory without blocking, and that copy is read at a later step once the
+device has finished it (on CPU: at the next step), so the training loop never waits on the device for
 monitoring. Where the user clips with `gradwatch.clip_grad_norm_`, the clipping pass's per-tensor norms are
 reused, so clipping plus monitoring reads the gradients once, like clipping alone.
 
@@ -12,6 +13,7 @@ AMP's GradScaler skipped; log your loss with the same count and the two merge in
 
 from __future__ import annotations
 
+import collections
 import types
 import warnings
 import weakref
@@ -29,6 +31,7 @@ from ._run import Run, _float
 __all__ = ["Watch", "clip_grad_norm_", "tensor_norms", "watch"]
 
 _watches: weakref.WeakSet[Watch] = weakref.WeakSet()
+MAX_IN_FLIGHT = 4  # steps whose norms may still be on their way from the device
 
 
 def tensor_norms(tensors: list[torch.Tensor], norm_type: float = 2.0,
@@ -109,9 +112,8 @@ class Watch:
         self._grad: tuple[list[int], torch.Tensor | None, list[torch.Tensor]] | None = None
         self._snapshot: list[torch.Tensor] | None = None
         self._buffers: list[torch.Tensor] | None = None
-        self._pending: tuple[Any, ...] | None = None
-        self._pinned: torch.Tensor | None = None
-        self._event: Any = None
+        self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._slots: list[tuple[torch.Tensor, Any]] = []  # free pinned buffers and their events (CUDA)
         self._handles: list[Any] = []
         self._scaler = scaler
         self._scaler_step: Any = None
@@ -142,7 +144,7 @@ class Watch:
 
     @torch.no_grad()
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self.collect()
+        self.collect(wait=False)
         present = [i for i, p in enumerate(self.params) if p.grad is not None]
         clip, self._clip = self._clip, None
         norms: list[torch.Tensor] = []
@@ -182,7 +184,7 @@ class Watch:
             layout["update"] = len(updates)
         lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
         packed = self._pack(parts) if parts else None
-        self._pending = (self.step, present, layout, packed, lr)
+        self._pending.append((self.step, present, layout, packed, lr))
         self.run._hold(self.step)
         self.step += 1
 
@@ -205,25 +207,32 @@ class Watch:
         packed = torch.stack(parts).float()
         if device.type != "cuda":
             return packed
-        if self._pinned is None or self._pinned.numel() != packed.numel():
-            self._pinned = torch.empty(packed.shape, dtype=torch.float32, pin_memory=True)
-        self._pinned.copy_(packed, non_blocking=True)
-        if self._event is None:
-            self._event = torch.cuda.Event()
-        self._event.record()  # read (and so free to re-record) before the next step packs
-        return (self._pinned, self._event)
+        slot = self._slots.pop() if self._slots else None
+        if slot is None or slot[0].numel() != packed.numel():
+            slot = (torch.empty(packed.shape, dtype=torch.float32, pin_memory=True), torch.cuda.Event())
+        host, event = slot
+        host.copy_(packed, non_blocking=True)
+        event.record(torch.cuda.current_stream(device))
+        return slot
 
-    def collect(self) -> None:
-        """Read back the previous step's norms (done on the device by now) and log them."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        step, present, layout, packed, lr = pending
+    def collect(self, wait: bool = True) -> None:
+        """Log the norms of earlier steps. With `wait=False` (from the step hook) only those the device has
+        finished computing are read, at most MAX_IN_FLIGHT steps late: the hook never waits on the device, so
+        the host can keep queueing work ahead of it as it would without monitoring."""
+        while self._pending:
+            packed = self._pending[0][3]
+            if (not wait and isinstance(packed, tuple) and len(self._pending) < MAX_IN_FLIGHT
+                    and not packed[1].query()):
+                return
+            self._log_result(*self._pending.popleft())
+
+    def _log_result(self, step: int, present: list[int], layout: dict[str, Any], packed: Any, lr: Any) -> None:
         values: list[float] = []
         if isinstance(packed, tuple):
             host, event = packed
-            event.synchronize()
+            event.synchronize()  # already complete unless the device is MAX_IN_FLIGHT steps behind
             values = host.tolist()
+            self._slots.append(packed)
         elif packed is not None:
             values = packed.tolist()
         fields: dict[str, Any] = {}
@@ -257,7 +266,7 @@ class Watch:
             before = self.step
             result = original(optimizer, *args, **kwargs)
             if optimizer is self.optimizer and self.step == before:
-                self.collect()
+                self.collect(wait=False)
                 self._clip = None
                 self._snapshot = None
                 self.run._log_measured(self.step, {"skipped": True})
