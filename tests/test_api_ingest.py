@@ -168,3 +168,13 @@ def test_json_floats_keep_full_precision(http: httpx.Client) -> None:
     _post(http, run_id, {"steps": [{"step": i, "loss": v} for i, v in enumerate(values)]})
     got = [s["loss"] for s in http.get(f"/v1/runs/{run_id}/steps").json()["steps"]]
     assert got == values
+
+
+def test_nul_characters_are_a_clear_422_not_a_database_error(http: httpx.Client) -> None:
+    run_id = _run(http)
+    r = http.put(f"/v1/runs/{run_id}", content=b'{"name": "a\\u0000b"}', headers=JSON)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "name"]
+    r = _post(http, run_id, b'{"steps": [{"step": 0, "scalars": {"x\\u0000": 1.0}}]}')
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "steps", 0, "scalars", "x\x00"]
+    assert http.get("/v1/runs", params={"project": "a\x00"}).status_code == 422
+    assert http.get(f"/v1/runs/{run_id}").json()["n_steps"] == 0

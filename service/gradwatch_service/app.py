@@ -48,8 +48,26 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(runs.router)
     app.include_router(steps.router)
     app.include_router(incidents.router)
+    app.add_middleware(RejectNul)
     _document_raw_bodies(app)
     return app
+
+
+class RejectNul:
+    """A NUL character in the path or query can reach no database (PostgreSQL text refuses it): answer 422 up
+    front instead of failing deep inside a query. Everything else passes straight through."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and (b"%00" in scope.get("query_string", b"") or "\x00" in scope["path"]):
+            body = b'{"detail":[{"loc":["query"],"type":"value_error","msg":"NUL (%00) is not allowed in a URL"}]}'
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 422, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
 
 
 def _document_raw_bodies(app: FastAPI) -> None:

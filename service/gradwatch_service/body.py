@@ -6,9 +6,10 @@ memory and gets a 413, never an out-of-memory kill.
 
 from __future__ import annotations
 
+import json
 import zlib
 from types import ModuleType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -68,9 +69,31 @@ def gunzip_capped(data: bytes, max_bytes: int) -> bytes:
 def parse_body(model: type[M], raw: bytes) -> M:
     """Validate JSON bytes against a wire model; errors become FastAPI's 422 with the field's location."""
     try:
-        return model.model_validate_json(raw)
+        parsed = model.model_validate_json(raw)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False, include_context=False)
         for e in errors:
             e["loc"] = ("body", *e["loc"])
         raise RequestValidationError(errors) from None
+    if b"\\u0000" in raw:  # cheap pre-check; the walk below finds where, if anywhere
+        where = _nul_location(json.loads(raw), ["body"])
+        if where is not None:
+            raise RequestValidationError([{"loc": tuple(where), "type": "value_error",
+                                           "msg": "strings may not contain NUL (\\u0000): no database stores it"}])
+    return parsed
+
+
+def _nul_location(doc: Any, loc: list[Any]) -> list[Any] | None:
+    if isinstance(doc, str):
+        return loc if "\x00" in doc else None
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            found = _nul_location(k, loc + [k]) or _nul_location(v, loc + [k])
+            if found is not None:
+                return found
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            found = _nul_location(v, loc + [i])
+            if found is not None:
+                return found
+    return None

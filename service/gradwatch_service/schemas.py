@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+MAX_STEP = 2**62
+"""Steps, offsets and limits stay below this: it fits SQLite's and PostgreSQL's 64-bit integers."""
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 RunStatus = Literal["running", "finished", "failed", "crashed", "stopped"]
 RunId = Annotated[str, StringConstraints(pattern=RUN_ID_PATTERN)]
@@ -101,7 +103,7 @@ def _finite_time(t: float | None) -> float | None:
 
 
 class StepIn(WireModel):
-    step: int = Field(ge=0, le=2**62)
+    step: int = Field(ge=0, le=MAX_STEP)
     time: Annotated[float | None, AfterValidator(_finite_time)] = None
     loss: Value | None = None
     grad_norm: Value | None = None

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..db import read_connection
 from ..queries import get_run_row, list_incidents
-from ..schemas import IncidentsPublic
+from ..schemas import MAX_STEP, IncidentsPublic
 from .deps import EngineDep, model_response
 from .runs import RunIdPath
 
@@ -18,7 +18,7 @@ router = APIRouter(tags=["incidents"])
 Status = Annotated[Literal["open", "resolved"] | None, Query(description="open or resolved; both when absent")]
 Severity = Annotated[Literal["warning", "critical"] | None, Query()]
 Limit = Annotated[int, Query(ge=1, le=1000)]
-Offset = Annotated[int, Query(ge=0)]
+Offset = Annotated[int, Query(ge=0, le=MAX_STEP)]
 
 
 @router.get("/v1/incidents", summary="Incidents across runs, most recently updated first",

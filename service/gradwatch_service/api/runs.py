@@ -12,7 +12,7 @@ from ..body import parse_body, read_body
 from ..db import read_connection, write_transaction
 from ..ingest import BatchInvalid, upsert_run
 from ..queries import get_run, list_runs
-from ..schemas import RUN_ID_PATTERN, RunPublic, RunsPublic, RunStatus, RunUpsert
+from ..schemas import MAX_STEP, RUN_ID_PATTERN, RunPublic, RunsPublic, RunStatus, RunUpsert
 from .deps import EngineDep, SettingsDep, model_response
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
@@ -55,7 +55,7 @@ async def get_runs(
     status: RunStatus | None = None,
     updated_since: Annotated[datetime | None, Query(description="ISO 8601; runs updated at or after it")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_STEP)] = 0,
 ) -> Response:
     def read() -> RunsPublic:
         with read_connection(engine) as conn:

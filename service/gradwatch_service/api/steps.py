@@ -12,7 +12,7 @@ from ..body import parse_body, read_body
 from ..db import read_connection, write_transaction
 from ..ingest import BatchInvalid, RunNotFound, StepConflict, append_steps
 from ..queries import UnknownLayer, get_run_row, list_incidents, read_series, read_steps
-from ..schemas import SERIES_FIELDS, IngestResult, SeriesPublic, StepBatch, StepsPublic
+from ..schemas import MAX_STEP, SERIES_FIELDS, IngestResult, SeriesPublic, StepBatch, StepsPublic
 from .deps import EngineDep, SettingsDep, model_response
 from .runs import RunIdPath
 
@@ -68,8 +68,8 @@ async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, set
 async def get_steps(
     run_id: RunIdPath,
     engine: EngineDep,
-    start: Annotated[int | None, Query(ge=0, description="first step, inclusive")] = None,
-    end: Annotated[int | None, Query(ge=0, description="last step, inclusive")] = None,
+    start: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="first step, inclusive")] = None,
+    end: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="last step, inclusive")] = None,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
 ) -> Response:
     def read() -> StepsPublic | None:
@@ -99,8 +99,8 @@ async def get_series(
                                  examples=["loss,grad_norm,layer_grad_norms"])] = "loss,grad_norm",
     layers: Annotated[str | None, Query(description="comma-separated layer names for per-layer fields; "
                                                     "all layers when absent")] = None,
-    start: Annotated[int | None, Query(ge=0)] = None,
-    end: Annotated[int | None, Query(ge=0)] = None,
+    start: Annotated[int | None, Query(ge=0, le=MAX_STEP)] = None,
+    end: Annotated[int | None, Query(ge=0, le=MAX_STEP)] = None,
     max_points: Annotated[int | None, Query(ge=2, le=100_000, description=(
         "downsample to about this many points per series: each bucket keeps its min and max and every kind "
         "of non-finite value it holds"))] = None,
