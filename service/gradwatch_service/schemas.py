@@ -10,7 +10,7 @@ import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 MAX_STEP = 2**62
 """Steps, offsets and limits stay below this: it fits SQLite's and PostgreSQL's 64-bit integers."""
@@ -20,9 +20,15 @@ RunId = Annotated[str, StringConstraints(pattern=RUN_ID_PATTERN)]
 ProjectName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 LayerName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
-Value = float
-"""A measured value; pydantic accepts numbers and the strings NaN/Infinity/-Infinity (and nothing else that is
-not a number) and serialises non-finite values back as those strings."""
+Value = Annotated[
+    float,
+    WithJsonSchema({
+        "anyOf": [{"type": "number"}, {"type": "string", "enum": ["NaN", "Infinity", "-Infinity"]}],
+        "description": 'a number, or "NaN", "Infinity", "-Infinity" for the non-finite values',
+    }),
+]
+"""A measured value: a JSON number or one of the strings "NaN", "Infinity", "-Infinity" (the protobuf JSON
+convention), on the way in and on the way out (`ser_json_inf_nan="strings"`)."""
 
 
 class WireModel(BaseModel):
