@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     ingest_concurrency: int = Field(
         default=1, ge=1, description="batches processed at once per process; scale out with workers or replicas")
     detection: bool = Field(default=True, description="run the explosion detectors on every ingested batch")
-    detector: dict[str, float | int] = Field(
+    detector: dict[str, Any] = Field(
         default_factory=dict,
         description="DetectorConfig overrides as JSON, e.g. GRADWATCH_DETECTOR='{\"layer_z\": 5}'",
     )
@@ -43,7 +43,7 @@ class Settings(BaseSettings):
 
     @field_validator("detector")
     @classmethod
-    def _known_detector_fields(cls, v: dict[str, float | int]) -> dict[str, float | int]:
+    def _known_detector_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
         from gradwatch.detect import DetectorConfig
 
         DetectorConfig(**v)  # raises TypeError naming an unknown field
