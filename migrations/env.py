@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import engine_from_config, pool
+
 from gradwatch_service.migrate import compare_type
 from gradwatch_service.models import metadata
-from sqlalchemy import engine_from_config, pool
 
 config = context.config
 

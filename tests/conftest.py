@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine, create_engine, text
+
 from gradwatch_service.db import make_engine
 from gradwatch_service.migrate import upgrade
-from sqlalchemy import Engine, create_engine, text
 
 from .serverproc import ServerProcess
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from gradwatch import detect
 from gradwatch.replay import read_trace, replay_run
 

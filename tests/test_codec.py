@@ -6,6 +6,7 @@ import math
 import struct
 
 import pytest
+
 from gradwatch.wire import decode_value, encode_value
 from gradwatch_service.codec import pack_floats, sqlite_real_in, sqlite_real_out, unpack_floats
 from gradwatch_service.downsample import downsample_minmax

@@ -7,10 +7,11 @@ import sys
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Column, Engine, Integer, MetaData, inspect
+
 from gradwatch_service import migrate
 from gradwatch_service.db import make_engine
 from gradwatch_service.models import metadata
-from sqlalchemy import Column, Engine, Integer, MetaData, inspect
 
 
 def _diff(engine: Engine, target: MetaData) -> list[object]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
+from sqlalchemy import Engine, select, text
+
 from gradwatch_service.db import read_connection, write_transaction
 from gradwatch_service.ingest import BatchInvalid, RunNotFound, StepConflict, append_steps, upsert_run
 from gradwatch_service.models import steps
 from gradwatch_service.queries import get_run, get_run_row, read_series, read_steps
 from gradwatch_service.schemas import RunUpsert, StepBatch
-from sqlalchemy import Engine, select, text
 
 from .conftest import new_run_id
 

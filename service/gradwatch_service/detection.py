@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import Connection, and_, insert, select, update
+
 from gradwatch import detect
 from gradwatch.wire import decode_value, encode_value
-from sqlalchemy import Connection, and_, insert, select, update
 
 from .db import now_utc
 from .models import incidents
@@ -40,16 +41,12 @@ def load_state(doc: Any) -> dict[str, Any]:
             "seq": {}, "next_seq": 1}
 
 
-def _detector_input(s: StepIn, layer_names: Sequence[str]) -> dict[str, Any]:
-    step: dict[str, Any] = {"step": s.step, "loss": s.loss, "grad_norm": s.grad_norm, "lr": s.lr,
-                            "update_norm": s.update_norm, "skipped": s.skipped}
-    if s.layer_grad_norms is not None:
-        step["layer_grad_norms"] = dict(zip(layer_names, s.layer_grad_norms, strict=False))
-    if s.layer_weight_norms is not None:
-        step["layer_weight_norms"] = dict(zip(layer_names, s.layer_weight_norms, strict=False))
-    if s.layer_update_norms is not None:
-        step["layer_update_norms"] = dict(zip(layer_names, s.layer_update_norms, strict=False))
-    return step
+def _detector_input(s: StepIn, layer_names: list[str]) -> dict[str, Any]:
+    """The step as `detect.advance` reads it: the per-layer arrays go in as they are, aligned with the batch's
+    layer names (no per-step dicts to build)."""
+    return {"step": s.step, "loss": s.loss, "grad_norm": s.grad_norm, "lr": s.lr, "update_norm": s.update_norm,
+            "skipped": s.skipped, "layer_names": layer_names, "layer_grad_norms": s.layer_grad_norms,
+            "layer_weight_norms": s.layer_weight_norms, "layer_update_norms": s.layer_update_norms}
 
 
 def _evidence(inc: dict[str, Any], s: StepIn) -> dict[str, Any]:
@@ -68,10 +65,11 @@ def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: 
     now = now_utc()
     opened_n = resolved_n = 0
     touched: dict[str, int] = {}  # signature -> last step it fired in this batch
+    names = list(layer_names)
     for s in new_steps:
         if last is not None and s.step <= last:
             continue  # late: stored and flagged by ingest, not judged
-        state, events = detect.advance(state, _detector_input(s, layer_names), config)
+        state, events = detect.advance(state, _detector_input(s, names), config)
         last = s.step
         if not events and not inc_state["open"]:
             continue

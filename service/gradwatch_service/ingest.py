@@ -17,9 +17,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import Connection, select, update
+
 from gradwatch.detect import DetectorConfig
 from gradwatch.wire import encode_value
-from sqlalchemy import Connection, select, update
 
 from .codec import pack_floats
 from .db import now_utc

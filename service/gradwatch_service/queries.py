@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from gradwatch.wire import decode_value
 from sqlalchemy import Connection, func, select
+
+from gradwatch.wire import decode_value
 
 from .downsample import downsample_minmax
 from .models import FLAG_LATE, FLAG_SKIPPED, incidents, projects, runs, steps

@@ -46,7 +46,11 @@ class Settings(BaseSettings):
     def _known_detector_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
         from gradwatch.detect import DetectorConfig
 
-        DetectorConfig(**v)  # raises TypeError naming an unknown field
+        try:
+            DetectorConfig(**v)
+        except TypeError as exc:  # an unknown field: say which ones exist
+            known = ", ".join(DetectorConfig.__dataclass_fields__)
+            raise ValueError(f"{exc}; DetectorConfig fields are: {known}") from None
         return v
 
     def detector_config(self) -> Any:
