@@ -8,6 +8,7 @@ import random
 from collections.abc import Iterable
 
 import pytest
+
 from gradwatch.detect import (
     SIGNATURES,
     DetectorConfig,
@@ -210,8 +211,8 @@ def test_root_cause_is_the_layer_that_broke_out_first() -> None:
 
 def test_the_whole_network_climbing_together_is_growth_after_two_steps() -> None:
     steps = noisy_steps(60, sigma=0.1)
-    # noisy_steps' layers sit around 1.0 each; all four go to 3x, then 9x
-    steps += [make_step(t, layer_grads={n: 3.0 ** (t - 59) for n in LAYERS}) for t in (60, 61)]
+    # noisy_steps' layers sit around 1.0 each; all four go to 4x, then 16x (growth_layer_min_factor is 3)
+    steps += [make_step(t, layer_grads={n: 4.0 ** (t - 59) for n in LAYERS}) for t in (60, 61)]
     _, events = run(steps)
     assert [(e.signature, e.severity, e.step) for e in events][-1] == ("grad_growth", "critical", 61)
 

@@ -16,14 +16,21 @@ run's first samples, then an exponentially weighted mean whose input is clipped 
 spike cannot drag it) and an exponentially weighted mean absolute deviation. Heavy-tailed but healthy series
 widen their own band instead of paging someone; the only absolute limits are the ones nothing healthy
 crosses (non-finite values, updates as large as the weights before a run has a history).
+
+Cost: a few microseconds per step with 50 layers. Per step, the per-layer work is three C-level passes (the
+product of the layer grad norms for their geometric mean, one comparison of every layer with its breakout
+limit, the weight norm); the per-layer bands themselves are taught every `layer_every` steps.
 docs/detection.md explains each signature, its settings and how well it does on the labelled traces.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import compress
+from operator import gt as _gt
 from typing import Any
 
 from gradwatch.wire import encode_value
@@ -41,12 +48,17 @@ __all__ = [
 SIGNATURES = ("nonfinite", "grad_spike", "grad_growth", "loss_divergence", "update_ratio")
 WARNING = "warning"
 CRITICAL = "critical"
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 _log = math.log
+_exp = math.exp
+_prod = math.prod
+_hypot = math.hypot
 _isfinite = math.isfinite
+_INF = math.inf
 _PLAIN_STEP_TOLERANCE = 1.05  # weight decay adds a little to a plain gradient step
-_TINY = 1e-300  # norms of exactly 0 (a dead layer) are floored here before taking the log
+_NO_LIMIT = sys.float_info.max  # a breakout limit no finite norm exceeds (JSON cannot hold infinity)
+_LOG_NO_LIMIT = _log(_NO_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -56,7 +68,7 @@ class DetectorConfig:
     Bands are exponentially weighted in log space; a factor of 10 in a norm is log(10) = 2.3 log units.
     """
 
-    # --- robust bands (grad norm, update ratio, per-layer grad norms)
+    # --- robust bands (grad norm, update ratio, geometric mean of the layer grad norms)
     band_alpha: float = 0.05
     """Weight of a new sample in a band's mean and deviation (a memory of about 1 / alpha = 20 steps)."""
     band_clip: float = 3.0
@@ -79,13 +91,14 @@ class DetectorConfig:
     """Consecutive counting steps needed (a lone spike is a grad_spike, not growth) ..."""
     growth_min_factor: float = 5.0
     """... and the grad norm must have grown this many times over the band at the start."""
-    growth_layer_share: float = 0.8
-    """Growth, too, when at least this share of the layers is out of its own band (see `layer_z`) ..."""
+    growth_layer_min_factor: float = 3.0
+    """Growth, too, when the whole network climbs together: both the total grad norm and the geometric mean
+    of the layer grad norms are at least this many times their bands ..."""
+    growth_layer_z: float = 5.0
+    """... the geometric mean also this many of its band's deviations above it ..."""
     growth_layer_steps: int = 2
-    """... for this many consecutive steps ..."""
-    growth_layer_min_factor: float = 2.0
-    """... while the total grad norm is at least this many times its band: the whole network is climbing
-    together, which a spike in one layer never does."""
+    """... for this many consecutive steps. A spike in one layer lifts the total but barely moves the
+    geometric mean (every layer weighs the same in it, whatever its size)."""
     growth_layer_min_layers: int = 4
     """The network-wide test needs at least this many layers to mean anything."""
 
@@ -129,10 +142,22 @@ class DetectorConfig:
     the next gradient, and step, will be bigger still; Adam's normalised steps cannot compound like that,
     which is why a bold first Adam step is often survived. Later steps are not judged this way: momentum
     and optimizer state blur what "plain" means."""
+    polyak_limit: float = 4.0
+    """Critical, too, when that plain first step overshoots: update norm x grad norm / loss, the step in units
+    of the Polyak step loss / grad norm, is at least this. Along the gradient of a quadratic whose minimum is
+    0 this is 2 x lr x curvature, and above 4 (lr x curvature > 2) the loss must rise. Set 0 to turn off."""
+    polyak_min_ratio: float = 0.1
+    """... provided the step also moves the weights by at least this share of their norm (a large Polyak
+    multiple on a tiny step is a loss near its floor, not an overshoot)."""
 
-    # --- root cause
+    # --- per-layer bands (root cause)
     layer_z: float = 3.0
     """A layer's grad norm this many deviations above its own band has broken out (root-cause bookkeeping)."""
+    layer_every: int = 16
+    """The per-layer bands learn one step in this many (every step during the first `warmup_steps`); every
+    step is still compared with each layer's breakout limit."""
+    layer_alpha: float = 0.2
+    """Weight of a new sample in a per-layer band (one sample every `layer_every` steps: about 80 steps)."""
 
     # --- incidents
     resolve_after_steps: int = 25
@@ -173,34 +198,65 @@ def new_state() -> dict[str, Any]:
         # grad norm band (log space)
         "g_n": 0, "g_mu": 0.0, "g_dev": 0.0, "g_warm": [],
         # grad growth: consecutive steps above the band held when the climb started (gr_*), and
-        # consecutive steps with most layers out of their bands (gw_n)
+        # consecutive steps with the whole network far above its bands (gw_n)
         "gr_n": 0, "gr_base": 0.0, "gr_dev": 0.0, "gw_n": 0,
+        # band of the log geometric mean of the layer grad norms (the network-wide growth test)
+        "m_n": 0, "m_mu": 0.0, "m_dev": 0.0, "m_warm": [],
         # loss: early baseline, smoothed log loss, consecutive divergent steps
         "l_n": 0, "l_first": 0.0, "l_sum": 0.0, "l_start": 0.0, "l_ewm": 0.0, "l_run": 0,
         # loss give-back: slow smoothed log loss, its best level, consecutive steps past the share
         "l_slow": 0.0, "l_best": 0.0, "lb_run": 0,
         # update ratio band (log of update norm / weight norm)
         "r_n": 0, "r_mu": 0.0, "r_dev": 0.0, "r_warm": [], "r_big": 0,
-        # per-layer grad norm bands, aligned with "layers"
-        "layers": [], "ly_n": 0, "ly_mu": [], "ly_dev": [],
-        # layers now above their band: name -> first step out (the root-cause candidates)
+        # per-layer grad norm bands, aligned with "layers": log mean (None until a layer's first sample),
+        # deviation, breakout limit as a plain norm; "ly_seen" counts steps with layer grad norms; layers
+        # still warming up their band -> samples so far (every layer at the start)
+        "layers": [], "ly_seen": 0, "ly_mu": [], "ly_dev": [], "ly_lim": [], "ly_young": {},
+        # layers now above their breakout limit: name -> first step out (the root-cause candidates)
         "out": {},
     }
 
 
-def _upgraded(state: dict[str, Any]) -> dict[str, Any]:
+def _upgraded(state: dict[str, Any], cfg: DetectorConfig) -> dict[str, Any]:
     """A state stored by another version of this module, with whatever it lacks taken from a fresh state.
 
     The service keeps states in its database across upgrades; a new detector starts from scratch only on the
-    parts it did not have before.
+    parts it did not have before. Version 1 taught every layer's band every step and had no breakout limits:
+    its bands are kept and the limits derived from them.
     """
     fresh = new_state()
     fresh.update({k: v for k, v in state.items() if k in fresh and k != "v"})
+    names, mus, devs = fresh["layers"], fresh["ly_mu"], fresh["ly_dev"]
+    if not (isinstance(names, list) and isinstance(mus, list) and isinstance(devs, list)
+            and len(names) == len(mus) == len(devs)):
+        names = fresh["layers"] = []
+        mus = fresh["ly_mu"] = []
+        devs = fresh["ly_dev"] = []
+        fresh["out"] = {}
+    if len(fresh["ly_lim"]) != len(names):
+        seen = int(state.get("ly_n", 0)) if "ly_seen" not in state else fresh["ly_seen"]
+        fresh["ly_seen"] = seen
+        if seen >= cfg.warmup_steps:
+            fresh["ly_young"] = {}
+            floor, z = cfg.band_dev_floor, cfg.layer_z
+            fresh["ly_lim"] = [_limit(mu, dev, floor, z) for mu, dev in zip(mus, devs, strict=True)]
+        else:  # not warm yet: start the layer bands over
+            fresh["ly_mu"] = [None] * len(names)
+            fresh["ly_dev"] = [0.0] * len(names)
+            fresh["ly_lim"] = [_NO_LIMIT] * len(names)
+            fresh["ly_young"] = dict.fromkeys(names, 0)
+            fresh["out"] = {}
     return fresh
+
+
+def _limit(mu: float, dev: float, floor: float, z: float) -> float:
+    e = mu + z * (dev if dev > floor else floor)
+    return _exp(e) if e < _LOG_NO_LIMIT else _NO_LIMIT
 
 
 _GRAD_BAND = ("g_n", "g_mu", "g_dev", "g_warm")
 _RATIO_BAND = ("r_n", "r_mu", "r_dev", "r_warm")
+_GMEAN_BAND = ("m_n", "m_mu", "m_dev", "m_warm")
 
 
 def _band_learn(state: dict[str, Any], keys: tuple[str, str, str, str], x: float, cfg: DetectorConfig) -> None:
@@ -214,61 +270,66 @@ def _band_learn(state: dict[str, Any], keys: tuple[str, str, str, str], x: float
     kn, kmu, kdev, kwarm = keys
     n = state[kn]
     state[kn] = n + 1
-    if n < cfg.warmup_steps:
-        warm = state[kwarm]
-        warm.append(x)
-        ordered = sorted(warm)
-        k = len(ordered)
-        mid = ordered[k // 2] if k % 2 else 0.5 * (ordered[k // 2 - 1] + ordered[k // 2])
-        state[kmu] = mid
-        state[kdev] = sum(abs(v - mid) for v in ordered) / k
-        if n + 1 == cfg.warmup_steps:
-            warm.clear()
+    if n >= cfg.warmup_steps:
+        mu = state[kmu]
+        dev = state[kdev]
+        d = x - mu
+        floor = cfg.band_dev_floor
+        lim = cfg.band_clip * (dev if dev > floor else floor)
+        if d > lim:
+            d = lim
+        elif d < -lim:
+            d = -lim
+        a = cfg.band_alpha
+        state[kmu] = mu + a * d
+        state[kdev] = dev + a * ((d if d >= 0.0 else -d) - dev)
         return
-    mu = state[kmu]
-    dev = state[kdev]
-    d = x - mu
-    lim = cfg.band_clip * (dev if dev > cfg.band_dev_floor else cfg.band_dev_floor)
-    if d > lim:
-        d = lim
-    elif d < -lim:
-        d = -lim
-    a = cfg.band_alpha
-    state[kmu] = mu + a * d
-    state[kdev] = dev + a * ((d if d >= 0.0 else -d) - dev)
+    warm = state[kwarm]
+    warm.append(x)
+    ordered = sorted(warm)
+    k = len(ordered)
+    mid = ordered[k // 2] if k % 2 else 0.5 * (ordered[k // 2 - 1] + ordered[k // 2])
+    state[kmu] = mid
+    state[kdev] = sum(abs(v - mid) for v in ordered) / k
+    if n + 1 == cfg.warmup_steps:
+        warm.clear()
 
 
-def _nonfinite_layer(*maps: Mapping[str, Any] | None) -> str | None:
-    """The first layer (in the step's order) with a non-finite norm, or None. A sum is finite only if every
-    term is, so the common all-finite case costs one C-level sum per map."""
-    for m in maps:
-        if not m:
-            continue
-        try:
-            if _isfinite(sum(m.values())):
-                continue
-        except TypeError:  # a None among the values
-            if _isfinite(sum(v for v in m.values() if v is not None)):
-                continue
-        for name, v in m.items():
-            if v is not None and not _isfinite(v):
-                return name
-    return None
+def _first_nonfinite(names: Sequence[str], values: Any) -> tuple[str | None, float]:
+    """The first layer (in the step's order) with a non-finite norm and its value; (None, nan) if none."""
+    for name, v in zip(names, values, strict=False):
+        if v is not None and not _isfinite(v):
+            return name, float(v)
+    return None, math.nan
 
 
-def _root_cause(state: dict[str, Any], norms: Mapping[str, Any] | None, cfg: DetectorConfig) -> str | None:
+def _all_finite(values: Any) -> bool:
+    """A sum is finite only if every term is (or it overflowed, which the caller then checks one by one)."""
+    try:
+        return _isfinite(sum(values))
+    except TypeError:  # a None among the values
+        return _isfinite(sum(v for v in values if v is not None))
+
+
+def _as_map(keys: Sequence[str] | None, values: Any) -> dict[str, Any] | None:
+    return dict(zip(keys, values, strict=False)) if keys is not None and values is not None else None
+
+
+def _root_cause(state: dict[str, Any], keys: Sequence[str] | None, values: Any,
+                cfg: DetectorConfig) -> str | None:
     """The layer to blame: the one that broke out of its own band first and is still out; failing that (every
     layer is noisy enough to stay inside its band), the layer furthest above its band right now. Only called
     when an event fires, so the O(layers) fallback costs nothing on quiet steps."""
     out = state["out"]
     if out:
         return min(out.items(), key=lambda kv: (kv[1], kv[0]))[0]
-    if not norms or state["ly_n"] < 2 or list(norms) != state["layers"]:
+    if values is None or keys is None or list(keys) != state["layers"]:
         return None
     floor = cfg.band_dev_floor
     best, best_z = None, 0.0
-    for name, v, mu, dev in zip(state["layers"], norms.values(), state["ly_mu"], state["ly_dev"], strict=True):
-        if v is None or not v > 0.0 or not _isfinite(v):
+    young = state["ly_young"]
+    for name, v, mu, dev in zip(state["layers"], values, state["ly_mu"], state["ly_dev"], strict=True):
+        if mu is None or v is None or not v > 0.0 or not _isfinite(v) or young.get(name, 2) < 2:
             continue
         z = (_log(v) - mu) / (dev if dev > floor else floor)
         if z > best_z:
@@ -276,84 +337,142 @@ def _root_cause(state: dict[str, Any], norms: Mapping[str, Any] | None, cfg: Det
     return best
 
 
-def _track_layers(state: dict[str, Any], norms: Mapping[str, Any], step: int, cfg: DetectorConfig) -> None:
-    """Advance every layer's band and remember which layers have broken out of it, and since when.
+def _learn_layers(state: dict[str, Any], values: Any, cfg: DetectorConfig) -> None:
+    """Teach every layer's band one sample (log space, clipped like `_band_learn`'s) and renew its limit.
 
-    This is the only O(layers) work per step, so it is written for speed: one pass, local names, no
-    per-layer allocation. Non-finite values never get here (they are `nonfinite` events first).
+    A layer's band starts at its first sample and learns every step, with weight 1/samples, until it has
+    `warmup_steps` samples; until then it has no limit (it cannot break out).
     """
-    names = state["layers"]
-    if list(norms) != names:
-        _realign_layers(state, norms)
-        names = state["layers"]
     try:
-        xs: list[float | None] = list(map(_log, norms.values()))
-    except (TypeError, ValueError):  # a missing (None) or zero norm somewhere: it is skipped this step
-        xs = [_log(v) if v is not None and v > 0.0 else None for v in norms.values()]
-    n = state["ly_n"]
-    state["ly_n"] = n + 1
+        xs: list[float | None] = list(map(_log, values))
+    except (TypeError, ValueError):  # a missing (None) or zero norm somewhere: that layer learns nothing
+        xs = [_log(v) if v is not None and v > 0.0 else None for v in values]
     mus = state["ly_mu"]
-    if n == 0:
-        for i, x in enumerate(xs):
-            if x is not None:
-                mus[i] = x
-        return
     devs = state["ly_dev"]
-    out = state["out"]
+    lims = state["ly_lim"]
+    young = state["ly_young"]
     floor = cfg.band_dev_floor
     clip = cfg.band_clip
-    warm = n >= cfg.warmup_steps
-    a = cfg.band_alpha if warm else max(cfg.band_alpha, 1.0 / (n + 1))
-    lz = cfg.layer_z if warm else math.inf
+    z = cfg.layer_z
+    a = cfg.layer_alpha
+    if young:
+        names = state["layers"]
+        warm = cfg.warmup_steps
+        for i, x in enumerate(xs):
+            if x is None:
+                continue
+            k = young.get(names[i])
+            if k is not None:
+                if k + 1 >= warm:
+                    del young[names[i]]
+                else:
+                    young[names[i]] = k + 1
+                if k == 0 or mus[i] is None:
+                    mus[i] = x
+                    devs[i] = 0.0
+                    lims[i] = _NO_LIMIT
+                    continue
+            _learn_one(mus, devs, i, x, a if k is None else max(a, 1.0 / (k + 1)), floor, clip)
+            lims[i] = _limit(mus[i], devs[i], floor, z) if names[i] not in young else _NO_LIMIT
+        return
     i = -1
     for x in xs:
         i += 1
         if x is None:
             continue
+        mu = mus[i]
         dv = devs[i]
         s = dv if dv > floor else floor
-        d = x - mus[i]
-        if d > lz * s:
-            if names[i] not in out:
-                out[names[i]] = step
-        elif out and names[i] in out:
-            del out[names[i]]
+        d = x - mu
         lim = clip * s
         if d > lim:
             d = lim
         elif d < -lim:
             d = -lim
-        mus[i] += a * d
-        devs[i] = dv + a * ((d if d >= 0.0 else -d) - dv)
+        mu += a * d
+        dv += a * ((d if d >= 0.0 else -d) - dv)
+        mus[i] = mu
+        devs[i] = dv
+        e = mu + z * (dv if dv > floor else floor)
+        lims[i] = _exp(e) if e < _LOG_NO_LIMIT else _NO_LIMIT
 
 
-def _realign_layers(state: dict[str, Any], norms: Mapping[str, Any]) -> None:
-    """The set or order of layers changed: keep the bands of layers still present, start new ones fresh."""
-    old = dict(zip(state["layers"], zip(state["ly_mu"], state["ly_dev"], strict=True), strict=True))
-    names = list(norms)
+def _learn_one(mus: list[Any], devs: list[float], i: int, x: float, a: float, floor: float, clip: float) -> None:
+    mu = mus[i]
+    dv = devs[i]
+    d = x - mu
+    lim = clip * (dv if dv > floor else floor)
+    if d > lim:
+        d = lim
+    elif d < -lim:
+        d = -lim
+    mus[i] = mu + a * d
+    devs[i] = dv + a * ((d if d >= 0.0 else -d) - dv)
+
+
+def _realign_layers(state: dict[str, Any], keys: Sequence[str]) -> None:
+    """The set or order of layers changed: keep the bands of layers still present, start new ones fresh.
+
+    The geometric mean of a different set of layers is a different quantity: its band starts over."""
+    old = {name: (mu, dev, lim) for name, mu, dev, lim in
+           zip(state["layers"], state["ly_mu"], state["ly_dev"], state["ly_lim"], strict=True)}
+    names = list(keys)
+    fresh = (None, 0.0, _NO_LIMIT)
+    bands = [old.get(k, fresh) for k in names]
     state["layers"] = names
-    fresh = (0.0, 0.0)
-    if not old:
-        state["ly_mu"] = [0.0] * len(names)
-        state["ly_dev"] = [0.0] * len(names)
-        state["ly_n"] = 0
-        return
-    state["ly_mu"] = [old.get(k, fresh)[0] for k in names]
-    state["ly_dev"] = [old.get(k, fresh)[1] for k in names]
-    state["out"] = {k: s for k, s in state["out"].items() if k in old and k in norms}
+    state["ly_mu"] = [b[0] for b in bands]
+    state["ly_dev"] = [b[1] for b in bands]
+    state["ly_lim"] = [b[2] for b in bands]
+    young = {k: n for k, n in state["ly_young"].items() if k in old}
+    young.update((k, 0) for k in names if k not in old)
+    state["ly_young"] = {k: young[k] for k in names if k in young}
+    state["out"] = {k: s for k, s in state["out"].items() if k in old and k in young or k in names}
+    if old:
+        state["m_n"], state["m_mu"], state["m_dev"], state["m_warm"] = 0, 0.0, 0.0, []
+
+
+def _layer_view(m: Any, names: Sequence[str] | None) -> tuple[Sequence[str] | None, Any]:
+    """(layer names, values in the same order) of a step's per-layer field: a mapping name -> value, or (with
+    the step's `layer_names`) a sequence of values aligned with the names."""
+    if not m:
+        return None, None
+    if names is None or isinstance(m, Mapping):
+        return list(m), m.values()
+    if len(m) == len(names):
+        return names, m
+    d = dict(zip(names, m, strict=False))  # fewer values than names, or more: pair them off as far as they go
+    return list(d), list(d.values())
+
+
+def _nonfinite_event(state: dict[str, Any], t: int, loss: float | None, g: float | None, u: float | None,
+                     bad_layer: str | None, bad_value: float, gk: Sequence[str] | None, gv: Any,
+                     cfg: DetectorConfig) -> Event:
+    """The `nonfinite` event: what went non-finite (the first of loss, grad norm, update norm, else a layer
+    norm) and the layer to blame (the first non-finite one in the step's order, else the usual root cause)."""
+    bad = [(what, v) for what, v in (("loss", loss), ("grad_norm", g), ("update_norm", u))
+           if v is not None and not _isfinite(v)]
+    layer = bad_layer if bad_layer is not None else _root_cause(state, gk, gv, cfg)
+    what, value = bad[0] if bad else ("layer norm", math.nan)
+    if bad_layer is not None and not math.isnan(bad_value):  # a layer grad norm: report its value
+        value = bad_value
+    where = f" (first in layer {layer})" if layer else ""
+    return Event("nonfinite", CRITICAL, t, float(value), None, layer,
+                 f"{what} is {encode_value(float(value))} at step {t}{where}")
 
 
 def advance(state: dict[str, Any], step: Mapping[str, Any],
             config: DetectorConfig | None = None) -> tuple[dict[str, Any], list[Event]]:
     """Feed one optimizer step to the detectors; returns the (same, updated) state and the events it raised.
 
-    `step` has the trace step-line keys (see docs/detection.md); missing values are simply not judged. A
-    step with `skipped` true (AMP's GradScaler dropped it for inf/NaN gradients) is counted but neither
-    alerts nor teaches the bands anything: the scaler already handled it.
+    `step` has the trace step-line keys (see docs/detection.md); missing values are simply not judged. The
+    per-layer fields are mappings name -> norm, or sequences of norms aligned with the step's `layer_names`
+    (what the service stores; saves building a dict per step). A step with `skipped` true (AMP's GradScaler
+    dropped it for inf/NaN gradients) is counted but neither alerts nor teaches the bands anything: the
+    scaler already handled it.
     """
     cfg = config if config is not None else _DEFAULT
     if state.get("v") != STATE_VERSION:
-        state = _upgraded(state)
+        state = _upgraded(state, cfg)
     t = int(step["step"])
     state["steps"] += 1
     state["last_step"] = t
@@ -364,32 +483,74 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
     loss = step.get("loss")
     g = step.get("grad_norm")
     u = step.get("update_norm")
+    names = step.get("layer_names")
+    if names is not None and type(names) is not list:
+        names = list(names)
     lgn = step.get("layer_grad_norms")
     lwn = step.get("layer_weight_norms")
+    gk: Sequence[str] | None
+    if type(lgn) is dict:  # the common cases first, without an isinstance check against Mapping
+        gk, gv = (list(lgn), lgn.values()) if lgn else (None, None)
+    else:
+        gk, gv = _layer_view(lgn, names)
+    wv = (lwn.values() if lwn else None) if type(lwn) is dict else _layer_view(lwn, names)[1]
     lun = step.get("layer_update_norms")
 
-    # ---- nonfinite: critical at once, and nothing non-finite is ever learned from
-    bad_layer = _nonfinite_layer(lgn, lwn, lun)
-    bad = []
-    if loss is not None and not _isfinite(loss):
-        bad.append(("loss", loss))
-    if g is not None and not _isfinite(g):
-        bad.append(("grad_norm", g))
-    if u is not None and not _isfinite(u):
-        bad.append(("update_norm", u))
-    if bad or bad_layer is not None:
-        layer = bad_layer if bad_layer is not None else _root_cause(state, lgn, cfg)
-        what, value = bad[0] if bad else ("layer norm", math.nan)
-        if bad_layer is not None and lgn and bad_layer in lgn and lgn[bad_layer] is not None:
-            value = float(lgn[bad_layer])
-        where = f" (first in layer {layer})" if layer else ""
-        events.append(Event("nonfinite", CRITICAL, t, float(value), None, layer,
-                            f"{what} is {encode_value(float(value))} at step {t}{where}"))
-        return state, events
+    # ---- nonfinite: critical at once, and nothing non-finite is ever learned from. The product of the layer
+    # grad norms (their geometric mean, below) and the L2 norm of the weights are non-finite if any term is.
+    bad_layer: str | None = None
+    bad_value = math.nan
+    gprod = None
+    if gv is not None:
+        try:
+            gprod = _prod(gv)
+        except TypeError:  # a None among them
+            gprod = None
+        if (gprod is None or not 0.0 < gprod < _INF) and not _all_finite(gv):
+            bad_layer, bad_value = _first_nonfinite(gk, gv)  # type: ignore[arg-type]
+    w = None
+    if wv is not None:
+        try:
+            w = _hypot(*wv)
+        except TypeError:
+            w = _hypot(*[v for v in wv if v is not None])
+        if bad_layer is None and not _isfinite(w):
+            bad_layer = _first_nonfinite(*_layer_view(lwn, names))[0]  # type: ignore[arg-type]
+    if bad_layer is None and lun and not _all_finite(lun.values() if isinstance(lun, Mapping) else lun):
+        bad_layer = _first_nonfinite(*_layer_view(lun, names))[0]  # type: ignore[arg-type]
+    if (bad_layer is not None or (loss is not None and not _isfinite(loss)) or (g is not None and not _isfinite(g))
+            or (u is not None and not _isfinite(u))):
+        return state, [_nonfinite_event(state, t, loss, g, u, bad_layer, bad_value, gk, gv, cfg)]
 
-    # ---- per-layer bands, for the root cause of whatever fires below
-    if lgn:
-        _track_layers(state, lgn, t, cfg)
+    # ---- per-layer breakouts, for the root cause of whatever fires below (one C-level pass over the layers
+    # against their limits, plain norms; Python touches a layer only while it is out), and the geometric mean
+    # of the layer grad norms for the network-wide growth test
+    gm = None
+    if gv is not None:
+        layers = state["layers"]
+        if gk != layers:
+            _realign_layers(state, gk)  # type: ignore[arg-type]
+            layers = state["layers"]
+        try:
+            now_out = list(compress(layers, map(_gt, gv, state["ly_lim"])))
+        except TypeError:  # a missing (None) norm somewhere: that layer is not judged this step
+            now_out = [k for k, v, lim in zip(layers, gv, state["ly_lim"], strict=True) if v is not None and v > lim]
+        out = state["out"]
+        if (now_out or out) and now_out != list(out):
+            state["out"] = {k: out.get(k, t) for k in now_out}
+        seen = state["ly_seen"]
+        state["ly_seen"] = seen + 1
+        if state["ly_young"] or seen % cfg.layer_every == 0:
+            _learn_layers(state, gv, cfg)
+        n_layers = len(layers)
+        if n_layers >= cfg.growth_layer_min_layers:
+            if gprod is not None and 0.0 < gprod < _INF:
+                gm = _log(gprod) / n_layers
+            elif gprod is not None:  # the product under- or overflowed: add the logs instead
+                try:
+                    gm = sum(map(_log, gv)) / n_layers
+                except ValueError:  # a zero norm (a dead layer)
+                    gm = None
 
     # ---- grad norm: spike (warning) and sustained growth (critical)
     if g is not None and g > 0.0:
@@ -410,28 +571,35 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
                 state["gr_n"] = 1
                 state["gr_base"] = mu
                 state["gr_dev"] = s
-            # network-wide: most layers out of their own bands at once, step after step
-            n_layers = len(state["layers"])
-            if (n_layers >= cfg.growth_layer_min_layers and len(state["out"]) >= cfg.growth_layer_share * n_layers
-                    and x - mu >= _log(cfg.growth_layer_min_factor)):
-                state["gw_n"] += 1
+            # network-wide: the total and the geometric mean of the layers far above their bands, step after step
+            up = _log(cfg.growth_layer_min_factor)
+            if gm is not None and x - mu >= up and state["m_n"] >= cfg.warmup_steps:
+                dm = gm - state["m_mu"]
+                md = state["m_dev"]
+                if dm >= up and dm >= cfg.growth_layer_z * (md if md > cfg.band_dev_floor else cfg.band_dev_floor):
+                    state["gw_n"] += 1
+                else:
+                    state["gw_n"] = 0
             else:
                 state["gw_n"] = 0
             if state["gr_n"] >= cfg.growth_steps and x - state["gr_base"] >= _log(cfg.growth_min_factor):
-                base = math.exp(state["gr_base"])
-                events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state, lgn, cfg),
+                base = _exp(state["gr_base"])
+                events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state, gk, gv, cfg),
                                     f"grad norm {g:.4g} has grown {g / base:.3g}x over "
                                     f"{state['gr_n']} steps (band {base:.4g})"))
             elif state["gw_n"] >= cfg.growth_layer_steps:
-                base = math.exp(mu)
-                events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state, lgn, cfg),
-                                    f"{len(state['out'])} of {n_layers} layers above their bands for "
-                                    f"{state['gw_n']} steps; grad norm {g:.4g} is {g / base:.3g}x its band"))
+                base = _exp(mu)
+                events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state, gk, gv, cfg),
+                                    f"the whole network climbs: the geometric mean of the layer grad norms is "
+                                    f"{_exp(gm - state['m_mu']):.3g}x its band and the grad norm {g:.4g} "  # type: ignore[operator]
+                                    f"{g / base:.3g}x its band, for {state['gw_n']} steps"))
             elif z > cfg.spike_z and x - mu >= _log(cfg.spike_min_factor):
-                base = math.exp(mu)
-                events.append(Event("grad_spike", WARNING, t, float(g), base, _root_cause(state, lgn, cfg),
+                base = _exp(mu)
+                events.append(Event("grad_spike", WARNING, t, float(g), base, _root_cause(state, gk, gv, cfg),
                                     f"grad norm {g:.4g} is {g / base:.3g}x its band {base:.4g}"))
         _band_learn(state, _GRAD_BAND, x, cfg)
+    if gm is not None:
+        _band_learn(state, _GMEAN_BAND, gm, cfg)
 
     # ---- loss divergence: the smoothed loss stays well above the run's early level
     if loss is not None and loss > 0.0:
@@ -452,9 +620,10 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
         if n >= cfg.loss_start_steps and state["l_ewm"] > limit:
             state["l_run"] += 1
             if state["l_run"] == cfg.loss_steps:
-                base = math.exp(limit)
-                events.append(Event("loss_divergence", CRITICAL, t, float(loss), base, _root_cause(state, lgn, cfg),
-                                    f"smoothed loss {math.exp(state['l_ewm']):.4g} has stayed above "
+                base = _exp(limit)
+                events.append(Event("loss_divergence", CRITICAL, t, float(loss), base,
+                                    _root_cause(state, gk, gv, cfg),
+                                    f"smoothed loss {_exp(state['l_ewm']):.4g} has stayed above "
                                     f"{base:.4g} ({cfg.loss_factor:g}x its early level) for "
                                     f"{cfg.loss_steps} steps"))
         else:
@@ -469,54 +638,37 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
                     and slow - best >= cfg.loss_giveback_share * progress):
                 state["lb_run"] += 1
                 if state["lb_run"] == cfg.loss_steps:
-                    level = math.exp(best + cfg.loss_giveback_share * progress)
+                    level = _exp(best + cfg.loss_giveback_share * progress)
                     events.append(Event("loss_divergence", CRITICAL, t, float(loss), level,
-                                        _root_cause(state, lgn, cfg),
-                                        f"smoothed loss {math.exp(slow):.4g} has given back "
+                                        _root_cause(state, gk, gv, cfg),
+                                        f"smoothed loss {_exp(slow):.4g} has given back "
                                         f"{(slow - best) / progress:.0%} of its progress (start "
-                                        f"{math.exp(state['l_start']):.4g}, best {math.exp(best):.4g}) "
+                                        f"{_exp(state['l_start']):.4g}, best {_exp(best):.4g}) "
                                         f"for {cfg.loss_steps} steps"))
             else:
                 state["lb_run"] = 0
 
     # ---- update ratio: how far this step moved the weights, relative to their size
-    if u is not None and lwn:
-        try:
-            w = math.hypot(*lwn.values())
-        except TypeError:  # a None among the values
-            w = math.hypot(*[v for v in lwn.values() if v is not None])
-        ratio = u / w if 0.0 < w < math.inf else 0.0
-        if 0.0 < ratio < math.inf:  # a quotient of finite norms can still underflow or overflow
+    if u is not None and w is not None:
+        ratio = u / w if 0.0 < w < _INF else 0.0
+        if 0.0 < ratio < _INF:  # a quotient of finite norms can still underflow or overflow
             x = _log(ratio)
             n = state["r_n"]
-            mu = state["r_mu"]
-            dev = state["r_dev"]
             state["r_big"] = state["r_big"] + 1 if ratio >= cfg.ratio_sustained else 0
-            if n < cfg.warmup_steps and state["r_big"] >= cfg.ratio_sustained_steps:
-                events.append(Event("update_ratio", CRITICAL, t, ratio, cfg.ratio_sustained,
-                                    _ratio_cause(state, lun, lwn, lgn, cfg),
-                                    f"{state['r_big']} updates in a row at least {cfg.ratio_sustained:g}x the "
-                                    f"weight norm (now {ratio:.3g}x)"))
-            elif n < cfg.warmup_steps:
-                lr = step.get("lr")
-                plain = (n == 0 and lr is not None and g is not None and lr > 0.0 and g > 0.0
-                         and u <= _PLAIN_STEP_TOLERANCE * lr * g)
-                if plain and ratio >= cfg.ratio_gradient_step:
-                    events.append(Event("update_ratio", CRITICAL, t, ratio, cfg.ratio_gradient_step,
-                                        _ratio_cause(state, lun, lwn, lgn, cfg),
-                                        f"the first update, a plain gradient step (lr x gradient), moved the "
-                                        f"weights by {ratio:.3g}x their norm (limit {cfg.ratio_gradient_step:g}x)"))
-                elif ratio >= cfg.ratio_critical:
-                    events.append(Event("update_ratio", CRITICAL, t, ratio, cfg.ratio_critical,
-                                        _ratio_cause(state, lun, lwn, lgn, cfg),
-                                        f"update norm is {ratio:.3g}x the weight norm at step {t}, "
-                                        f"before the run has a history (limit {cfg.ratio_critical:g}x)"))
+            if n < cfg.warmup_steps:
+                found = _early_ratio(state, step, cfg, t, n, ratio, u, g, loss)
+                if found is not None:
+                    baseline, value, message = found
+                    events.append(Event("update_ratio", CRITICAL, t, value, baseline,
+                                        _ratio_cause(state, names, lun, lwn, gk, gv, cfg), message))
             else:
+                mu = state["r_mu"]
+                dev = state["r_dev"]
                 s = dev if dev > cfg.band_dev_floor else cfg.band_dev_floor
                 if (x - mu) / s > cfg.ratio_z and x - mu >= _log(cfg.ratio_min_factor):
-                    base = math.exp(mu)
+                    base = _exp(mu)
                     events.append(Event("update_ratio", WARNING, t, ratio, base,
-                                        _ratio_cause(state, lun, lwn, lgn, cfg),
+                                        _ratio_cause(state, names, lun, lwn, gk, gv, cfg),
                                         f"update/weight ratio {ratio:.3g} is {ratio / base:.3g}x "
                                         f"its band {base:.3g}"))
             _band_learn(state, _RATIO_BAND, x, cfg)
@@ -524,14 +676,41 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
     return state, events
 
 
-def _ratio_cause(state: dict[str, Any], lun: Mapping[str, Any] | None, lwn: Mapping[str, Any],
-                 lgn: Mapping[str, Any] | None, cfg: DetectorConfig) -> str | None:
+def _early_ratio(state: dict[str, Any], step: Mapping[str, Any], cfg: DetectorConfig, t: int, n: int,
+                 ratio: float, u: float, g: float | None, loss: float | None) -> tuple[float, float, str] | None:
+    """The critical update-ratio rules for the first samples, before the band exists: (limit, value, message)
+    of the first one broken, or None."""
+    if state["r_big"] >= cfg.ratio_sustained_steps:
+        return (cfg.ratio_sustained, ratio, f"{state['r_big']} updates in a row at least {cfg.ratio_sustained:g}x "
+                f"the weight norm (now {ratio:.3g}x)")
+    lr = step.get("lr")
+    plain = (n == 0 and lr is not None and g is not None and lr > 0.0 and g > 0.0
+             and u <= _PLAIN_STEP_TOLERANCE * lr * g)
+    if plain and ratio >= cfg.ratio_gradient_step:
+        return (cfg.ratio_gradient_step, ratio, f"the first update, a plain gradient step (lr x gradient), moved "
+                f"the weights by {ratio:.3g}x their norm (limit {cfg.ratio_gradient_step:g}x)")
+    if (plain and cfg.polyak_limit > 0.0 and ratio >= cfg.polyak_min_ratio and loss is not None
+            and 0.0 < loss < _INF and u * g >= cfg.polyak_limit * loss):  # type: ignore[operator]
+        rho = u * g / loss  # type: ignore[operator]
+        return (cfg.polyak_limit, rho, f"the first update, a plain gradient step, is {rho:.3g}x the Polyak step "
+                f"loss/gradient (limit {cfg.polyak_limit:g}x: past it the loss of a quadratic rises); it moved "
+                f"the weights by {ratio:.3g}x their norm")
+    if ratio >= cfg.ratio_critical:
+        return (cfg.ratio_critical, ratio, f"update norm is {ratio:.3g}x the weight norm at step {t}, before the "
+                f"run has a history (limit {cfg.ratio_critical:g}x)")
+    return None
+
+
+def _ratio_cause(state: dict[str, Any], names: Sequence[str] | None, lun: Any, lwn: Any,
+                 gk: Sequence[str] | None, gv: Any, cfg: DetectorConfig) -> str | None:
     """The layer to blame for an outsized update: the one whose own update is largest relative to its weights
     when the client sends per-layer updates; else the usual root cause; else (the first steps, no bands yet)
     the layer with the largest gradient relative to its weights, which is what plain SGD's update follows."""
+    weights = _as_map(*_layer_view(lwn, names)) or {}
     if lun:
-        return _largest_ratio(lun, lwn)
-    return _root_cause(state, lgn, cfg) or (_largest_ratio(lgn, lwn) if lgn else None)
+        uk, uv = _layer_view(lun, names)
+        return _largest_ratio(_as_map(uk, uv) or {}, weights)
+    return _root_cause(state, gk, gv, cfg) or (_largest_ratio(_as_map(gk, gv) or {}, weights) if gv else None)
 
 
 def _largest_ratio(numerators: Mapping[str, Any], weights: Mapping[str, Any]) -> str | None:
