@@ -130,11 +130,23 @@ class Spool:
     def drain(self, send: Callable[[dict[str, Any]], bool], max_batches: int | None = None) -> bool:
         """Send spooled bodies oldest first. `send` returns False to stop (service down): what is left stays
         for the next drain. Returns True when the spool is empty."""
+        segments = self.segments()
+        if not segments:
+            return True
+        sent = 0
+        # Probe with the oldest body before rotating, so that an outage does not leave a segment per attempt.
+        # Under the lock: the oldest segment may be the one being appended to, and a line is whole only then.
+        with self._lock:
+            probe = next(self._read(segments[0], self._offsets.get(segments[0], 0)), None)
+        if probe is not None:
+            if not send(probe[1]):
+                return False
+            self._offsets[segments[0]] = probe[0]
+            sent = 1
         with self._lock:
             # New appends go to a fresh segment, so the ones drained here are never written to again.
             if self._segment(self._current).exists():
                 self._current += 1
-        sent = 0
         for path in self.segments():
             if path == self._segment(self._current):
                 break
