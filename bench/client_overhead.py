@@ -33,8 +33,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import gradwatch
 import torch
+
+import gradwatch
 from gradwatch._torch import tensor_norms
 
 DIM, LAYERS, BATCH = 384, 25, 256

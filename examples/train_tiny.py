@@ -19,8 +19,9 @@ import os
 import sys
 import time
 
-import gradwatch
 import torch
+
+import gradwatch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -9,8 +9,9 @@ import threading
 import time
 from pathlib import Path
 
-import gradwatch
 import pytest
+
+import gradwatch
 from gradwatch.sync import sync_run
 
 from .test_client_fakes import HungServer, Recorder

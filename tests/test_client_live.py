@@ -13,8 +13,9 @@ import sys
 import urllib.request
 from pathlib import Path
 
-import gradwatch
 import pytest
+
+import gradwatch
 
 from .serverproc import ServerProcess
 

@@ -216,3 +216,29 @@ def test_watch_on_cuda_matches_reference_without_syncing(recorder: Recorder, tmp
             if name != "total":
                 assert math.isclose(layer(s, "layer_grad_norms", name), value, rel_tol=1e-5)
         assert isinstance(s["update_norm"], float) and isinstance(s["loss"], float)
+
+
+def test_a_failing_hook_never_breaks_the_step(recorder: Recorder, tmp_path: Path, monkeypatch) -> None:
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = gradwatch.init(url=recorder.url, spool_dir=tmp_path, **FAST)
+    w = gradwatch.watch(model, opt, run)
+
+    def broken(parts: object) -> None:
+        raise RuntimeError("bug in the instrumentation")
+
+    monkeypatch.setattr(w, "_pack", broken)
+    before = model[0].weight.detach().clone()
+    x, y = batch(0)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()  # the hook fails; the step still happens
+    assert not torch.equal(before, model[0].weight)
+    run.log(0, loss=1.0)
+    assert run.finish().lost == {"instrumentation_error": 1}
+
+    strict = gradwatch.init(url=recorder.url, spool_dir=tmp_path, strict=True, **FAST)
+    w = gradwatch.watch(model, opt, strict)
+    monkeypatch.setattr(w, "_pack", broken)
+    with pytest.raises(gradwatch.GradwatchError):
+        opt.step()
+    strict.finish()

@@ -209,7 +209,7 @@ class Run:
 
     def _log_measured(self, step: int, values: Mapping[str, Any]) -> None:
         """For instrumentation (watch): fills only what the user has not logged himself."""
-        if not self._enabled or self._pid != os.getpid():
+        if not self._enabled or self._finished or self._pid != os.getpid():
             return
         try:
             self._merge(step, values, False)
@@ -274,6 +274,10 @@ class Run:
     def lost(self) -> dict[str, int]:
         with self.stats.lock:
             return dict(self.stats.lost)
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
 
     @property
     def enabled(self) -> bool:
@@ -376,13 +380,14 @@ class Run:
             self._incidents_seen(events)
 
     # -- errors and reports ------------------------------------------------------------------------------
-    def _client_error(self, exc: Exception) -> None:
+    def _client_error(self, exc: Exception, reason: str = "invalid_value") -> None:
+        """A failure in the client's own work: raised in strict mode, else counted and logged (three times)."""
         if self.options.strict:
             raise GradwatchError(str(exc)) from exc
-        self.stats.count_lost("invalid_value", 1)
+        self.stats.count_lost(reason, 1)
         self._client_errors += 1
         if self._client_errors <= 3:
-            logger.error("gradwatch: ignoring a value that could not be logged: %r", exc)
+            logger.error("gradwatch: %s: %r (the step goes on without it)", reason.replace("_", " "), exc)
 
     def _build_report(self) -> DeliveryReport:
         with self.stats.lock:

@@ -14,9 +14,11 @@ AMP's GradScaler skipped; log your loss with the same count and the two merge in
 from __future__ import annotations
 
 import collections
+import functools
 import types
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -84,9 +86,25 @@ def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0, er
     if norm_type == 2.0:
         by_param = {id(p): n for p, n in zip(with_grad, norms, strict=True)}
         for w in list(_watches):
-            w._take_clip_norms(by_param, total)
+            try:
+                w._take_clip_norms(by_param, total)
+            except Exception as exc:
+                w.run._client_error(exc, "instrumentation_error")
     torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach)
     return total
+
+
+def _guarded(method: Callable[..., None]) -> Callable[..., None]:
+    """A hook that fails must not take the optimizer step down with it (unless the run is strict)."""
+
+    @functools.wraps(method)
+    def hook(self: Watch, *args: Any, **kwargs: Any) -> None:
+        try:
+            method(self, *args, **kwargs)
+        except Exception as exc:
+            self.run._client_error(exc, "instrumentation_error")
+
+    return hook
 
 
 class Watch:
@@ -142,8 +160,11 @@ class Watch:
         if any(i in by_param for i in self._ids):
             self._clip = (by_param, total)
 
+    @_guarded
     @torch.no_grad()
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.run.finished:  # the run is over; the model may train on (or be watched by a new run)
+            return
         self.collect(wait=False)
         present = [i for i, p in enumerate(self.params) if p.grad is not None]
         clip, self._clip = self._clip, None
@@ -162,8 +183,11 @@ class Watch:
         if self.update_every and self.step % self.update_every == 0:
             self._snapshot = self._copy_weights()
 
+    @_guarded
     @torch.no_grad()
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.run.finished:
+            return
         present, total, norms = self._grad or ([], None, [])
         self._grad = None
         parts = list(norms)
@@ -257,6 +281,14 @@ class Watch:
         self.run._release(step)
 
     # -- AMP ---------------------------------------------------------------------------------------------
+    @_guarded
+    def _skipped(self) -> None:
+        self.collect(wait=False)
+        self._clip = None
+        self._snapshot = None
+        self.run._log_measured(self.step, {"skipped": True})
+        self.step += 1
+
     def _wrap_scaler(self, scaler: Any) -> None:
         """GradScaler.step skips optimizer.step when it found inf/NaN gradients; record that as `skipped`."""
         original = scaler.step
@@ -266,11 +298,7 @@ class Watch:
             before = self.step
             result = original(optimizer, *args, **kwargs)
             if optimizer is self.optimizer and self.step == before:
-                self.collect(wait=False)
-                self._clip = None
-                self._snapshot = None
-                self.run._log_measured(self.step, {"skipped": True})
-                self.step += 1
+                self._skipped()
             return result
 
         scaler.step = step
