@@ -13,11 +13,9 @@ import logging
 import math
 import os
 import re
-import socket
 import sys
 import threading
 import time
-import uuid
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -28,7 +26,7 @@ from typing import Any
 
 from ._errors import CriticalIncident, GradwatchError
 from ._options import Options
-from ._spool import Spool
+from ._spool import Spool, hostname
 from ._step import DeviceScalar, StepRecord
 from ._worker import DeliveryStats, Worker
 from .wire import encode_value, to_float
@@ -97,7 +95,7 @@ def init(
     body: dict[str, Any] = {
         "project": project or os.environ.get("GRADWATCH_PROJECT") or "default",
         "status": "running",
-        "meta": {"host": socket.gethostname(), "pid": os.getpid(), "python": sys.version.split()[0],
+        "meta": {"host": hostname(), "pid": os.getpid(), "python": sys.version.split()[0],
                  "client": f"gradwatch-python/{VERSION}", **_jsonable(dict(meta or {}))},
     }
     if name:
@@ -467,7 +465,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:10]
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + os.urandom(5).hex()
 
 
 def _distributed_rank() -> int | None:

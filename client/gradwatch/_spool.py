@@ -14,13 +14,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["META_FILE", "Spool", "SpoolFull", "directory_size", "owner_alive", "spooled_runs"]
+__all__ = ["META_FILE", "Spool", "SpoolFull", "directory_size", "hostname", "owner_alive", "spooled_runs"]
 
 META_FILE = "run.json"
 SEGMENT_SUFFIX = ".jsonl"
@@ -42,10 +41,16 @@ def directory_size(root: Path) -> int:
     return total
 
 
+def hostname() -> str:
+    import socket  # imported when needed: `import gradwatch` stays cheap
+
+    return socket.gethostname()
+
+
 def owner_alive(meta: dict[str, Any]) -> bool:
     """Whether the process that wrote this run's spool is still running (on this host)."""
     owner = meta.get("owner") or {}
-    if owner.get("host") != socket.gethostname():
+    if owner.get("host") != hostname():
         return False
     pid = owner.get("pid")
     if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():

@@ -14,14 +14,13 @@ import os
 import random
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._options import Options
-from ._spool import Spool, SpoolFull
+from ._spool import Spool, SpoolFull, hostname
 from ._step import StepRecord, encode_step
 from ._transport import HttpTransport, Response, TransportError
 
@@ -350,7 +349,7 @@ class Worker:
                     self._layers.append(name)
         layers = list(self._layers)
         return {
-            "batch_id": uuid.uuid4().hex,
+            "batch_id": os.urandom(16).hex(),
             "layers": layers,
             "steps": [encode_step(r, layers) for r in records],
         }
@@ -383,7 +382,7 @@ class Worker:
             "run_id": self.run_id,
             "url": self.options.url,
             "run": self._run_body,
-            "owner": {"pid": os.getpid(), "host": _hostname()},
+            "owner": {"pid": os.getpid(), "host": hostname()},
             "finished": self._run_body.get("status", "running") != "running",
         }
         try:
@@ -490,7 +489,3 @@ class Worker:
                            self.options.url, what, self.spool.directory)
 
 
-def _hostname() -> str:
-    import socket
-
-    return socket.gethostname()
