@@ -51,8 +51,8 @@ def test_steps_arrive_once_merged_with_nonfinite_values(recorder: Recorder, tmp_
     assert stored[3]["layer_grad_norms"] == {"fc1.weight": 2.0, "fc1.bias": "NaN"}
     assert stored[3]["layer_weight_norms"] == {"fc1.weight": 3.0, "fc1.bias": None}
     assert stored[20]["loss"] == "Infinity" and stored[20]["grad_norm"] == "-Infinity"
-    # One keep-alive connection for the whole run.
-    assert len({r["headers"].get("Connection") for r in recorder.posts()}) == 1
+    # One keep-alive connection (one client port) for the whole run.
+    assert len({r["headers"]["x-client-port"] for r in recorder.requests}) == 1
 
 
 def test_accepts_numpy_scalars_and_tensors(recorder: Recorder, tmp_path: Path) -> None:

@@ -44,7 +44,8 @@ class Recorder:
                 if self.headers.get("Content-Encoding") == "gzip":
                     raw = gzip.decompress(raw)
                 body = json.loads(raw) if raw else None
-                status, reply, headers = recorder.respond(self.command, self.path, dict(self.headers), body)
+                headers_in = {**dict(self.headers), "x-client-port": str(self.client_address[1])}
+                status, reply, headers = recorder.respond(self.command, self.path, headers_in, body)
                 data = json.dumps(reply).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
