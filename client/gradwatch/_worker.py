@@ -260,18 +260,18 @@ class Worker:
     def _take_records(self) -> None:
         """Move sealed steps from the deque into the pending batch, shipping each batch as it fills."""
         records = self._records
-        while records:
-            try:
-                record = records.popleft()
-            except IndexError:
-                break
-            record.materialize()
-            self._sealed(record)
+        while True:
+            # Under the lock, so that abandon() finds every step either in the deque or in the batch.
             with self._state_lock:
+                if self._abandoned or not records:
+                    return
+                record = records.popleft()
+                record.materialize()
                 if not self._pending:
                     self._pending_since = time.monotonic()
                 self._pending.append(record)
                 full = len(self._pending) >= self.options.batch_size
+            self._sealed(record)
             if full:
                 self._ship()
 
