@@ -81,18 +81,19 @@ def test_a_step_is_never_split_and_a_late_update_is_counted(recorder: Recorder, 
 
 
 def test_retry_after_is_honoured(recorder: Recorder, tmp_path: Path) -> None:
-    recorder.script = [(429, {"detail": "busy"}, {"Retry-After": "0.4"}), (503, {"detail": "x"}, {})]
+    recorder.script = [(429, {"detail": "busy"}, {"Retry-After": "0.6"}), (503, {"detail": "x"}, {})]
     run = start(recorder.url, tmp_path)
-    for step in range(5):
-        run.log(step, loss=1.0)
-    run.flush(0.1)
-    time.sleep(1.2)
+    for step in range(7):
+        run.log(step, loss=1.0)  # steps 0-4 are sealed and sent by age, without a flush
+    deadline = time.monotonic() + 5
+    while len(recorder.stored(run.run_id)) < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
     report = run.finish()
-    posts = [r for r in recorder.requests if r["method"] == "POST"]
-    assert len(posts) >= 3
-    assert report.delivered == 5 and sorted(recorder.stored(run.run_id)) == list(range(5))
-    # Every spooled resend is the same batch: same batch_id, so the service can de-duplicate it.
-    assert len({p["body"]["batch_id"] for p in posts}) == 1
+    posts = recorder.posts()
+    assert posts[1]["t"] - posts[0]["t"] >= 0.55  # waited as long as the 429 asked
+    assert report.delivered == 7 and sorted(recorder.stored(run.run_id)) == list(range(7))
+    # The resends of that batch are the same body, batch_id included, so the service can de-duplicate them.
+    assert posts[0]["body"] == posts[1]["body"] == posts[2]["body"]
 
 
 def test_unknown_run_is_put_again(recorder: Recorder, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import gzip
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -76,7 +77,8 @@ class Recorder:
 
     def respond(self, method: str, path: str, headers: dict[str, str], body: Any) -> Reply:
         with self.lock:
-            self.requests.append({"method": method, "path": path, "headers": headers, "body": body})
+            self.requests.append({"method": method, "path": path, "headers": headers, "body": body,
+                                  "t": time.monotonic()})
             if self.hook is not None:
                 reply = self.hook(method, path, body)
                 if reply is not None:
