@@ -115,7 +115,9 @@ def test_state_survives_a_json_round_trip_mid_run_with_identical_events() -> Non
 
     _, straight = run(steps)
     assert straight, "the scenario should raise events"
-    for cut in (3, 15, 50, 95):  # during the bands' warm-up, after it, and in the middle of the climb
+    # during the bands' warm-up, after it, either side of the per-layer bands' learning step (every 32), and in
+    # the middle of the climb
+    for cut in (3, 15, 31, 32, 50, 65, 95):
         state, first_part = run(steps[:cut])
         text = json.dumps(state, allow_nan=False)  # raises if NaN or infinity leaked into the state
         _, second_part = run(steps[cut:], state=json.loads(text))
@@ -140,6 +142,44 @@ def test_a_state_from_an_older_version_is_completed_not_rejected() -> None:
     assert state["g_n"] == 31
 
 
+def _version_1_state(steps: int) -> dict[str, object]:
+    """What version 1 of the detector stored after `steps` quiet steps of `noisy_steps` (its keys, per-layer
+    bands learned every step, no breakout limits, no geometric-mean band)."""
+    return {"v": 1, "steps": steps, "last_step": steps - 1,
+            "g_n": steps, "g_mu": 0.0, "g_dev": 0.2, "g_warm": [], "gr_n": 0, "gr_base": 0.0, "gr_dev": 0.0,
+            "gw_n": 0, "l_n": steps, "l_first": 0.69, "l_sum": 6.9, "l_start": 0.69, "l_ewm": 0.69, "l_run": 0,
+            "l_slow": 0.69, "l_best": 0.69, "lb_run": 0, "r_n": steps, "r_mu": -6.9, "r_dev": 0.2, "r_warm": [],
+            "r_big": 0, "layers": list(LAYERS), "ly_n": steps, "ly_mu": [0.0] * 4, "ly_dev": [0.25] * 4,
+            "out": {"head.weight": steps - 2}}
+
+
+def test_a_version_1_state_keeps_its_layer_bands_and_gets_their_limits() -> None:
+    state, events = advance(_version_1_state(40), make_step(40), DetectorConfig())
+    assert events == []
+    assert set(state) == set(new_state())
+    assert state["layers"] == list(LAYERS)
+    assert state["ly_young"] == {}
+    z = DetectorConfig().layer_z
+    assert state["ly_lim"] == pytest.approx([math.exp(z * 0.25)] * 4)  # exp(mu + z x dev), a plain norm
+    assert state["out"] == {}  # make_step's layers (0.5) are all inside their bands: none is out any more
+    json.dumps(state, allow_nan=False)
+    # and the upgraded state goes on judging: a layer far above its band is out from the step it broke out
+    state, _ = advance(state, make_step(41, layer_grads={**{n: 0.5 for n in LAYERS}, "block.0.weight": 50.0}),
+                       DetectorConfig())
+    assert state["out"] == {"block.0.weight": 41}
+
+
+def test_a_version_1_state_still_warming_up_starts_its_layer_bands_over() -> None:
+    state, events = advance(_version_1_state(5), make_step(5), DetectorConfig())
+    assert events == []
+    assert set(state["ly_young"]) == set(LAYERS)
+    assert state["out"] == {}
+    state, events = run(noisy_steps(40, start=6), state=state)
+    assert events == []
+    assert state["ly_young"] == {}
+    assert all(math.isfinite(x) and x < 1e300 for x in state["ly_lim"])
+
+
 def test_garbage_in_never_breaks_the_state() -> None:
     """Random mixes of None, 0, negatives, NaN, inf, vanishing and changing layers, skipped steps."""
     rng = random.Random(11)
@@ -153,11 +193,16 @@ def test_garbage_in_never_breaks_the_state() -> None:
         names = rng.sample(LAYERS, rng.randint(0, len(LAYERS)))
         step: dict[str, object] = {"step": t, "loss": value(), "grad_norm": value(), "update_norm": value(),
                                    "lr": 0.1, "skipped": rng.random() < 0.05}
-        if names:
+        if names and rng.random() < 0.5:
             step["layer_grad_norms"] = {n: value() for n in names}
             step["layer_weight_norms"] = {n: value() for n in names}
+        elif names:  # the service's form: values aligned with layer_names, sometimes too few or too many
+            step["layer_names"] = names
+            step["layer_grad_norms"] = [value() for _ in range(len(names) + rng.choice((0, 0, 0, -1, 1)))]
+            step["layer_weight_norms"] = [value() for _ in names]
         if rng.random() < 0.3 and names:
-            step["layer_update_norms"] = {n: value() for n in names}
+            step["layer_update_norms"] = ({n: value() for n in names} if "layer_names" not in step
+                                          else [value() for _ in names])
         state, events = advance(state, step, DetectorConfig())
         for e in events:
             json.dumps(e.to_dict(), allow_nan=False)
@@ -209,6 +254,64 @@ def test_root_cause_is_the_layer_that_broke_out_first() -> None:
     assert critical[0].layer == "block.1.weight"
 
 
+def test_a_layer_breaking_out_between_band_updates_is_recorded_at_the_step_it_broke_out() -> None:
+    """The per-layer bands learn every `layer_every` steps; every step is compared with their limits."""
+    cfg = DetectorConfig()
+    steps = noisy_steps(100, sigma=0.1)
+    t_out = 101
+    assert t_out % cfg.layer_every  # not a learning step
+    for t in range(100, 110):
+        layer_grads = {n: 1.0 for n in LAYERS}
+        if t >= t_out:
+            layer_grads["block.0.weight"] = 3.0  # 3x: far out of its band, too small to move the total much
+        steps.append(make_step(t, layer_grads=layer_grads))
+    state, events = run(steps, cfg)
+    assert state["out"] == {"block.0.weight": t_out}
+    assert not [e for e in events if e.severity == "critical"]
+
+
+def test_the_service_form_sequences_with_layer_names_gives_the_same_events_and_state() -> None:
+    steps = noisy_steps(80, seed=4)
+    for i, t in enumerate(range(80, 110)):  # block.1 climbs first, then the whole network; then a NaN
+        steps.append(make_step(t, layer_grads={"embed.weight": 1.4 ** i, "block.0.weight": 1.4 ** i,
+                                               "block.1.weight": 2.0 ** (i + 2), "head.weight": 1.4 ** i}))
+    steps.append(make_step(110, layer_grads={**{n: 1.0 for n in LAYERS}, "head.weight": math.inf}))
+    as_dicts, events = run(steps)
+    assert {e.signature for e in events} >= {"grad_growth", "nonfinite"}
+    names = list(LAYERS)
+    as_lists = [{**s, "layer_names": names,
+                 "layer_grad_norms": list(s["layer_grad_norms"].values()),  # type: ignore[attr-defined]
+                 "layer_weight_norms": list(s["layer_weight_norms"].values())} for s in steps]  # type: ignore[attr-defined]
+    state, list_events = run(as_lists)
+    assert [e.to_dict() for e in list_events] == [e.to_dict() for e in events]
+    assert json.dumps(state, sort_keys=True) == json.dumps(as_dicts, sort_keys=True)
+    assert events[-1].layer == "head.weight"
+
+
+def test_a_plain_first_step_past_four_polyak_steps_is_critical() -> None:
+    """make_step: lr 0.1, loss 2.0, weights 10.0. A plain step lr x g = 0.1 x 30 = 3.0 moves the weights by 0.3x
+    (under ratio_gradient_step) and is u x g / loss = 3 x 30 / 2 = 45 Polyak steps: the loss must rise."""
+    cfg = DetectorConfig()
+    _, events = run([make_step(0, grad=30.0, update=3.0)])
+    assert [(e.signature, e.severity, e.baseline) for e in events] == [
+        ("update_ratio", "critical", cfg.polyak_limit)]
+    assert events[0].value == pytest.approx(45.0)
+    # the same step on a loss of 30 is 3 Polyak steps: a quadratic still comes down
+    _, events = run([make_step(0, grad=30.0, update=3.0, loss=30.0)])
+    assert not events
+    # the same size of update that is not a plain gradient step (Adam's lr per coordinate) is not judged so
+    _, events = run([make_step(0, grad=1.0, update=3.0)])
+    assert not events
+    # a step of 0.05x the weights, however many Polyak steps, is a loss near its floor, not an overshoot
+    _, events = run([make_step(0, grad=5.0, update=0.5, loss=0.01)])
+    assert not events
+    # only the first update, and the rule can be turned off
+    _, events = run([make_step(0), make_step(1, grad=30.0, update=3.0)])
+    assert not events
+    _, events = run([make_step(0, grad=30.0, update=3.0)], DetectorConfig(polyak_limit=0.0))
+    assert not events
+
+
 def test_the_whole_network_climbing_together_is_growth_after_two_steps() -> None:
     steps = noisy_steps(60, sigma=0.1)
     # noisy_steps' layers sit around 1.0 each; all four go to 4x, then 16x (growth_layer_min_factor is 3)
@@ -228,10 +331,20 @@ def test_one_layer_jumping_for_two_steps_is_not_growth() -> None:
 
 def test_layers_appearing_later_are_tracked_without_losing_the_others() -> None:
     steps = noisy_steps(30)
-    extra = make_step(30, layer_grads={**{n: 0.5 for n in LAYERS}, "new.weight": 0.5})
-    state, events = run([*steps, extra])
+    state, _ = run(steps)
+    before = json.loads(json.dumps(state))
+    extra = make_step(30, layer_grads={**{n: 1.0 for n in LAYERS}, "new.weight": 0.5})
+    state, events = run([extra], state=state)
     assert "new.weight" in state["layers"]
     assert not events
+    assert state["ly_young"] == {"new.weight": 1}  # its band warms up; the others keep theirs
+    assert state["ly_lim"][:4] == before["ly_lim"]
+    assert state["m_n"] == 1  # the geometric mean of five layers is a new quantity: its band started over
+    more = [make_step(t, layer_grads={**{n: 1.0 for n in LAYERS}, "new.weight": 0.5}) for t in range(31, 60)]
+    state, events = run(more, state=state)
+    assert not events
+    assert state["ly_young"] == {}
+    assert state["ly_lim"][4] < 1e300
 
 
 def test_first_update_many_times_the_weights_is_critical_at_step_zero() -> None:

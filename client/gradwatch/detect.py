@@ -153,11 +153,11 @@ class DetectorConfig:
     # --- per-layer bands (root cause)
     layer_z: float = 3.0
     """A layer's grad norm this many deviations above its own band has broken out (root-cause bookkeeping)."""
-    layer_every: int = 16
+    layer_every: int = 32
     """The per-layer bands learn one step in this many (every step during the first `warmup_steps`); every
     step is still compared with each layer's breakout limit."""
-    layer_alpha: float = 0.2
-    """Weight of a new sample in a per-layer band (one sample every `layer_every` steps: about 80 steps)."""
+    layer_alpha: float = 0.25
+    """Weight of a new sample in a per-layer band (one every `layer_every` steps: a memory of about 130 steps)."""
 
     # --- incidents
     resolve_after_steps: int = 25
@@ -209,9 +209,9 @@ def new_state() -> dict[str, Any]:
         # update ratio band (log of update norm / weight norm)
         "r_n": 0, "r_mu": 0.0, "r_dev": 0.0, "r_warm": [], "r_big": 0,
         # per-layer grad norm bands, aligned with "layers": log mean (None until a layer's first sample),
-        # deviation, breakout limit as a plain norm; "ly_seen" counts steps with layer grad norms; layers
-        # still warming up their band -> samples so far (every layer at the start)
-        "layers": [], "ly_seen": 0, "ly_mu": [], "ly_dev": [], "ly_lim": [], "ly_young": {},
+        # deviation, breakout limit as a plain norm; layers still warming up their band -> samples so far
+        # (every layer at the start)
+        "layers": [], "ly_mu": [], "ly_dev": [], "ly_lim": [], "ly_young": {},
         # layers now above their breakout limit: name -> first step out (the root-cause candidates)
         "out": {},
     }
@@ -234,9 +234,7 @@ def _upgraded(state: dict[str, Any], cfg: DetectorConfig) -> dict[str, Any]:
         devs = fresh["ly_dev"] = []
         fresh["out"] = {}
     if len(fresh["ly_lim"]) != len(names):
-        seen = int(state.get("ly_n", 0)) if "ly_seen" not in state else fresh["ly_seen"]
-        fresh["ly_seen"] = seen
-        if seen >= cfg.warmup_steps:
+        if int(state.get("ly_n", 0)) >= cfg.warmup_steps:  # version 1 counted the samples its bands had
             fresh["ly_young"] = {}
             floor, z = cfg.band_dev_floor, cfg.layer_z
             fresh["ly_lim"] = [_limit(mu, dev, floor, z) for mu, dev in zip(mus, devs, strict=True)]
@@ -337,11 +335,12 @@ def _root_cause(state: dict[str, Any], keys: Sequence[str] | None, values: Any,
     return best
 
 
-def _learn_layers(state: dict[str, Any], values: Any, cfg: DetectorConfig) -> None:
+def _learn_layers(state: dict[str, Any], values: Any, cfg: DetectorConfig, due: bool) -> None:
     """Teach every layer's band one sample (log space, clipped like `_band_learn`'s) and renew its limit.
 
     A layer's band starts at its first sample and learns every step, with weight 1/samples, until it has
-    `warmup_steps` samples; until then it has no limit (it cannot break out).
+    `warmup_steps` samples; until then it has no limit (it cannot break out). The others learn when `due`
+    (every `layer_every` steps).
     """
     try:
         xs: list[float | None] = list(map(_log, values))
@@ -362,6 +361,8 @@ def _learn_layers(state: dict[str, Any], values: Any, cfg: DetectorConfig) -> No
             if x is None:
                 continue
             k = young.get(names[i])
+            if k is None and not due:
+                continue
             if k is not None:
                 if k + 1 >= warm:
                     del young[names[i]]
@@ -375,6 +376,8 @@ def _learn_layers(state: dict[str, Any], values: Any, cfg: DetectorConfig) -> No
             _learn_one(mus, devs, i, x, a if k is None else max(a, 1.0 / (k + 1)), floor, clip)
             lims[i] = _limit(mus[i], devs[i], floor, z) if names[i] not in young else _NO_LIMIT
         return
+    clip_floor = clip * floor
+    z_floor = z * floor
     i = -1
     for x in xs:
         i += 1
@@ -382,18 +385,19 @@ def _learn_layers(state: dict[str, Any], values: Any, cfg: DetectorConfig) -> No
             continue
         mu = mus[i]
         dv = devs[i]
-        s = dv if dv > floor else floor
+        lim = clip * dv if dv > floor else clip_floor
         d = x - mu
-        lim = clip * s
         if d > lim:
             d = lim
         elif d < -lim:
             d = -lim
         mu += a * d
-        dv += a * ((d if d >= 0.0 else -d) - dv)
+        if d < 0.0:
+            d = -d
+        dv += a * (d - dv)
         mus[i] = mu
         devs[i] = dv
-        e = mu + z * (dv if dv > floor else floor)
+        e = mu + (z * dv if dv > floor else z_floor)
         lims[i] = _exp(e) if e < _LOG_NO_LIMIT else _NO_LIMIT
 
 
@@ -473,28 +477,41 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
     cfg = config if config is not None else _DEFAULT
     if state.get("v") != STATE_VERSION:
         state = _upgraded(state, cfg)
-    t = int(step["step"])
-    state["steps"] += 1
+    get = step.get
+    t = step["step"]
+    if type(t) is not int:
+        t = int(t)
+    steps = state["steps"] + 1
+    state["steps"] = steps
     state["last_step"] = t
-    if step.get("skipped"):
+    if get("skipped"):
         return state, []
 
     events: list[Event] = []
-    loss = step.get("loss")
-    g = step.get("grad_norm")
-    u = step.get("update_norm")
-    names = step.get("layer_names")
+    loss = get("loss")
+    g = get("grad_norm")
+    u = get("update_norm")
+    names = get("layer_names")
     if names is not None and type(names) is not list:
         names = list(names)
-    lgn = step.get("layer_grad_norms")
-    lwn = step.get("layer_weight_norms")
+    lgn = get("layer_grad_norms")
+    lwn = get("layer_weight_norms")
+    lun = get("layer_update_norms")
     gk: Sequence[str] | None
-    if type(lgn) is dict:  # the common cases first, without an isinstance check against Mapping
+    gv: Any
+    wv: Any
+    if names is not None and type(lgn) is list and len(lgn) == len(names):  # the service's form
+        gk, gv = names, lgn
+    elif type(lgn) is dict:  # replay's and the client's
         gk, gv = (list(lgn), lgn.values()) if lgn else (None, None)
     else:
         gk, gv = _layer_view(lgn, names)
-    wv = (lwn.values() if lwn else None) if type(lwn) is dict else _layer_view(lwn, names)[1]
-    lun = step.get("layer_update_norms")
+    if not lwn:
+        wv = None
+    elif names is not None and type(lwn) is list and len(lwn) == len(names):
+        wv = lwn
+    else:
+        wv = lwn.values() if type(lwn) is dict else _layer_view(lwn, names)[1]
 
     # ---- nonfinite: critical at once, and nothing non-finite is ever learned from. The product of the layer
     # grad norms (their geometric mean, below) and the L2 norm of the weights are non-finite if any term is.
@@ -531,17 +548,22 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
         if gk != layers:
             _realign_layers(state, gk)  # type: ignore[arg-type]
             layers = state["layers"]
+        elif gk is names and layers[0] is not gk[0]:  # type: ignore[index]
+            # the same names as other string objects (the state came back from JSON): share the caller's, so
+            # that the comparison above costs a pointer per layer from the next step on
+            layers = state["layers"] = list(gk)  # type: ignore[arg-type]
+        lims = state["ly_lim"]
         try:
-            now_out = list(compress(layers, map(_gt, gv, state["ly_lim"])))
+            now_out = list(compress(layers, map(_gt, gv, lims)))
         except TypeError:  # a missing (None) norm somewhere: that layer is not judged this step
-            now_out = [k for k, v, lim in zip(layers, gv, state["ly_lim"], strict=True) if v is not None and v > lim]
+            now_out = [k for k, v, lim in zip(layers, gv, lims, strict=True) if v is not None and v > lim]
         out = state["out"]
         if (now_out or out) and now_out != list(out):
             state["out"] = {k: out.get(k, t) for k in now_out}
-        seen = state["ly_seen"]
-        state["ly_seen"] = seen + 1
-        if state["ly_young"] or seen % cfg.layer_every == 0:
-            _learn_layers(state, gv, cfg)
+        if steps % cfg.layer_every == 0:
+            _learn_layers(state, gv, cfg, True)
+        elif state["ly_young"]:
+            _learn_layers(state, gv, cfg, False)
         n_layers = len(layers)
         if n_layers >= cfg.growth_layer_min_layers:
             if gprod is not None and 0.0 < gprod < _INF:
@@ -559,7 +581,8 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
         mu = state["g_mu"]
         dev = state["g_dev"]
         if n >= cfg.warmup_steps:
-            s = dev if dev > cfg.band_dev_floor else cfg.band_dev_floor
+            floor = cfg.band_dev_floor
+            s = dev if dev > floor else floor
             z = (x - mu) / s
             # growth: consecutive steps above the band frozen at the run's start
             if state["gr_n"]:
@@ -572,15 +595,15 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
                 state["gr_base"] = mu
                 state["gr_dev"] = s
             # network-wide: the total and the geometric mean of the layers far above their bands, step after step
-            up = _log(cfg.growth_layer_min_factor)
-            if gm is not None and x - mu >= up and state["m_n"] >= cfg.warmup_steps:
+            if gm is not None and x - mu >= _log(cfg.growth_layer_min_factor) \
+                    and state["m_n"] >= cfg.warmup_steps:
                 dm = gm - state["m_mu"]
                 md = state["m_dev"]
-                if dm >= up and dm >= cfg.growth_layer_z * (md if md > cfg.band_dev_floor else cfg.band_dev_floor):
+                if dm >= _log(cfg.growth_layer_min_factor) and dm >= cfg.growth_layer_z * (md if md > floor else floor):
                     state["gw_n"] += 1
                 else:
                     state["gw_n"] = 0
-            else:
+            elif state["gw_n"]:
                 state["gw_n"] = 0
             if state["gr_n"] >= cfg.growth_steps and x - state["gr_base"] >= _log(cfg.growth_min_factor):
                 base = _exp(state["gr_base"])
@@ -597,42 +620,65 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
                 base = _exp(mu)
                 events.append(Event("grad_spike", WARNING, t, float(g), base, _root_cause(state, gk, gv, cfg),
                                     f"grad norm {g:.4g} is {g / base:.3g}x its band {base:.4g}"))
-        _band_learn(state, _GRAD_BAND, x, cfg)
+            # learn (as _band_learn does once the band is warm; inline, this runs every step)
+            d = x - mu
+            lim = cfg.band_clip * s
+            d = lim if d > lim else -lim if d < -lim else d
+            a = cfg.band_alpha
+            state["g_n"] = n + 1
+            state["g_mu"] = mu + a * d
+            state["g_dev"] = dev + a * ((d if d >= 0.0 else -d) - dev)
+        else:
+            _band_learn(state, _GRAD_BAND, x, cfg)
     if gm is not None:
-        _band_learn(state, _GMEAN_BAND, gm, cfg)
+        n = state["m_n"]
+        if n >= cfg.warmup_steps:
+            mu = state["m_mu"]
+            dev = state["m_dev"]
+            d = gm - mu
+            lim = cfg.band_clip * (dev if dev > cfg.band_dev_floor else cfg.band_dev_floor)
+            d = lim if d > lim else -lim if d < -lim else d
+            a = cfg.band_alpha
+            state["m_n"] = n + 1
+            state["m_mu"] = mu + a * d
+            state["m_dev"] = dev + a * ((d if d >= 0.0 else -d) - dev)
+        else:
+            _band_learn(state, _GMEAN_BAND, gm, cfg)
 
     # ---- loss divergence: the smoothed loss stays well above the run's early level
     if loss is not None and loss > 0.0:
         x = _log(loss)
         n = state["l_n"]
-        if n == 0:
-            state["l_first"] = x
-            state["l_ewm"] = x
-            state["l_slow"] = x
+        state["l_n"] = n + 1
+        if n:
+            ewm = state["l_ewm"]
+            ewm += cfg.loss_alpha * (x - ewm)
+            slow = state["l_slow"]
+            slow += cfg.loss_giveback_alpha * (x - slow)
         else:
-            state["l_ewm"] += cfg.loss_alpha * (x - state["l_ewm"])
-            state["l_slow"] += cfg.loss_giveback_alpha * (x - state["l_slow"])
+            ewm = slow = state["l_first"] = x
+        state["l_ewm"] = ewm
+        state["l_slow"] = slow
         if n < cfg.loss_start_steps:
             state["l_sum"] += x
             state["l_start"] = min(state["l_first"], state["l_sum"] / (n + 1))
-        state["l_n"] = n + 1
         limit = state["l_start"] + _log(cfg.loss_factor)
-        if n >= cfg.loss_start_steps and state["l_ewm"] > limit:
+        if n >= cfg.loss_start_steps and ewm > limit:
             state["l_run"] += 1
             if state["l_run"] == cfg.loss_steps:
                 base = _exp(limit)
                 events.append(Event("loss_divergence", CRITICAL, t, float(loss), base,
                                     _root_cause(state, gk, gv, cfg),
-                                    f"smoothed loss {_exp(state['l_ewm']):.4g} has stayed above "
+                                    f"smoothed loss {_exp(ewm):.4g} has stayed above "
                                     f"{base:.4g} ({cfg.loss_factor:g}x its early level) for "
                                     f"{cfg.loss_steps} steps"))
-        else:
+        elif state["l_run"]:
             state["l_run"] = 0
         # give-back: the loss climbed most of the way back from its best level to where it started
         if n >= cfg.warmup_steps:
-            slow = state["l_slow"]
-            best = slow if n == cfg.warmup_steps or slow < state["l_best"] else state["l_best"]
-            state["l_best"] = best
+            best = state["l_best"]
+            if slow < best or n == cfg.warmup_steps:
+                best = state["l_best"] = slow
             progress = state["l_start"] - best
             if (progress >= _log(cfg.loss_giveback_min_progress)
                     and slow - best >= cfg.loss_giveback_share * progress):
@@ -645,7 +691,7 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
                                         f"{(slow - best) / progress:.0%} of its progress (start "
                                         f"{_exp(state['l_start']):.4g}, best {_exp(best):.4g}) "
                                         f"for {cfg.loss_steps} steps"))
-            else:
+            elif state["lb_run"]:
                 state["lb_run"] = 0
 
     # ---- update ratio: how far this step moved the weights, relative to their size
@@ -671,7 +717,15 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
                                         _ratio_cause(state, names, lun, lwn, gk, gv, cfg),
                                         f"update/weight ratio {ratio:.3g} is {ratio / base:.3g}x "
                                         f"its band {base:.3g}"))
-            _band_learn(state, _RATIO_BAND, x, cfg)
+                d = x - mu
+                lim = cfg.band_clip * s
+                d = lim if d > lim else -lim if d < -lim else d
+                a = cfg.band_alpha
+                state["r_n"] = n + 1
+                state["r_mu"] = mu + a * d
+                state["r_dev"] = dev + a * ((d if d >= 0.0 else -d) - dev)
+            if n < cfg.warmup_steps:
+                _band_learn(state, _RATIO_BAND, x, cfg)
 
     return state, events
 
