@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from gradwatch import cli
 from gradwatch.replay import read_trace
 
