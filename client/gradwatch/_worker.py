@@ -141,6 +141,8 @@ class Worker:
         What is not delivered in time stays in (or is moved to) the spool."""
         if self._thread is None:
             return not self._spool_pending
+        if threading.current_thread() is self._thread:
+            return False  # called from on_alert: the sender cannot wait for itself
         marker = _Flush()
         self._put_control(marker)
         if not marker.done.wait(max(0.0, timeout)):
