@@ -31,6 +31,8 @@ check: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/ingest.py
 	$(PY) bench/storage.py
+	$(PY) bench/detect.py
+	$(PY) bench/client_overhead.py
 
 clean:
 	rm -rf $(VENV) .gradwatch .pytest_cache
