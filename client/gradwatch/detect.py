@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import compress
 from operator import gt as _gt
-from typing import Any
+from typing import Any, ClassVar
 
 from gradwatch.wire import encode_value
 
@@ -162,6 +162,22 @@ class DetectorConfig:
     # --- incidents
     resolve_after_steps: int = 25
     """An incident resolves once its signature has been quiet for this many steps (hysteresis)."""
+
+    # the logs of the factors above, worked out once: `advance` compares log-space distances with them
+    _up_layers: ClassVar[float]
+    _up_growth: ClassVar[float]
+    _up_spike: ClassVar[float]
+    _up_loss: ClassVar[float]
+    _up_progress: ClassVar[float]
+    _up_ratio: ClassVar[float]
+
+    def __post_init__(self) -> None:
+        for attr, factor in (("_up_layers", self.growth_layer_min_factor), ("_up_growth", self.growth_min_factor),
+                             ("_up_spike", self.spike_min_factor), ("_up_loss", self.loss_factor),
+                             ("_up_progress", self.loss_giveback_min_progress),
+                             ("_up_ratio", self.ratio_min_factor)):
+            ok = isinstance(factor, (int, float)) and factor > 0
+            object.__setattr__(self, attr, _log(factor) if ok else -_INF)  # a factor <= 0: any level will do
 
 
 @dataclass
@@ -595,17 +611,17 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
                 state["gr_base"] = mu
                 state["gr_dev"] = s
             # network-wide: the total and the geometric mean of the layers far above their bands, step after step
-            if gm is not None and x - mu >= _log(cfg.growth_layer_min_factor) \
+            if gm is not None and x - mu >= cfg._up_layers \
                     and state["m_n"] >= cfg.warmup_steps:
                 dm = gm - state["m_mu"]
                 md = state["m_dev"]
-                if dm >= _log(cfg.growth_layer_min_factor) and dm >= cfg.growth_layer_z * (md if md > floor else floor):
+                if dm >= cfg._up_layers and dm >= cfg.growth_layer_z * (md if md > floor else floor):
                     state["gw_n"] += 1
                 else:
                     state["gw_n"] = 0
             elif state["gw_n"]:
                 state["gw_n"] = 0
-            if state["gr_n"] >= cfg.growth_steps and x - state["gr_base"] >= _log(cfg.growth_min_factor):
+            if state["gr_n"] >= cfg.growth_steps and x - state["gr_base"] >= cfg._up_growth:
                 base = _exp(state["gr_base"])
                 events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state, gk, gv, cfg),
                                     f"grad norm {g:.4g} has grown {g / base:.3g}x over "
@@ -616,7 +632,7 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
                                     f"the whole network climbs: the geometric mean of the layer grad norms is "
                                     f"{_exp(gm - state['m_mu']):.3g}x its band and the grad norm {g:.4g} "  # type: ignore[operator]
                                     f"{g / base:.3g}x its band, for {state['gw_n']} steps"))
-            elif z > cfg.spike_z and x - mu >= _log(cfg.spike_min_factor):
+            elif z > cfg.spike_z and x - mu >= cfg._up_spike:
                 base = _exp(mu)
                 events.append(Event("grad_spike", WARNING, t, float(g), base, _root_cause(state, gk, gv, cfg),
                                     f"grad norm {g:.4g} is {g / base:.3g}x its band {base:.4g}"))
@@ -662,7 +678,7 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
         if n < cfg.loss_start_steps:
             state["l_sum"] += x
             state["l_start"] = min(state["l_first"], state["l_sum"] / (n + 1))
-        limit = state["l_start"] + _log(cfg.loss_factor)
+        limit = state["l_start"] + cfg._up_loss
         if n >= cfg.loss_start_steps and ewm > limit:
             state["l_run"] += 1
             if state["l_run"] == cfg.loss_steps:
@@ -680,7 +696,7 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
             if slow < best or n == cfg.warmup_steps:
                 best = state["l_best"] = slow
             progress = state["l_start"] - best
-            if (progress >= _log(cfg.loss_giveback_min_progress)
+            if (progress >= cfg._up_progress
                     and slow - best >= cfg.loss_giveback_share * progress):
                 state["lb_run"] += 1
                 if state["lb_run"] == cfg.loss_steps:
@@ -711,7 +727,7 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
                 mu = state["r_mu"]
                 dev = state["r_dev"]
                 s = dev if dev > cfg.band_dev_floor else cfg.band_dev_floor
-                if (x - mu) / s > cfg.ratio_z and x - mu >= _log(cfg.ratio_min_factor):
+                if (x - mu) / s > cfg.ratio_z and x - mu >= cfg._up_ratio:
                     base = _exp(mu)
                     events.append(Event("update_ratio", WARNING, t, ratio, base,
                                         _ratio_cause(state, names, lun, lwn, gk, gv, cfg),
