@@ -124,6 +124,31 @@ def test_state_survives_a_json_round_trip_mid_run_with_identical_events() -> Non
         assert [e.to_dict() for e in first_part + second_part] == [e.to_dict() for e in straight], cut
 
 
+def test_a_json_round_trip_after_every_step_changes_nothing_in_the_service_form() -> None:
+    """Round trips at every step, through warm-up, band updates, a layer that appears, breakouts and a climb."""
+    names = list(LAYERS)
+    steps: list[dict[str, object]] = []
+    rng = random.Random(8)
+    for t in range(140):
+        if t == 50:
+            names = [*names, "late.weight"]  # a layer appears: its band warms up while the others keep theirs
+        level = 1.0 if t < 100 else 1.5 ** (t - 99)  # the whole network climbs from step 100
+        grads = [level * math.exp(rng.gauss(0.0, 0.2)) for _ in names]
+        if 80 <= t < 90:
+            grads[1] *= 10.0  # one layer out of its band for a while
+        steps.append({"step": t, "loss": 2.0 * math.exp(rng.gauss(0.0, 0.05)), "lr": 0.1,
+                      "grad_norm": math.sqrt(sum(v * v for v in grads)), "update_norm": 0.01,
+                      "layer_names": names, "layer_grad_norms": grads, "layer_weight_norms": [5.0] * len(names)})
+    _, straight = run(steps)
+    assert {e.signature for e in straight} >= {"grad_spike", "grad_growth"}
+    state: dict[str, object] = new_state()
+    events: list[Event] = []
+    for step in steps:
+        state, evs = advance(json.loads(json.dumps(state, allow_nan=False)), step, DetectorConfig())
+        events += evs
+    assert [e.to_dict() for e in events] == [e.to_dict() for e in straight]
+
+
 def test_state_stays_json_safe_through_nonfinite_and_zero_values() -> None:
     steps = [*noisy_steps(25), make_step(25, grad=0.0, update=0.0, layer_grads={n: 0.0 for n in LAYERS}),
              make_step(26, loss=math.nan), make_step(27, update=math.inf), make_step(28, loss=None)]
