@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
 from gradwatch.detect import DetectorConfig, advance, new_incident_state, new_state, track_incidents  # noqa: E402
 from gradwatch.replay import read_trace  # noqa: E402
 
