@@ -174,6 +174,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--backends", default="sqlite,postgres")
     ap.add_argument("--no-gzip", action="store_true", help="send plain JSON (the client gzips by default)")
+    ap.add_argument("--detection", choices=("on", "off"), default="on",
+                    help="run the explosion detectors on ingest (the service's default: on)")
     ap.add_argument("--workers", type=int, default=1, help="service worker processes")
     args = ap.parse_args()
     n_steps = args.steps or (2000 if args.quick else 25000)
@@ -182,6 +184,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gradwatch-bench-") as tmp:
         for backend in args.backends.split(","):
             m = measure(backend, args.clients, n_steps, args.batch, Path(tmp), args.workers,
+                        env={"GRADWATCH_DETECTION": "true" if args.detection == "on" else "false"},
                         use_gzip=not args.no_gzip)
             name = "postgres" if backend.startswith("postgres") else "sqlite"
             figures[f"{name}_values_per_s"] = round(m["values_per_s"])
@@ -190,10 +193,10 @@ def main() -> int:
             rss = max(rss, m["service_rss_mb"])
             if not args.json:
                 print_table(f"ingest, {name}: {args.clients} clients x {n_steps} steps x {VALUES_PER_STEP} values, "
-                            f"batches of {args.batch}, {args.workers} service workers", [
+                            f"batches of {args.batch}, {args.workers} service worker(s), detection {args.detection}", [
                                 ("end-to-end values/s", m["values_per_s"]),
                                 ("raw insert values/s", m["raw_values_per_s"]),
-                                ("end-to-end / raw", round(m["ratio_to_raw"], 3)),
+                                ("end-to-end / raw", f"{m['ratio_to_raw']:.2f}"),
                                 ("service peak RSS MB", m["service_rss_mb"]),
                             ])
     figures["service_rss_mb"] = round(rss, 1)
