@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Engine
 
 from .settings import Settings
 
@@ -17,20 +21,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--access-log", action="store_true", help="log every request")
 
 
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
+@contextmanager
+def configured_engine(database_url: str | None) -> Iterator[tuple[Settings, Engine]]:
+    """Settings (a --database-url overrides GRADWATCH_DATABASE_URL, for this process and its workers) and an
+    engine on them, disposed of on exit."""
     from .db import make_engine
-    from .migrate import schema_problem
 
-    if args.database_url:
-        os.environ["GRADWATCH_DATABASE_URL"] = args.database_url
+    if database_url:
+        os.environ["GRADWATCH_DATABASE_URL"] = database_url
     settings = Settings()
     engine = make_engine(settings.database_url, settings)
     try:
-        problem = schema_problem(engine)
+        yield settings, engine
     finally:
         engine.dispose()
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .migrate import schema_problem
+
+    with configured_engine(args.database_url) as (settings, engine):
+        problem = schema_problem(engine)
     if problem:
         print(f"gradwatch serve: {problem}", file=sys.stderr)
         return 1

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 
-from .settings import Settings
+from .cli import configured_engine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,13 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from . import migrate
-    from .db import make_engine
 
-    if args.database_url:
-        os.environ["GRADWATCH_DATABASE_URL"] = args.database_url
-    settings = Settings()
-    engine = make_engine(settings.database_url, settings)
-    try:
+    with configured_engine(args.database_url) as (_settings, engine):
         if args.action == "upgrade":
             migrate.upgrade(engine, args.revision or "head")
         elif args.action == "downgrade":
@@ -30,8 +24,5 @@ def run(args: argparse.Namespace) -> int:
                 raise SystemExit("gradwatch db downgrade: give a revision (e.g. base, or -1)")
             migrate.downgrade(engine, args.revision)
         shown = engine.url.render_as_string(hide_password=True)
-        print(f"{shown}: at revision {migrate.current_revision(engine) or 'none'} "
-              f"(head {migrate.head_revision()})")
-    finally:
-        engine.dispose()
+        print(f"{shown}: at revision {migrate.current_revision(engine) or 'none'} (head {migrate.head_revision()})")
     return 0
