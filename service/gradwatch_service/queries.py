@@ -51,19 +51,19 @@ def get_run(conn: Connection, run_id: str) -> RunPublic | None:
     return None if row is None else _run_public(row)
 
 
+def _equal_to(*filters: tuple[Any, Any]) -> list[Any]:
+    """`column == value` for each filter the caller gave (value not None)."""
+    return [column == value for column, value in filters if value is not None]
+
+
 def list_runs(conn: Connection, *, project: str | None = None, status: str | None = None,
               updated_since: datetime | None = None, limit: int = 100, offset: int = 0) -> tuple[list[RunPublic], int]:
     q = _run_query()
     count_q = select(func.count()).select_from(runs.join(projects, projects.c.id == runs.c.project_id))
-    conditions = []
-    if project is not None:
-        conditions.append(projects.c.name == project)
-    if status is not None:
-        conditions.append(runs.c.status == status)
+    conditions = _equal_to((projects.c.name, project), (runs.c.status, status))
     if updated_since is not None:
         conditions.append(runs.c.updated_at >= updated_since)
-    for c in conditions:
-        q, count_q = q.where(c), count_q.where(c)
+    q, count_q = q.where(*conditions), count_q.where(*conditions)
     rows = conn.execute(q.order_by(runs.c.updated_at.desc(), runs.c.id.desc()).limit(limit).offset(offset))
     return [_run_public(r) for r in rows], int(conn.execute(count_q).scalar_one())
 
@@ -136,19 +136,9 @@ def list_incidents(conn: Connection, *, project: str | None = None, run_pk: int 
     joined = incidents.join(runs, runs.c.id == incidents.c.run_pk).join(projects, projects.c.id == runs.c.project_id)
     q = select(incidents, runs.c.run_id, projects.c.name.label("project")).select_from(joined)
     count_q = select(func.count()).select_from(joined)
-    conditions = []
-    if project is not None:
-        conditions.append(projects.c.name == project)
-    if run_pk is not None:
-        conditions.append(incidents.c.run_pk == run_pk)
-    if run_id is not None:
-        conditions.append(runs.c.run_id == run_id)
-    if status is not None:
-        conditions.append(incidents.c.status == status)
-    if severity is not None:
-        conditions.append(incidents.c.severity == severity)
-    for c in conditions:
-        q, count_q = q.where(c), count_q.where(c)
+    conditions = _equal_to((projects.c.name, project), (incidents.c.run_pk, run_pk), (runs.c.run_id, run_id),
+                           (incidents.c.status, status), (incidents.c.severity, severity))
+    q, count_q = q.where(*conditions), count_q.where(*conditions)
     q = q.order_by(incidents.c.updated_at.desc(), incidents.c.run_pk, incidents.c.seq.desc())
     q = q.limit(limit).offset(offset)
     out = [
