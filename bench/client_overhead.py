@@ -137,6 +137,15 @@ def norms_vs_floor(repeats: int) -> dict[str, float]:
 
 
 # -- 2. whole-step overhead ----------------------------------------------------------------------------------
+def plain_step(model: Any, opt: Any, x: Any, y: Any) -> None:
+    """The uninstrumented training step every comparison is made against: forward, backward, torch's clip, step."""
+    opt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
 def step_overhead(url: str, blocks: int, block_steps: int, spool: Path, **watch_options: int) -> dict[str, float]:
     bare_model, bare_opt, x, y = build()
     model, opt, _, _ = build()
@@ -145,11 +154,7 @@ def step_overhead(url: str, blocks: int, block_steps: int, spool: Path, **watch_
     state = {"bare": 0, "watched": 0}
 
     def bare_step() -> None:
-        bare_opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.mse_loss(bare_model(x), y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(bare_model.parameters(), 1.0)
-        bare_opt.step()
+        plain_step(bare_model, bare_opt, x, y)
         state["bare"] += 1
 
     def watched_step() -> None:
@@ -200,11 +205,7 @@ def wandb_overhead(blocks: int, block_steps: int) -> tuple[dict[str, float] | No
             return None, f"wandb could not start offline: {type(exc).__name__}: {exc}"
 
         def bare_step() -> None:
-            bare_opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.mse_loss(bare_model(x), y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(bare_model.parameters(), 1.0)
-            bare_opt.step()
+            plain_step(bare_model, bare_opt, x, y)
 
         def wandb_step() -> None:
             opt.zero_grad(set_to_none=True)

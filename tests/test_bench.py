@@ -51,3 +51,15 @@ def test_detect_benchmark_reports_its_figures() -> None:
     figures = _run("detect.py")
     assert figures["detect_us_per_step_50_layers"] > 0
     assert 0 < figures["ingest_ratio_detection_on"] < 2
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_client_overhead_benchmark_reports_its_figures() -> None:
+    pytest.importorskip("torch")
+    figures = _run("client_overhead.py")
+    for key in ("norms_vs_floor", "step_overhead_pct", "log_p99_us_up", "log_p99_us_down", "log_p99_us_hung"):
+        assert isinstance(figures[key], float), key
+    assert figures["norms_vs_floor"] > 0 and figures["log_p99_us_hung"] > 0
+    assert "wandb_watch_step_overhead_pct" in figures  # null with --quick, and the reason says so
+    assert figures["wandb_watch_step_overhead_pct"] is None and figures["wandb_reason"]
