@@ -5,7 +5,8 @@ Appending a batch, in the caller's write transaction:
 2. map the batch's per-layer arrays onto the run's layer order (appending new layer names);
 3. compare steps that may already be stored with what is stored: identical ones are duplicates (a resend),
    different ones make the whole batch a 409 and nothing is written;
-4. insert the new steps in one executemany and advance the run's counters.
+4. insert the new steps (one executemany on SQLite, one binary COPY on PostgreSQL), advance the run's
+   counters, and, with detection on, its detector state and incidents (see detection.py).
 The caller commits, then acknowledges: a 2xx means durable.
 """
 
@@ -205,10 +206,7 @@ def _rows_for(new_steps: Sequence[StepIn], run_pk: int, n_layers_batch: int | No
                                    f"has {len(values)} values but the run has {n_layers_run} layers: "
                                    "send `layers` with the batch or the run")
             if index_map is not None:
-                placed: list[float | None] = [None] * n_layers_run
-                for i, v in zip(index_map, values, strict=True):
-                    placed[i] = v
-                values = placed
+                values = _in_run_order(values, index_map, n_layers_run)
             arrays[k] = pack(values) if pack is not None else values
         scalars = s.scalars
         flags = (FLAG_SKIPPED if s.skipped else 0) | (FLAG_LATE if late and s.step in late else 0)
@@ -225,6 +223,14 @@ def _rows_for(new_steps: Sequence[StepIn], run_pk: int, n_layers_batch: int | No
                 arrays[0], arrays[1], arrays[2],
                 None if scalars is None else _scalars_doc(scalars, sqlite)))
     return rows
+
+
+def _in_run_order(values: Sequence[float | None], index_map: list[int], n_layers: int) -> list[float | None]:
+    """Per-layer values sent in the batch's layer order, placed in the run's (None where the batch has none)."""
+    placed: list[float | None] = [None] * n_layers
+    for i, v in zip(index_map, values, strict=True):
+        placed[i] = v
+    return placed
 
 
 def _scalars_doc(scalars: dict[str, float | None], sqlite: bool) -> Any:
@@ -251,10 +257,7 @@ def _sent_key(step: StepIn, index_map: list[int] | None, n_layers: int) -> tuple
     for name in _COMPARED:
         v = getattr(step, name)
         if name in _LAYER_FIELDS and v is not None and index_map is not None:
-            placed: list[float | None] = [None] * n_layers
-            for i, value in zip(index_map, v, strict=True):
-                placed[i] = value
-            v = placed
+            v = _in_run_order(v, index_map, n_layers)
         out.append(_canon(v))
     return tuple(out)
 
