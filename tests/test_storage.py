@@ -151,3 +151,23 @@ def test_rows_are_compact_and_keyed_by_run(engine: Engine) -> None:
         else:
             dims = conn.execute(text("SELECT array_length(layer_grad_norms, 1) FROM steps")).scalar()
             assert dims == 46
+
+
+def test_dashboards_can_query_one_layer_with_plain_sql_on_postgres(engine: Engine) -> None:
+    """What a Grafana panel runs: one layer's series by name, straight from the schema (PostgreSQL arrays)."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite stores per-layer values as blobs; dashboards read them through the API")
+    run_id = _create(engine, layers=["embed.weight", "head.weight"])
+    _append(engine, run_id, {"steps": [{"step": i, "layer_grad_norms": [float(i), [1.0, math.nan][i % 2]]}
+                                       for i in range(4)]})
+    sql = text("""
+        SELECT s.step, s.layer_grad_norms[l.ord] AS value
+        FROM steps s
+        JOIN runs r ON r.id = s.run_pk
+        CROSS JOIN LATERAL jsonb_array_elements_text(r.layer_names) WITH ORDINALITY AS l(name, ord)
+        WHERE r.run_id = :run AND l.name = :layer
+        ORDER BY s.step""")
+    with engine.connect() as conn:
+        rows = conn.execute(sql, {"run": run_id, "layer": "head.weight"}).all()
+    assert [r.step for r in rows] == [0, 1, 2, 3]
+    assert rows[0].value == 1.0 and math.isnan(rows[1].value)
