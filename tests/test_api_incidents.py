@@ -145,3 +145,16 @@ def test_incident_list_filters(http: httpx.Client) -> None:
     assert http.get("/v1/incidents", params={"project": project, "status": "resolved"}).json()["count"] == 0
     assert http.get("/v1/incidents", params={"run_id": run_id}).json()["count"] == everything["count"]
     assert http.get("/v1/incidents", params={"status": "closed"}).status_code == 422
+
+
+def test_an_incident_opened_and_resolved_within_one_batch_still_reaches_the_job(http: httpx.Client) -> None:
+    run_id = _run(http, ["a", "b", "c"])
+    _post(http, run_id, [_healthy(i) for i in range(40)])
+    quiet = detect.DetectorConfig().resolve_after_steps
+    steps = [_healthy(i) for i in range(40, 42 + quiet)]
+    steps[0]["grad_norm"] = "Infinity"
+    out = _post(http, run_id, steps)
+    assert out["open_incidents"] == []  # resolved by the end of the batch ...
+    (raised,) = out["raised_incidents"]  # ... but the job still hears of it
+    assert (raised["signature"], raised["status"], raised["opened_step"]) == ("nonfinite", "resolved", 40)
+    assert _post(http, run_id, [_healthy(42 + quiet)])["raised_incidents"] == []

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import gradwatch
 
+from .serverproc import ServerProcess
 from .test_client_fakes import Recorder
 
 
@@ -53,3 +54,18 @@ def test_an_alert_seen_locally_and_from_the_service_is_reported_once(tmp_path: P
             run.log(step, loss=float("nan"), grad_norm=float("nan"))
         run.finish()
     assert [a["signature"] for a in alerts] == ["nonfinite"]
+
+
+def test_an_alarm_that_opened_and_resolved_inside_one_batch_still_reaches_on_alert(
+        live_server: ServerProcess, tmp_path: Path) -> None:
+    alerts: list[dict] = []
+    run = gradwatch.init(url=live_server.url, spool_dir=tmp_path, on_alert=alerts.append, batch_age=30.0)
+    for step in range(40):
+        run.log(step, loss=1.0 / (step + 1), grad_norm=1.0 + 0.01 * (step % 3))
+    run.log(40, loss=0.02, grad_norm=float("inf"))
+    for step in range(41, 80):  # quiet long enough for the service to resolve it within the same batch
+        run.log(step, loss=1.0 / (step + 1), grad_norm=1.0 + 0.01 * (step % 3))
+    report = run.finish(timeout=10)
+    assert report.lost == {} and report.delivered == 80
+    (alert,) = [a for a in alerts if a["signature"] == "nonfinite"]
+    assert (alert["severity"], alert["opened_step"], alert["status"]) == ("critical", 40, "resolved")

@@ -423,9 +423,10 @@ class Worker:
             with self.stats.lock:
                 self.stats.delivered += n
                 self.stats.duplicates += int(result.get("duplicates") or 0)
-            incidents = result.get("open_incidents")
+            # raised: opened by this batch, even if its later steps resolved them; open: the run's, now
+            incidents = [*(result.get("raised_incidents") or ()), *(result.get("open_incidents") or ())]
             if incidents and self._on_incidents is not None:
-                self._on_incidents(list(incidents))
+                self._on_incidents(incidents)
             return True
         if response.status == 404 and _attempt == 0:
             self._run_created = False

@@ -29,8 +29,8 @@ STATE_DOC_VERSION = 1
 @dataclass
 class DetectionOutcome:
     state_doc: dict[str, Any]
-    opened: int
-    resolved: int
+    raised: list[int]
+    """seq of every incident this batch opened or escalated, still open or not: the job hears of each"""
 
 
 def load_state(doc: Any) -> dict[str, Any]:
@@ -63,7 +63,7 @@ def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: 
     state, inc_state, seq_of = doc["detector"], doc["incidents"], doc["seq"]
     last = state.get("last_step")
     now = now_utc()
-    opened_n = resolved_n = 0
+    raised: list[int] = []
     touched: dict[str, int] = {}  # signature -> last step it fired in this batch
     names = list(layer_names)
     for s in new_steps:
@@ -85,6 +85,7 @@ def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: 
                                      layer=inc.get("layer"), updated_at=now,
                                      evidence={"opened": _stored_evidence(conn, run_pk, seq_of[sig]),
                                                "escalated": _evidence(inc, s)}))
+                raised.append(seq_of[sig])
                 continue
             seq = doc["next_seq"]
             doc["next_seq"] = seq + 1
@@ -94,7 +95,7 @@ def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: 
                 opened_step=inc["opened_at"], last_step=inc["last_seen"], layer=inc.get("layer"),
                 value=decode_value(inc.get("value")), baseline=decode_value(inc.get("baseline")),
                 message=inc["message"], evidence={"opened": _evidence(inc, s)}, opened_at=now, updated_at=now))
-            opened_n += 1
+            raised.append(seq)
         for inc in resolved:
             seq = seq_of.pop(inc["signature"], None)
             if seq is None:
@@ -103,13 +104,12 @@ def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: 
                          .values(status="resolved", resolved_step=inc["resolved_at"], last_step=inc["last_seen"],
                                  resolved_at=now, updated_at=now))
             touched.pop(inc["signature"], None)
-            resolved_n += 1
     for sig, step in touched.items():
         if sig in seq_of:
             conn.execute(update(incidents).where(and_(incidents.c.run_pk == run_pk, incidents.c.seq == seq_of[sig]))
                          .values(last_step=step, updated_at=now))
     doc["detector"], doc["incidents"] = state, inc_state
-    return DetectionOutcome(state_doc=doc, opened=opened_n, resolved=resolved_n)
+    return DetectionOutcome(state_doc=doc, raised=sorted(set(raised)))
 
 
 def _stored_evidence(conn: Connection, run_pk: int, seq: int) -> Any:

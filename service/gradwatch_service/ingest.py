@@ -70,6 +70,7 @@ class BatchOutcome:
     layers: list[str]
     new_steps: list[StepIn] = field(default_factory=list)
     late_steps: set[int] = field(default_factory=set)
+    raised_incidents: list[int] = field(default_factory=list)
 
 
 def encode_json_doc(doc: Any) -> Any:
@@ -361,6 +362,7 @@ def append_steps(conn: Connection, run_id: str, batch: StepBatch,
     late = set() if last_step is None or not new_steps or new_steps[0].step >= last_step else \
         {s.step for s in new_steps if s.step < last_step}
     rows = _rows_for(new_steps, run_pk, n_batch_layers, len(layers), index_map, conn.dialect.name == "sqlite", late)
+    raised: list[int] = []
     if rows:
         insert_rows(conn, rows)
         new_last = max(new_steps[-1].step, last_step if last_step is not None else -1)
@@ -370,6 +372,7 @@ def append_steps(conn: Connection, run_id: str, batch: StepBatch,
             judged = advance_detection(conn, run_pk, run.detector_state, new_steps,
                                        batch.layers if batch.layers is not None else layers, detector)
             changes["detector_state"] = judged.state_doc
+            raised = judged.raised
         if layers != list(run.layer_names):
             changes["layer_names"] = layers
         conn.execute(update(runs).where(runs.c.id == run_pk).values(**changes))
@@ -377,4 +380,5 @@ def append_steps(conn: Connection, run_id: str, batch: StepBatch,
     elif layers != list(run.layer_names):
         conn.execute(update(runs).where(runs.c.id == run_pk).values(layer_names=layers, updated_at=now_utc()))
     return BatchOutcome(run_pk=run_pk, accepted=len(rows), duplicates=len(stored) + repeats,
-                        last_step=last_step, layers=layers, new_steps=new_steps, late_steps=late)
+                        last_step=last_step, layers=layers, new_steps=new_steps, late_steps=late,
+                        raised_incidents=raised)

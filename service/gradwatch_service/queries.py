@@ -131,13 +131,16 @@ def _series(field: str, layer: str | None, step_list: list[int], values: list[fl
 
 def list_incidents(conn: Connection, *, project: str | None = None, run_pk: int | None = None,
                    run_id: str | None = None, status: str | None = None, severity: str | None = None,
-                   limit: int = 100, offset: int = 0) -> tuple[list[Incident], int]:
+                   seqs: Sequence[int] | None = None, limit: int = 100,
+                   offset: int = 0) -> tuple[list[Incident], int]:
     """Incidents, most recently updated first."""
     joined = incidents.join(runs, runs.c.id == incidents.c.run_pk).join(projects, projects.c.id == runs.c.project_id)
     q = select(incidents, runs.c.run_id, projects.c.name.label("project")).select_from(joined)
     count_q = select(func.count()).select_from(joined)
     conditions = _equal_to((projects.c.name, project), (incidents.c.run_pk, run_pk), (runs.c.run_id, run_id),
                            (incidents.c.status, status), (incidents.c.severity, severity))
+    if seqs is not None:
+        conditions.append(incidents.c.seq.in_(list(seqs)))
     q, count_q = q.where(*conditions), count_q.where(*conditions)
     q = q.order_by(incidents.c.updated_at.desc(), incidents.c.run_pk, incidents.c.seq.desc())
     q = q.limit(limit).offset(offset)

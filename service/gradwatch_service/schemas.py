@@ -217,7 +217,12 @@ class IngestResult(WireModel):
     accepted: int = Field(description="steps stored by this request")
     duplicates: int = Field(description="steps already stored with identical values (resends)")
     last_step: int | None = Field(description="highest step stored for the run")
-    open_incidents: list[Incident] = Field(default_factory=list)
+    open_incidents: list[Incident] = Field(default_factory=list, description="the run's incidents open now")
+    raised_incidents: list[Incident] = Field(
+        default_factory=list,
+        description="incidents this batch opened or escalated, even those its later steps already resolved: "
+        "a job that sends a long batch still hears of every alarm",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={

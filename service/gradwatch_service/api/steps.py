@@ -12,7 +12,7 @@ from ..body import parse_body, read_body
 from ..db import read_connection, write_transaction
 from ..ingest import BatchInvalid, RunNotFound, StepConflict, append_steps
 from ..queries import UnknownLayer, get_run_row, list_incidents, read_series, read_steps
-from ..schemas import MAX_STEP, SERIES_FIELDS, IngestResult, SeriesPublic, StepBatch, StepsPublic
+from ..schemas import MAX_STEP, SERIES_FIELDS, Incident, IngestResult, SeriesPublic, StepBatch, StepsPublic
 from .deps import EngineDep, SettingsDep, model_response
 from .runs import RunIdPath
 
@@ -48,8 +48,11 @@ async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, set
         with write_transaction(engine) as conn:
             outcome = append_steps(conn, run_id, batch, detector)
             open_now, _ = list_incidents(conn, run_pk=outcome.run_pk, status="open")
+            raised: list[Incident] = []
+            if outcome.raised_incidents:
+                raised, _ = list_incidents(conn, run_pk=outcome.run_pk, seqs=outcome.raised_incidents)
         return IngestResult(run_id=run_id, accepted=outcome.accepted, duplicates=outcome.duplicates,
-                            last_step=outcome.last_step, open_incidents=open_now)
+                            last_step=outcome.last_step, open_incidents=open_now, raised_incidents=raised)
 
     try:
         async with request.app.state.ingest_slots:
