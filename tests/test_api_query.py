@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import httpx
 import pytest
@@ -41,6 +41,9 @@ def test_list_runs_filters_by_project_status_and_update_time(http: httpx.Client)
 
     assert ids(status="finished") == [b]
     assert ids(updated_since=since) == [b]
+    # the same instant written with another UTC offset selects the same runs
+    shifted = datetime.fromisoformat(since).astimezone(timezone(timedelta(hours=5, minutes=30))).isoformat()
+    assert ids(updated_since=shifted) == [b]
     page = http.get("/v1/runs", params={"project": project, "limit": 1, "offset": 1}).json()
     assert [r["run_id"] for r in page["runs"]] == [a] and page["count"] == 2
     assert http.get("/v1/runs", params={"status": "exploded"}).status_code == 422

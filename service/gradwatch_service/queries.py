@@ -61,8 +61,9 @@ def list_runs(conn: Connection, *, project: str | None = None, status: str | Non
     q = _run_query()
     count_q = select(func.count()).select_from(runs.join(projects, projects.c.id == runs.c.project_id))
     conditions = _equal_to((projects.c.name, project), (runs.c.status, status))
-    if updated_since is not None:
-        conditions.append(runs.c.updated_at >= updated_since)
+    if updated_since is not None:  # stored in UTC (naive on SQLite): compare in UTC whatever offset was given
+        since = updated_since.astimezone(UTC) if updated_since.tzinfo else updated_since.replace(tzinfo=UTC)
+        conditions.append(runs.c.updated_at >= since)
     q, count_q = q.where(*conditions), count_q.where(*conditions)
     rows = conn.execute(q.order_by(runs.c.updated_at.desc(), runs.c.id.desc()).limit(limit).offset(offset))
     return [_run_public(r) for r in rows], int(conn.execute(count_q).scalar_one())
