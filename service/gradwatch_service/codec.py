@@ -10,11 +10,14 @@ SQLite stores ±Infinity in REAL but silently turns a NaN parameter into NULL, s
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from array import array
 from collections.abc import Sequence
 from typing import Any
+
+from gradwatch.wire import decode_value, encode_value
 
 __all__ = [
     "MISSING_BITS",
@@ -22,6 +25,8 @@ __all__ = [
     "unpack_floats",
     "sqlite_real_in",
     "sqlite_real_out",
+    "encode_scalars",
+    "decode_scalars",
 ]
 
 MISSING_BITS = 0x7FF8_0000_DEAD_0001
@@ -69,3 +74,19 @@ def sqlite_real_out(x: Any) -> float | None:
     if x == "NaN":
         return math.nan
     return float(x)
+
+
+def encode_scalars(scalars: dict[str, float | None], sqlite: bool) -> Any:
+    """A step's extra scalars as stored: wire-encoded values (NaN as "NaN"); JSON text on SQLite, a document
+    (JSONB) on PostgreSQL."""
+    doc = {k: encode_value(v) for k, v in scalars.items()}
+    return json.dumps(doc) if sqlite else doc
+
+
+def decode_scalars(stored: Any) -> dict[str, float | None] | None:
+    """The inverse of encode_scalars, from either database."""
+    if stored is None:
+        return None
+    if isinstance(stored, str):
+        stored = json.loads(stored)
+    return {k: decode_value(v) for k, v in stored.items()}

@@ -12,7 +12,6 @@ The caller commits, then acknowledges: a 2xx means durable.
 
 from __future__ import annotations
 
-import json
 import time as _time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from sqlalchemy import Connection, select, update
 from gradwatch.detect import DetectorConfig
 from gradwatch.wire import encode_value
 
-from .codec import pack_floats
+from .codec import decode_scalars, encode_scalars, pack_floats
 from .db import now_utc
 from .detection import advance_detection
 from .models import FLAG_LATE, FLAG_SKIPPED, projects, runs, steps
@@ -222,7 +221,7 @@ def _rows_for(new_steps: Sequence[StepIn], run_pk: int, n_layers_batch: int | No
             update_norm = update_norm if update_norm == update_norm else "NaN"
         append((run_pk, s.step, now if s.time is None else s.time, loss, grad_norm, lr, update_norm, flags,
                 arrays[0], arrays[1], arrays[2],
-                None if scalars is None else _scalars_doc(scalars, sqlite)))
+                None if scalars is None else encode_scalars(scalars, sqlite)))
     return rows
 
 
@@ -232,11 +231,6 @@ def _in_run_order(values: Sequence[float | None], index_map: list[int], n_layers
     for i, v in zip(index_map, values, strict=True):
         placed[i] = v
     return placed
-
-
-def _scalars_doc(scalars: dict[str, float | None], sqlite: bool) -> Any:
-    doc = {k: encode_value(v) for k, v in scalars.items()}
-    return json.dumps(doc) if sqlite else doc
 
 
 def _canon(x: Any) -> Any:
@@ -264,13 +258,7 @@ def _sent_key(step: StepIn, index_map: list[int] | None, n_layers: int) -> tuple
 
 
 def _stored_key(row: Any) -> tuple[Any, ...]:
-    scalars = row.scalars
-    if isinstance(scalars, str):
-        scalars = json.loads(scalars)
-    if scalars is not None:
-        from gradwatch.wire import decode_value
-
-        scalars = {k: decode_value(v) for k, v in scalars.items()}
+    scalars = decode_scalars(row.scalars)
     return tuple(_canon(v) for v in (row.loss, row.grad_norm, row.lr, row.update_norm,
                                      bool(row.flags & FLAG_SKIPPED), row.layer_grad_norms,
                                      row.layer_weight_norms, row.layer_update_norms, scalars))

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, func, select
 
-from gradwatch.wire import decode_value
-
+from .codec import decode_scalars
 from .downsample import downsample_minmax
 from .models import FLAG_LATE, FLAG_SKIPPED, incidents, projects, runs, steps
 from .schemas import Incident, RunPublic, Series, StepOut
@@ -77,20 +75,12 @@ def _step_range(q: Any, start: int | None, end: int | None) -> Any:
     return q
 
 
-def _scalars(doc: Any) -> dict[str, float | None] | None:
-    if doc is None:
-        return None
-    if isinstance(doc, str):
-        doc = json.loads(doc)
-    return {k: decode_value(v) for k, v in doc.items()}
-
-
 def read_steps(conn: Connection, run_pk: int, *, start: int | None, end: int | None, limit: int) -> list[StepOut]:
     q = _step_range(select(steps).where(steps.c.run_pk == run_pk), start, end).order_by(steps.c.step).limit(limit)
     return [
         StepOut(step=r.step, time=r.time, loss=r.loss, grad_norm=r.grad_norm, lr=r.lr, update_norm=r.update_norm,
                 layer_grad_norms=r.layer_grad_norms, layer_weight_norms=r.layer_weight_norms,
-                layer_update_norms=r.layer_update_norms, scalars=_scalars(r.scalars),
+                layer_update_norms=r.layer_update_norms, scalars=decode_scalars(r.scalars),
                 skipped=bool(r.flags & FLAG_SKIPPED), late=bool(r.flags & FLAG_LATE))
         for r in conn.execute(q)
     ]
