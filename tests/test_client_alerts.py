@@ -8,12 +8,11 @@ from pathlib import Path
 import gradwatch
 
 from .serverproc import ServerProcess
-from .test_client_fakes import Recorder
+from .test_client_fakes import Recorder, closed_port
 
 
 def closed_port_url() -> str:
-    with Recorder() as probe:
-        return probe.url  # closed again on exit: connections are refused
+    return f"http://127.0.0.1:{closed_port()}"
 
 
 def test_local_detection_alerts_and_stops_with_the_service_down(tmp_path: Path) -> None:

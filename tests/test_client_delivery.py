@@ -14,7 +14,7 @@ import pytest
 import gradwatch
 from gradwatch.sync import sync_run
 
-from .test_client_fakes import HungServer, Recorder
+from .test_client_fakes import HungServer, Recorder, closed_port
 
 FAST = {"batch_age": 0.05, "min_backoff": 0.05, "max_backoff": 0.2, "flush_timeout": 3.0}
 
@@ -124,8 +124,7 @@ def test_conflicting_steps_are_counted_and_the_rest_delivered(recorder: Recorder
 
 
 def test_service_down_spools_then_delivers_when_it_returns(tmp_path: Path) -> None:
-    with Recorder() as probe:
-        port = probe.port
+    port = closed_port()
     run = start(f"http://127.0.0.1:{port}", tmp_path)
     for step in range(50):
         run.log(step, loss=float(step))
@@ -142,8 +141,7 @@ def test_service_down_spools_then_delivers_when_it_returns(tmp_path: Path) -> No
 
 
 def test_job_ending_while_down_leaves_a_spool_that_sync_delivers(tmp_path: Path) -> None:
-    with Recorder() as probe:
-        port = probe.port
+    port = closed_port()
     run = start(f"http://127.0.0.1:{port}", tmp_path)
     for step in range(30):
         run.log(step, loss=float(step))
@@ -163,8 +161,7 @@ def test_job_ending_while_down_leaves_a_spool_that_sync_delivers(tmp_path: Path)
 
 
 def test_spool_bound_counts_lost_steps(tmp_path: Path) -> None:
-    with Recorder() as probe:
-        port = probe.port
+    port = closed_port()
     run = start(f"http://127.0.0.1:{port}", tmp_path, spool_max_bytes=2000, batch_size=10)
     for step in range(200):
         run.log(step, loss=float(step))

@@ -125,6 +125,13 @@ def _comparable(step: dict[str, Any], layers: list[str]) -> dict[str, Any]:
     return out
 
 
+def closed_port() -> int:
+    """A loopback port nothing listens on (a Recorder's, closed again): connections to it are refused, and a
+    Recorder may be started on it later to play the service coming back."""
+    with Recorder() as probe:
+        return probe.port
+
+
 class HungServer:
     """A listening socket that accepts connections and never answers: the worst kind of outage."""
 
