@@ -76,6 +76,31 @@ def test_norms_equal_a_reference_and_total_equals_torch_clip(recorder: Recorder,
         assert math.isclose(s["update_norm"], total_update, rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("dense_steps", [20, 0])
+def test_weights_and_updates_are_measured_on_every_first_step_then_every_n(
+        recorder: Recorder, tmp_path: Path, dense_steps: int) -> None:
+    """The detectors' first-update rules need consecutive weight and update samples at the start of a run."""
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = gradwatch.init(url=recorder.url, spool_dir=tmp_path, **FAST)
+    gradwatch.watch(model, opt, run, start_step=5, dense_steps=dense_steps)  # weight_every=update_every=20
+    for step in range(5, 50):
+        x, y = batch(step)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        run.log(step, loss=loss)
+    run.finish()
+    stored = recorder.stored(run.run_id)
+    assert sorted(stored) == list(range(5, 50))
+    with_weights = [t for t in sorted(stored) if "layer_weight_norms" in stored[t]]
+    with_updates = [t for t in sorted(stored) if "update_norm" in stored[t]]
+    expected = sorted({t for t in range(5, 50) if t < 5 + dense_steps or t % 20 == 0})
+    assert with_weights == with_updates == expected
+    assert all("layer_grad_norms" in stored[t] for t in stored)
+
+
 def test_without_clipping_total_equals_get_total_norm(recorder: Recorder, tmp_path: Path) -> None:
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -147,23 +172,6 @@ def test_amp_skipped_steps_are_recorded_as_skipped(recorder: Recorder, tmp_path:
     assert sorted(stored) == [0, 1, 2, 3]
     assert stored[2]["skipped"] is True and "grad_norm" not in stored[2]
     assert all(stored[i].get("skipped") is not True and "grad_norm" in stored[i] for i in (0, 1, 3))
-
-
-def test_weight_and_update_norms_are_sampled_by_default(recorder: Recorder, tmp_path: Path) -> None:
-    model = tiny_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    run = gradwatch.init(url=recorder.url, spool_dir=tmp_path, **FAST)
-    gradwatch.watch(model, opt, run)
-    for step in range(22):
-        x, y = batch(step)
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-    run.finish()
-    stored = recorder.stored(run.run_id)
-    assert [s for s in range(22) if "layer_update_norms" in stored[s]] == [0, 20]
-    assert [s for s in range(22) if "layer_weight_norms" in stored[s]] == [0, 20]
-    assert all("layer_grad_norms" in stored[s] for s in range(22))
 
 
 def test_watch_on_a_disabled_run_costs_nothing(tmp_path: Path) -> None:

@@ -39,7 +39,8 @@ __version__ = "0.1.0"
 def watch(model: _Any, optimizer: _Any, run: Run, **kwargs: _Any) -> _Any:
     """Instrument a PyTorch model and optimizer: per-layer gradient, weight and update norms for every step.
 
-    See `gradwatch._torch.watch` for the options (scaler, start_step, weight_every, update_every)."""
+    See `gradwatch._torch.watch` for the options (scaler, start_step, weight_every, update_every,
+    dense_steps)."""
     from ._torch import watch as _watch
 
     return _watch(model, optimizer, run, **kwargs)

@@ -111,12 +111,14 @@ class Watch:
     """Hooks on one optimizer (and optionally its GradScaler) that log a model's norms to a run."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: Run, *,
-                 scaler: Any = None, start_step: int = 0, weight_every: int = 20, update_every: int = 20):
+                 scaler: Any = None, start_step: int = 0, weight_every: int = 20, update_every: int = 20,
+                 dense_steps: int = 20):
         self.run = run
         self.optimizer = optimizer
         self.step = start_step
         self.weight_every = max(0, weight_every)
         self.update_every = max(0, update_every)
+        self._dense_until = start_step + max(0, dense_steps)
         seen: set[int] = set()
         self.names: list[str] = []
         self.params: list[torch.nn.Parameter] = []
@@ -180,7 +182,7 @@ class Watch:
             if total is None:
                 total = tensor_norms(norms)[1]
         self._grad = (present, total, norms)
-        if self.update_every and self.step % self.update_every == 0:
+        if self._due(self.update_every):
             self._snapshot = self._copy_weights()
 
     @_guarded
@@ -194,7 +196,7 @@ class Watch:
         layout = {"grad": len(parts), "total": total is not None}
         if total is not None:
             parts.append(total)
-        if self.weight_every and self.step % self.weight_every == 0:
+        if self._due(self.weight_every):
             weights, _ = tensor_norms([p.detach() for p in self.params])
             parts += weights
             layout["weight"] = len(weights)
@@ -211,6 +213,10 @@ class Watch:
         self._pending.append((self.step, present, layout, packed, lr))
         self.run._hold(self.step)
         self.step += 1
+
+    def _due(self, every: int) -> bool:
+        """Whether this step measures what is sampled `every` steps: always during the first `dense_steps`."""
+        return every > 0 and (self.step < self._dense_until or self.step % every == 0)
 
     def _copy_weights(self) -> list[torch.Tensor]:
         """The weights before the step, for update norms. On CPU into buffers kept between steps: fresh 15 MB
@@ -305,7 +311,7 @@ class Watch:
 
 
 def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: Run, *, scaler: Any = None,
-          start_step: int = 0, weight_every: int = 20, update_every: int = 20) -> Watch:
+          start_step: int = 0, weight_every: int = 20, update_every: int = 20, dense_steps: int = 20) -> Watch:
     """Log per-layer gradient norms (before clipping), weight norms and update norms for every step.
 
     scaler: the `torch.amp.GradScaler` in use, so that steps it skips are recorded as skipped.
@@ -314,6 +320,9 @@ def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: Run, *,
     pass over the weights, and an update norm also needs a copy of the weights from before the step (on CPU
     a buffer the size of the model, kept), together about 10 % of a CPU step when done on every step (see
     docs/client.md); every 20 steps brings that to about 0.5 % while the update-to-weight ratio is still
-    judged many times an epoch. Gradient norms, the explosion signal, are measured on every step."""
+    judged many times an epoch. Gradient norms, the explosion signal, are measured on every step.
+    dense_steps: measure weight and update norms (where their `*_every` is not 0) on every one of the first N
+    steps watched (default 20). A run that blows up in its first updates shows it only there, and the
+    detectors' first-update rules and update-ratio band need consecutive samples (docs/detection.md)."""
     return Watch(model, optimizer, run, scaler=scaler, start_step=start_step, weight_every=weight_every,
-                 update_every=update_every)
+                 update_every=update_every, dense_steps=dense_steps)
