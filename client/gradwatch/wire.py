@@ -203,8 +203,10 @@ def float_column(section: memoryview | bytes) -> list[float | None]:
     a.frombytes(section)
     if not _LITTLE:
         a.byteswap()
-    out: list[float | None] = list(a.tolist())
+    out: list[float | None] = a.tolist()  # type: ignore[assignment]
     data = bytes(section) if isinstance(section, memoryview) else section
+    if _MISSING_BYTES not in data:
+        return out
     at = data.find(_MISSING_BYTES)
     while at >= 0:
         if at % 8 == 0:
