@@ -142,6 +142,7 @@ TWO_STEPS = struct.pack("<2q", 0, 1)
     (BINARY_MAGIC + struct.pack("<I", 3) + b"{x}", ["body", "header"], "not JSON"),
     (BINARY_MAGIC + struct.pack("<I", 2) + b"\xff\xfe", ["body", "header"], "not JSON"),
     (_frame([1, 2]), ["body", "header"], "object"),  # type: ignore[arg-type]
+    (BINARY_MAGIC + struct.pack("<I", 200_000) + b"[" * 200_000, ["body", "header"], "not JSON"),  # deep nesting
     (BINARY_MAGIC + struct.pack("<I", 30) + b'{"n": NaN, "fields": ["step"]}', ["body", "header"], "JSON"),
     (_frame({"n": -1, "fields": ["step"]}), ["body", "header", "n"], "integer"),
     (_frame({"n": 1.0, "fields": ["step"]}, _f64(0)), ["body", "header", "n"], "integer"),

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import gradwatch
+from gradwatch._transport import HttpTransport
 from gradwatch.sync import sync_run
 from gradwatch.wire import BINARY_CONTENT_TYPE
 
@@ -73,6 +74,16 @@ def test_a_service_refusing_binary_gets_json_from_then_on(recorder: Recorder, tm
     assert types[0] == BINARY_CONTENT_TYPE and set(types[1:]) == {"application/json"}
     assert sorted(recorder.stored(run.run_id)) == list(range(12))
     assert recorder.stored(run.run_id)[7]["loss"] == "NaN"
+
+
+def test_a_batch_the_binary_form_cannot_carry_goes_as_json(recorder: Recorder) -> None:
+    transport = HttpTransport(recorder.url)
+    transport.request("POST", "/v1/runs/r/steps", {"steps": [{"step": 2**64}]}, step_batch=True)
+    transport.request("POST", "/v1/runs/r/steps", {"steps": [{"step": 1, "loss": "lots"}]}, step_batch=True)
+    transport.request("POST", "/v1/runs/r/steps", {"steps": [{"step": 1, "loss": 0.5}]}, step_batch=True)
+    transport.close()
+    types = [r["headers"].get("Content-Type") for r in recorder.posts()]
+    assert types == ["application/json", "application/json", BINARY_CONTENT_TYPE]  # and binary again after
 
 
 def test_accepts_numpy_scalars_and_tensors(recorder: Recorder, tmp_path: Path) -> None:

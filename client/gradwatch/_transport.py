@@ -85,13 +85,18 @@ class HttpTransport:
     def request(self, method: str, path: str, payload: Any = None, step_batch: bool = False) -> Response:
         """`step_batch`: the payload is a JSON-shaped step batch, sent binary where the service takes it."""
         if step_batch and self.binary:
-            response = self._request(method, path, payload, binary=True)
-            if response.status != 415:
-                return response
-            self.binary = False  # an older service: JSON from now on
-        return self._request(method, path, payload, binary=False)
+            try:
+                encoded = encode_binary_batch(payload)
+            except (ValueError, TypeError, OverflowError):
+                encoded = None  # not numbers, or a step past int64: JSON carries it and the service says why
+            if encoded is not None:
+                response = self._request(method, path, payload, binary=encoded)
+                if response.status != 415:
+                    return response
+                self.binary = False  # an older service: JSON from now on
+        return self._request(method, path, payload)
 
-    def _request(self, method: str, path: str, payload: Any, binary: bool) -> Response:
+    def _request(self, method: str, path: str, payload: Any, binary: bytes | None = None) -> Response:
         import gzip
         import http.client  # here, not at import time: `import gradwatch` stays cheap
 
@@ -99,8 +104,8 @@ class HttpTransport:
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT, "Connection": "keep-alive"}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
-        if binary:
-            body = encode_binary_batch(payload)
+        if binary is not None:
+            body = binary
             headers["Content-Type"] = BINARY_CONTENT_TYPE
         elif payload is not None:
             body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()

@@ -153,7 +153,7 @@ def split_binary_batch(raw: bytes, max_steps: int | None = None) -> tuple[dict[s
         raise BinaryBodyError(["body", "header"], f"header length {head_len} runs past the {len(raw)}-byte body")
     try:
         header = json.loads(raw[8: 8 + head_len], parse_constant=_no_constant)
-    except ValueError as exc:  # also UnicodeDecodeError
+    except (ValueError, RecursionError) as exc:  # also UnicodeDecodeError; RecursionError: absurdly deep nesting
         raise BinaryBodyError(["body", "header"], f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise BinaryBodyError(["body", "header"], "header must be a JSON object")
