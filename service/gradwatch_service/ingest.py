@@ -7,7 +7,9 @@ Appending a batch, in the caller's write transaction:
    different ones make the whole batch a 409 and nothing is written;
 4. insert the new steps (one executemany on SQLite, one binary COPY on PostgreSQL), advance the run's
    counters, and, with detection on, its detector state and incidents (see detection.py).
-The caller commits, then acknowledges: a 2xx means durable.
+The caller commits, then acknowledges: a 2xx means durable. A binary batch (columns.py) of new, ascending steps
+in the run's layer order has nothing to map or compare: its rows come straight from its columns; any other
+binary batch is turned into the JSON model first and takes these same steps.
 """
 
 from __future__ import annotations
