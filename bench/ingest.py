@@ -1,10 +1,12 @@
 """End-to-end ingest throughput vs. the raw insert rate of the same table through the same driver.
 
 A real `gradwatch serve` (uvicorn) in a subprocess; 4 client processes, each sending one run of steps with
-50 values per step (loss, grad norm, lr, update norm and 46 per-layer gradient norms) in gzip'd batches over one
-keep-alive HTTP connection. Bodies are encoded before the clock starts: this measures the service, not the
-clients. The raw rate inserts the same rows, batch by batch, one transaction per batch, with the database driver
-alone (no HTTP, no validation). Run: `python bench/ingest.py [--quick] [--json]`.
+50 values per step (loss, grad norm, lr, update norm and 46 per-layer gradient norms) in batches over one
+keep-alive HTTP connection, encoded as the client sends them by default (binary columns, `--wire binary`) or
+as gzip'd JSON (`--wire json`; `--wire both` measures both against the same raw rate). Bodies are encoded
+before the clock starts: this measures the service, not the clients. The raw rate inserts the same rows, batch
+by batch, one transaction per batch, with the database driver alone (no HTTP, no validation).
+Run: `python bench/ingest.py [--quick] [--json] [--wire binary|json|both] [--detection on|off]`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ServerProcess, emit, fresh_database, print_table, rss_mb  # noqa: E402
+
+from gradwatch.wire import BINARY_CONTENT_TYPE, encode_binary_batch  # noqa: E402
 
 N_LAYERS = 46
 VALUES_PER_STEP = 4 + N_LAYERS
@@ -49,13 +53,18 @@ def batches(steps: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]
 
 
 def client(url: str, run_id: str, n_steps: int, batch_size: int, seed: int, start: Any, done: Any,
-           use_gzip: bool = True) -> None:
+           use_gzip: bool = True, wire: str = "binary") -> None:
     host, port = url.removeprefix("http://").split(":")
-    bodies = [json.dumps({"batch_id": f"{run_id}-{k}", "steps": b}).encode()
-              for k, b in enumerate(batches(make_steps(n_steps, seed), batch_size))]
-    if use_gzip:
-        bodies = [gzip.compress(body, 1) for body in bodies]
-    headers = {"content-type": "application/json", **({"content-encoding": "gzip"} if use_gzip else {})}
+    if wire == "binary":  # what gradwatch's sender posts by default (HttpTransport): not gzipped
+        bodies = [encode_binary_batch({"batch_id": f"{run_id}-{k}", "layers": LAYERS, "steps": b})
+                  for k, b in enumerate(batches(make_steps(n_steps, seed), batch_size))]
+        headers = {"content-type": BINARY_CONTENT_TYPE}
+    else:
+        bodies = [json.dumps({"batch_id": f"{run_id}-{k}", "steps": b}).encode()
+                  for k, b in enumerate(batches(make_steps(n_steps, seed), batch_size))]
+        if use_gzip:
+            bodies = [gzip.compress(body, 1) for body in bodies]
+        headers = {"content-type": "application/json", **({"content-encoding": "gzip"} if use_gzip else {})}
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
     conn.request("PUT", f"/v1/runs/{run_id}", json.dumps({"project": "bench", "layers": LAYERS}),
                  {"content-type": "application/json"})
@@ -72,10 +81,11 @@ def client(url: str, run_id: str, n_steps: int, batch_size: int, seed: int, star
 
 
 def end_to_end(url: str, n_clients: int, n_steps: int, batch_size: int, server: ServerProcess,
-               use_gzip: bool = True) -> tuple[float, float]:
+               use_gzip: bool = True, wire: str = "binary", prefix: str = "bench") -> tuple[float, float]:
     ctx = mp.get_context("spawn")
     start, done = ctx.Barrier(n_clients + 1), ctx.Queue()
-    procs = [ctx.Process(target=client, args=(url, f"bench-{k}", n_steps, batch_size, k, start, done, use_gzip))
+    procs = [ctx.Process(target=client, args=(url, f"{prefix}-{k}", n_steps, batch_size, k, start, done, use_gzip,
+                                              wire))
              for k in range(n_clients)]
     for p in procs:
         p.start()
@@ -148,21 +158,33 @@ def raw_insert(database_url: str, n_clients: int, n_steps: int, batch_size: int)
 
 
 def measure(backend: str, n_clients: int, n_steps: int, batch_size: int, workdir: Path, workers: int = 1,
-            env: dict[str, str] | None = None, raw: bool = True, use_gzip: bool = True) -> dict[str, float]:
-    """End-to-end (and, with raw, the raw insert rate) on a fresh database; env goes to the service."""
-    with fresh_database(backend, workdir) as url:
-        server = ServerProcess(url, log_path=workdir / f"server-{backend}.log", args=["--workers", str(workers)],
-                               env=env)
-        server.start()
-        try:
-            e2e, rss = end_to_end(server.url, n_clients, n_steps, batch_size, server, use_gzip)
-        finally:
-            server.stop()
+            env: dict[str, str] | None = None, raw: bool = True, use_gzip: bool = True,
+            wires: tuple[str, ...] = ("binary",)) -> dict[str, float]:
+    """End-to-end (and, with raw, the raw insert rate) on a fresh database; env goes to the service. The first
+    wire's figures are `values_per_s`..., the others' `json_values_per_s`... (each its own fresh database)."""
+    out: dict[str, float] = {}
+    rss = 0.0
+    for wire in wires:
+        with fresh_database(backend, workdir) as url:
+            server = ServerProcess(url, log_path=workdir / f"server-{backend}.log", args=["--workers", str(workers)],
+                                   env=env)
+            server.start()
+            try:
+                e2e, peak = end_to_end(server.url, n_clients, n_steps, batch_size, server, use_gzip, wire)
+            finally:
+                server.stop()
+        out[f"{'' if wire == wires[0] else wire + '_'}values_per_s"] = e2e
+        rss = max(rss, peak)
+    out["service_rss_mb"] = rss
     if not raw:
-        return {"values_per_s": e2e, "service_rss_mb": rss}
+        return out
     with fresh_database(backend, workdir) as url:
         raw_rate = raw_insert(url, n_clients, n_steps, batch_size)
-    return {"values_per_s": e2e, "raw_values_per_s": raw_rate, "ratio_to_raw": e2e / raw_rate, "service_rss_mb": rss}
+    out["raw_values_per_s"] = raw_rate
+    for wire in wires:
+        key = "" if wire == wires[0] else wire + "_"
+        out[f"{key}ratio_to_raw"] = out[f"{key}values_per_s"] / raw_rate
+    return out
 
 
 def main() -> int:
@@ -173,7 +195,10 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1000, help="steps per batch")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--backends", default="sqlite,postgres")
-    ap.add_argument("--no-gzip", action="store_true", help="send plain JSON (the client gzips by default)")
+    ap.add_argument("--wire", choices=("binary", "json", "both"), default="binary",
+                    help="how batches travel: binary columns (the client's default), gzip'd JSON, or both side by "
+                         "side (the JSON figures then have a json_ prefix)")
+    ap.add_argument("--no-gzip", action="store_true", help="with JSON, send it plain (the client gzips JSON)")
     ap.add_argument("--detection", choices=("on", "off"), default="on",
                     help="run the explosion detectors on ingest (the service's default: on)")
     ap.add_argument("--workers", type=int, default=1, help="service worker processes")
@@ -183,22 +208,30 @@ def main() -> int:
     rss = 0.0
     with tempfile.TemporaryDirectory(prefix="gradwatch-bench-") as tmp:
         for backend in args.backends.split(","):
+            wires = ("binary", "json") if args.wire == "both" else (args.wire,)
             m = measure(backend, args.clients, n_steps, args.batch, Path(tmp), args.workers,
                         env={"GRADWATCH_DETECTION": "true" if args.detection == "on" else "false"},
-                        use_gzip=not args.no_gzip)
+                        use_gzip=not args.no_gzip, wires=wires)
             name = "postgres" if backend.startswith("postgres") else "sqlite"
             figures[f"{name}_values_per_s"] = round(m["values_per_s"])
             figures[f"{name}_raw_values_per_s"] = round(m["raw_values_per_s"])
             figures[f"{name}_ratio_to_raw"] = round(m["ratio_to_raw"], 3)
+            if "json_values_per_s" in m:
+                figures[f"{name}_json_values_per_s"] = round(m["json_values_per_s"])
+                figures[f"{name}_json_ratio_to_raw"] = round(m["json_ratio_to_raw"], 3)
             rss = max(rss, m["service_rss_mb"])
             if not args.json:
+                rows: list[tuple[str, Any]] = [(f"end-to-end values/s, {wires[0]}", m["values_per_s"])]
+                if "json_values_per_s" in m:
+                    rows.append(("end-to-end values/s, json", m["json_values_per_s"]))
+                rows += [("raw insert values/s", m["raw_values_per_s"]),
+                         (f"end-to-end / raw, {wires[0]}", f"{m['ratio_to_raw']:.2f}")]
+                if "json_values_per_s" in m:
+                    rows.append(("end-to-end / raw, json", f"{m['json_ratio_to_raw']:.2f}"))
+                rows.append(("service peak RSS MB", m["service_rss_mb"]))
                 print_table(f"ingest, {name}: {args.clients} clients x {n_steps} steps x {VALUES_PER_STEP} values, "
-                            f"batches of {args.batch}, {args.workers} service worker(s), detection {args.detection}", [
-                                ("end-to-end values/s", m["values_per_s"]),
-                                ("raw insert values/s", m["raw_values_per_s"]),
-                                ("end-to-end / raw", f"{m['ratio_to_raw']:.2f}"),
-                                ("service peak RSS MB", m["service_rss_mb"]),
-                            ])
+                            f"batches of {args.batch}, {args.workers} service worker(s), detection {args.detection}",
+                            rows)
     figures["service_rss_mb"] = round(rss, 1)
     emit(figures, args.json)
     return 0

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 import gradwatch
+from gradwatch._transport import HttpTransport
 from gradwatch.sync import sync_run
+from gradwatch.wire import BINARY_CONTENT_TYPE
 
 from .test_client_fakes import HungServer, Recorder, closed_port
 
@@ -30,8 +32,9 @@ def start(url: str, tmp_path: Path, **options: object) -> gradwatch.Run:
                           **{**FAST, **options})
 
 
-def test_steps_arrive_once_merged_with_nonfinite_values(recorder: Recorder, tmp_path: Path) -> None:
-    run = start(recorder.url, tmp_path)
+@pytest.mark.parametrize("wire", ["binary", "json"])
+def test_steps_arrive_once_merged_with_nonfinite_values(recorder: Recorder, tmp_path: Path, wire: str) -> None:
+    run = start(recorder.url, tmp_path, wire=wire)
     for step in range(20):
         run.log(step, loss=1.0 / (step + 1), lr=0.1, acc=0.5)
         run.log_layers(step, grad_norms={"fc1.weight": 2.0, "fc1.bias": float("nan")},
@@ -44,7 +47,11 @@ def test_steps_arrive_once_merged_with_nonfinite_values(recorder: Recorder, tmp_
     assert methods[0] == "PUT" and methods[-1] == "PUT"
     assert recorder.requests[0]["body"]["config"] == {"lr": 0.1}
     assert recorder.requests[-1]["body"]["status"] == "finished"
-    assert all(r["headers"].get("Content-Encoding") == "gzip" for r in recorder.posts())
+    if wire == "binary":  # float64 columns, not gzipped
+        assert all(r["headers"].get("Content-Type") == BINARY_CONTENT_TYPE for r in recorder.posts())
+        assert all("Content-Encoding" not in r["headers"] for r in recorder.posts())
+    else:
+        assert all(r["headers"].get("Content-Encoding") == "gzip" for r in recorder.posts())
     stored = recorder.stored(run.run_id)
     assert sorted(stored) == list(range(21))
     assert stored[3]["loss"] == 0.25 and stored[3]["scalars"] == {"acc": 0.5}
@@ -53,6 +60,30 @@ def test_steps_arrive_once_merged_with_nonfinite_values(recorder: Recorder, tmp_
     assert stored[20]["loss"] == "Infinity" and stored[20]["grad_norm"] == "-Infinity"
     # One keep-alive connection (one client port) for the whole run.
     assert len({r["headers"]["x-client-port"] for r in recorder.requests}) == 1
+
+
+def test_a_service_refusing_binary_gets_json_from_then_on(recorder: Recorder, tmp_path: Path) -> None:
+    recorder.script = [(415, {"detail": "Content-Type must be application/json"}, {})]
+    run = start(recorder.url, tmp_path, batch_size=5)
+    for step in range(12):
+        run.log(step, loss=float("nan") if step == 7 else 1.0)
+    report = run.finish()
+
+    assert report.delivered == 12 and report.lost == {}
+    types = [r["headers"].get("Content-Type") for r in recorder.posts()]
+    assert types[0] == BINARY_CONTENT_TYPE and set(types[1:]) == {"application/json"}
+    assert sorted(recorder.stored(run.run_id)) == list(range(12))
+    assert recorder.stored(run.run_id)[7]["loss"] == "NaN"
+
+
+def test_a_batch_the_binary_form_cannot_carry_goes_as_json(recorder: Recorder) -> None:
+    transport = HttpTransport(recorder.url)
+    transport.request("POST", "/v1/runs/r/steps", {"steps": [{"step": 2**64}]}, step_batch=True)
+    transport.request("POST", "/v1/runs/r/steps", {"steps": [{"step": 1, "loss": "lots"}]}, step_batch=True)
+    transport.request("POST", "/v1/runs/r/steps", {"steps": [{"step": 1, "loss": 0.5}]}, step_batch=True)
+    transport.close()
+    types = [r["headers"].get("Content-Type") for r in recorder.posts()]
+    assert types == ["application/json", "application/json", BINARY_CONTENT_TYPE]  # and binary again after
 
 
 def test_accepts_numpy_scalars_and_tensors(recorder: Recorder, tmp_path: Path) -> None:

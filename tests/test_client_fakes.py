@@ -16,6 +16,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from gradwatch.wire import BINARY_CONTENT_TYPE, decode_binary_batch
+
 __all__ = ["HungServer", "Recorder"]
 
 Reply = tuple[int, Any, dict[str, str]]
@@ -44,7 +46,10 @@ class Recorder:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if self.headers.get("Content-Encoding") == "gzip":
                     raw = gzip.decompress(raw)
-                body = json.loads(raw) if raw else None
+                if self.headers.get("Content-Type") == BINARY_CONTENT_TYPE:
+                    body = decode_binary_batch(raw)
+                else:
+                    body = json.loads(raw) if raw else None
                 headers_in = {**dict(self.headers), "x-client-port": str(self.client_address[1])}
                 status, reply, headers = recorder.respond(self.command, self.path, headers_in, body)
                 data = json.dumps(reply).encode()

@@ -57,7 +57,10 @@ class Options:
     max_backoff: float = 30.0
     """Longest retry delay (a `Retry-After` header may ask for longer, up to five minutes)."""
     compress: bool = True
-    """gzip request bodies."""
+    """gzip JSON request bodies (binary step batches are sent as they are)."""
+    wire: Literal["binary", "json"] = "binary"
+    """How step batches travel: binary float64 columns (cheaper to build in the training process, and for the
+    service to store), or JSON. A service that refuses binary (415) gets JSON automatically."""
     strict: bool = False
     """Raise client errors (bad values, lost steps at finish) into the caller instead of logging them."""
     all_ranks: bool = False

@@ -81,6 +81,8 @@ def init(
     opts = Options(**options)
     if opts.on_critical not in ("warn", "raise", "stop"):
         raise ValueError(f"on_critical must be 'warn', 'raise' or 'stop', not {opts.on_critical!r}")
+    if opts.wire not in ("binary", "json"):
+        raise ValueError(f"wire must be 'binary' or 'json', not {opts.wire!r}")
     opts.spool_dir = Path(opts.spool_dir).expanduser()
     rank = _distributed_rank()
     if rank and not opts.all_ranks:

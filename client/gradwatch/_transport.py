@@ -3,6 +3,10 @@
 One `http.client` connection is reused for every request (a TLS or TCP handshake per batch would cost more
 than the batch). A connection the server closed while idle is reopened once transparently; every request
 the client makes is idempotent, so that retry is always safe.
+
+Step batches go as binary columns (`gradwatch.wire.encode_binary_batch`, not gzipped: float64 columns are
+already smaller than gzipped JSON, and gzip would only cost both ends CPU); a service that answers 415 to them
+(one older than the binary wire) gets JSON from then on.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from .wire import BINARY_CONTENT_TYPE, encode_binary_batch
 
 if TYPE_CHECKING:
     import http.client
@@ -56,10 +62,12 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 class HttpTransport:
-    """Sends JSON (gzipped when `compress`) and returns the parsed JSON response. Not thread-safe: the
-    sender thread owns it (and `gradwatch sync`, which runs in one thread)."""
+    """Sends JSON (gzipped when `compress`) or, for step batches with `binary`, binary columns, and returns the
+    parsed JSON response. Not thread-safe: the sender thread owns it (and `gradwatch sync`, which runs in one
+    thread)."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 5.0, compress: bool = True):
+    def __init__(self, url: str, token: str | None = None, timeout: float = 5.0, compress: bool = True,
+                 binary: bool = True):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"gradwatch URL must be http(s)://host[:port][/prefix], got {url!r}")
@@ -71,9 +79,24 @@ class HttpTransport:
         self._token = token
         self._timeout = timeout
         self._compress = compress
+        self.binary = binary
         self._conn: http.client.HTTPConnection | None = None
 
-    def request(self, method: str, path: str, payload: Any = None) -> Response:
+    def request(self, method: str, path: str, payload: Any = None, step_batch: bool = False) -> Response:
+        """`step_batch`: the payload is a JSON-shaped step batch, sent binary where the service takes it."""
+        if step_batch and self.binary:
+            try:
+                encoded = encode_binary_batch(payload)
+            except (ValueError, TypeError, OverflowError):
+                encoded = None  # not numbers, or a step past int64: JSON carries it and the service says why
+            if encoded is not None:
+                response = self._request(method, path, payload, binary=encoded)
+                if response.status != 415:
+                    return response
+                self.binary = False  # an older service: JSON from now on
+        return self._request(method, path, payload)
+
+    def _request(self, method: str, path: str, payload: Any, binary: bytes | None = None) -> Response:
         import gzip
         import http.client  # here, not at import time: `import gradwatch` stays cheap
 
@@ -81,7 +104,10 @@ class HttpTransport:
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT, "Connection": "keep-alive"}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
-        if payload is not None:
+        if binary is not None:
+            body = binary
+            headers["Content-Type"] = BINARY_CONTENT_TYPE
+        elif payload is not None:
             body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
             headers["Content-Type"] = "application/json"
             if self._compress:

@@ -88,7 +88,8 @@ class Worker:
         self._controls: collections.deque[object] = collections.deque()
         self._wake = threading.Event()
         self._last_tick = 0.0
-        self._transport = HttpTransport(options.url, options.token, options.timeout, options.compress)
+        self._transport = HttpTransport(options.url, options.token, options.timeout, options.compress,
+                                        binary=options.wire == "binary")
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         self._start_lock = threading.Lock()
@@ -411,7 +412,7 @@ class Worker:
         if not self._run_created and not self._put_run():
             return False
         try:
-            response = self._transport.request("POST", self._run_path + "/steps", body)
+            response = self._transport.request("POST", self._run_path + "/steps", body, step_batch=True)
         except TransportError as exc:
             self._failed(None, exc)
             return False

@@ -1,15 +1,33 @@
 """The wire encoding of measured values, shared by the client and the service.
 
 Non-finite floats are the signal this product exists for, so they travel as the JSON strings
-"NaN", "Infinity" and "-Infinity" (the protobuf JSON convention); a bare NaN token is not JSON.
+"NaN", "Infinity" and "-Infinity" (the protobuf JSON convention); a bare NaN token is not JSON. Step batches
+also travel as binary columns of float64 (below), where NaN and ±Infinity are themselves.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import struct
+import sys
+from array import array
 from typing import Any
 
-__all__ = ["NONFINITE_STRINGS", "decode_value", "encode_value", "to_float"]
+__all__ = [
+    "BINARY_CONTENT_TYPE",
+    "BinaryBodyError",
+    "MISSING_BITS",
+    "NONFINITE_STRINGS",
+    "decode_binary_batch",
+    "decode_value",
+    "encode_binary_batch",
+    "encode_value",
+    "float_column",
+    "int_column",
+    "split_binary_batch",
+    "to_float",
+]
 
 NONFINITE_STRINGS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
@@ -46,3 +64,192 @@ def to_float(x: Any) -> float | None:
     if item is not None:
         x = item()
     return float(x)
+
+
+# ------------------------------------------------------------------------------------------ binary batches
+# A step batch as columns of little-endian numbers (docs/wire.md, "Binary step batches"): what the client
+# sends by default. Building it is a few C-level array calls instead of formatting 50 floats per step as text,
+# and the service stores its per-layer arrays as they arrive.
+
+BINARY_CONTENT_TYPE = "application/vnd.gradwatch.steps+binary"
+BINARY_MAGIC = b"GWS1"
+MISSING_BITS = 0x7FF8_0000_DEAD_0001
+"""In a binary float64 column, this NaN bit pattern means *not measured* (JSON null); every other bit pattern,
+any other NaN included, is the value itself. SQLite's per-layer blobs use the same sentinel."""
+STEP_COLUMN_FIELDS = ("time", "loss", "grad_norm", "lr", "update_norm")
+"""float64, one per step"""
+LAYER_COLUMN_FIELDS = ("layer_grad_norms", "layer_weight_norms", "layer_update_norms")
+"""float64, one per step and layer, step-major"""
+BINARY_FIELDS = ("step", *STEP_COLUMN_FIELDS, *LAYER_COLUMN_FIELDS, "skipped")
+
+_MISSING = struct.unpack("<d", struct.pack("<Q", MISSING_BITS))[0]
+_MISSING_BYTES = struct.pack("<Q", MISSING_BITS)
+_LITTLE = sys.byteorder == "little"
+
+
+class BinaryBodyError(ValueError):
+    """A binary batch whose framing is wrong (magic, header, section sizes); `loc` says where."""
+
+    def __init__(self, loc: list[str | int], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+def _column(values: list[Any], code: str) -> bytes:
+    """float64 (code "d") or int64 ("q") values as little-endian bytes; None is the not-measured sentinel."""
+    try:
+        a = array(code, values)
+    except TypeError:  # None (not measured) or a wire string ("NaN") somewhere: the rare path
+        a = array(code, [_MISSING if v is None else decode_value(v) for v in values])
+    if not _LITTLE:
+        a.byteswap()
+    return a.tobytes()
+
+
+def encode_binary_batch(body: dict[str, Any]) -> bytes:
+    """A JSON-shaped step batch (`{"batch_id", "layers", "steps": [...]}`, values as on the JSON wire) as a
+    binary body. Columns that no step carries are left out; a step without a column's value gets the sentinel."""
+    steps: list[dict[str, Any]] = body["steps"]
+    layers: list[str] = list(body.get("layers") or [])
+    n_layers = len(layers)
+    fields = ["step"]
+    parts = [_column([s["step"] for s in steps], "q")]
+    for name in STEP_COLUMN_FIELDS:
+        column = [s.get(name) for s in steps]
+        if any(v is not None for v in column):
+            fields.append(name)
+            parts.append(_column(column, "d"))
+    for name in LAYER_COLUMN_FIELDS:
+        rows = [s.get(name) for s in steps]
+        if any(rows):
+            if any(r is not None and len(r) != n_layers for r in rows):
+                raise ValueError(f"{name}: every step needs one value per layer ({n_layers})")
+            fields.append(name)
+            flat: list[Any] = []
+            for r in rows:
+                flat.extend(r if r is not None else (None,) * n_layers)
+            parts.append(_column(flat, "d"))
+    if any(s.get("skipped") for s in steps):
+        fields.append("skipped")
+        parts.append(bytes(1 if s.get("skipped") else 0 for s in steps))
+    header: dict[str, Any] = {"n": len(steps), "fields": fields}
+    if body.get("batch_id") is not None:
+        header["batch_id"] = body["batch_id"]
+    if layers:
+        header["layers"] = layers
+    if any(s.get("scalars") for s in steps):
+        header["scalars"] = [s.get("scalars") or None for s in steps]
+    head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    return b"".join([BINARY_MAGIC, struct.pack("<I", len(head)), head, *parts])
+
+
+def split_binary_batch(raw: bytes, max_steps: int | None = None) -> tuple[dict[str, Any], dict[str, memoryview]]:
+    """The header and each section of a binary body, with the framing checked: magic, header, that every
+    section has exactly the size the header implies and nothing follows. Values are not looked at."""
+    if len(raw) < 8 or raw[:4] != BINARY_MAGIC:
+        raise BinaryBodyError(["body"], f"a binary step batch starts with {BINARY_MAGIC!r} and a header length")
+    (head_len,) = struct.unpack_from("<I", raw, 4)
+    if 8 + head_len > len(raw):
+        raise BinaryBodyError(["body", "header"], f"header length {head_len} runs past the {len(raw)}-byte body")
+    try:
+        header = json.loads(raw[8: 8 + head_len], parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # also UnicodeDecodeError; RecursionError: absurdly deep nesting
+        raise BinaryBodyError(["body", "header"], f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise BinaryBodyError(["body", "header"], "header must be a JSON object")
+    n, fields, layers = header.get("n"), header.get("fields"), header.get("layers")
+    if type(n) is not int or n < 0:
+        raise BinaryBodyError(["body", "header", "n"], "n must be the number of steps, an integer >= 0")
+    if max_steps is not None and n > max_steps:
+        raise BinaryBodyError(["body", "header", "n"], f"{n} steps in one batch; at most {max_steps} "
+                                                       "(send several batches)")
+    if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
+        raise BinaryBodyError(["body", "header", "fields"], "fields must be a list of section names")
+    unknown = [f for f in fields if f not in BINARY_FIELDS]
+    if unknown or len(set(fields)) != len(fields) or "step" not in fields:
+        raise BinaryBodyError(["body", "header", "fields"],
+                              f"fields must name each section once, include 'step', and be of {list(BINARY_FIELDS)}"
+                              f"{f'; unknown: {unknown}' if unknown else ''}")
+    if layers is not None and not isinstance(layers, list):
+        raise BinaryBodyError(["body", "header", "layers"], "layers must be a list of names")
+    n_layers = len(layers) if layers is not None else None
+    sections: dict[str, memoryview] = {}
+    offset = 8 + head_len
+    view = memoryview(raw)
+    for name in fields:
+        if name in LAYER_COLUMN_FIELDS:
+            if n_layers is None:
+                raise BinaryBodyError(["body", "header", "layers"], f"section {name!r} needs the header's layers")
+            size = 8 * n * n_layers
+        else:
+            size = n if name == "skipped" else 8 * n
+        if offset + size > len(raw):
+            raise BinaryBodyError(["body", name], f"section {name!r} needs {size} bytes at offset {offset}; "
+                                                  f"the body has {len(raw)}")
+        sections[name] = view[offset: offset + size]
+        offset += size
+    if offset != len(raw):
+        raise BinaryBodyError(["body"], f"{len(raw) - offset} bytes after the last section")
+    return header, sections
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def float_column(section: memoryview | bytes) -> list[float | None]:
+    """A float64 section as floats, the not-measured sentinel as None."""
+    a = array("d")
+    a.frombytes(section)
+    if not _LITTLE:
+        a.byteswap()
+    out: list[float | None] = a.tolist()  # type: ignore[assignment]
+    data = bytes(section) if isinstance(section, memoryview) else section
+    if _MISSING_BYTES not in data:
+        return out
+    at = data.find(_MISSING_BYTES)
+    while at >= 0:
+        if at % 8 == 0:
+            out[at // 8] = None
+            at = data.find(_MISSING_BYTES, at + 8)
+        else:
+            at = data.find(_MISSING_BYTES, at + 1)
+    return out
+
+
+def int_column(section: memoryview | bytes) -> list[int]:
+    a = array("q")
+    a.frombytes(section)
+    if not _LITTLE:
+        a.byteswap()
+    return a.tolist()
+
+
+def decode_binary_batch(raw: bytes) -> dict[str, Any]:
+    """A binary body as the JSON-shaped batch it stands for, values as on the JSON wire (for tests, tools)."""
+    header, sections = split_binary_batch(raw)
+    n = header["n"]
+    n_layers = len(header.get("layers") or [])
+    steps: list[dict[str, Any]] = [{"step": s} for s in int_column(sections["step"])]
+    for name, section in sections.items():
+        if name in STEP_COLUMN_FIELDS:
+            for s, v in zip(steps, float_column(section), strict=True):
+                if v is not None:
+                    s[name] = encode_value(v)
+        elif name in LAYER_COLUMN_FIELDS:
+            flat = [encode_value(v) for v in float_column(section)]
+            for i, s in enumerate(steps):
+                row = flat[i * n_layers: (i + 1) * n_layers]
+                if any(v is not None for v in row):  # a row of sentinels only: the step has no such field
+                    s[name] = row
+        elif name == "skipped":
+            for s, b in zip(steps, bytes(section), strict=True):
+                s["skipped"] = bool(b)
+    for s, scalars in zip(steps, header.get("scalars") or [None] * n, strict=False):
+        if scalars:
+            s["scalars"] = scalars
+    out: dict[str, Any] = {"steps": steps}
+    for key in ("batch_id", "layers"):
+        if key in header:
+            out[key] = header[key]
+    return out

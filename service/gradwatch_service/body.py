@@ -15,7 +15,9 @@ from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["read_body", "parse_body"]
+from gradwatch.wire import BINARY_CONTENT_TYPE
+
+__all__ = ["BINARY_CONTENT_TYPE", "content_type_of", "nul_location", "parse_body", "read_body"]
 
 _zlib: ModuleType
 try:  # Intel ISA-L inflates about twice as fast as zlib: ingest is mostly inflate, parse, insert
@@ -29,10 +31,16 @@ M = TypeVar("M", bound=BaseModel)
 _JSON_TYPES = ("application/json", "application/x-ndjson")
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if content_type not in _JSON_TYPES:
-        raise HTTPException(415, f"Content-Type must be application/json, not {content_type!r}")
+def content_type_of(request: Request) -> str:
+    return request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+
+
+async def read_body(request: Request, max_bytes: int, binary: bool = False) -> bytes:
+    """The body, inflated, within `max_bytes` on the wire and inflated; `binary` also accepts binary batches."""
+    content_type = content_type_of(request)
+    if content_type not in _JSON_TYPES and not (binary and content_type == BINARY_CONTENT_TYPE):
+        allowed = f"application/json or {BINARY_CONTENT_TYPE}" if binary else "application/json"
+        raise HTTPException(415, f"Content-Type must be {allowed}, not {content_type!r}")
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("identity", "gzip"):
         raise HTTPException(415, f"Content-Encoding must be gzip or absent, not {encoding!r}")
@@ -76,24 +84,24 @@ def parse_body(model: type[M], raw: bytes) -> M:
             e["loc"] = ("body", *e["loc"])
         raise RequestValidationError(errors) from None
     if b"\\u0000" in raw:  # cheap pre-check; the walk below finds where, if anywhere
-        where = _nul_location(json.loads(raw), ["body"])
+        where = nul_location(json.loads(raw), ["body"])
         if where is not None:
             raise RequestValidationError([{"loc": tuple(where), "type": "value_error",
                                            "msg": "strings may not contain NUL (\\u0000): no database stores it"}])
     return parsed
 
 
-def _nul_location(doc: Any, loc: list[Any]) -> list[Any] | None:
+def nul_location(doc: Any, loc: list[Any]) -> list[Any] | None:
     if isinstance(doc, str):
         return loc if "\x00" in doc else None
     if isinstance(doc, dict):
         for k, v in doc.items():
-            found = _nul_location(k, loc + [k]) or _nul_location(v, loc + [k])
+            found = nul_location(k, loc + [k]) or nul_location(v, loc + [k])
             if found is not None:
                 return found
     elif isinstance(doc, list):
         for i, v in enumerate(doc):
-            found = _nul_location(v, loc + [i])
+            found = nul_location(v, loc + [i])
             if found is not None:
                 return found
     return None

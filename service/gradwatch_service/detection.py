@@ -19,7 +19,7 @@ from gradwatch.wire import decode_value, encode_value
 
 from .db import now_utc
 from .models import incidents
-from .schemas import StepIn
+from .schemas import StepValues
 
 __all__ = ["DetectionOutcome", "advance_detection", "load_state"]
 
@@ -41,7 +41,7 @@ def load_state(doc: Any) -> dict[str, Any]:
             "seq": {}, "next_seq": 1}
 
 
-def _detector_input(s: StepIn, layer_names: list[str]) -> dict[str, Any]:
+def _detector_input(s: StepValues, layer_names: list[str]) -> dict[str, Any]:
     """The step as `detect.advance` reads it: the per-layer arrays go in as they are, aligned with the batch's
     layer names (no per-step dicts to build)."""
     return {"step": s.step, "loss": s.loss, "grad_norm": s.grad_norm, "lr": s.lr, "update_norm": s.update_norm,
@@ -49,14 +49,14 @@ def _detector_input(s: StepIn, layer_names: list[str]) -> dict[str, Any]:
             "layer_weight_norms": s.layer_weight_norms, "layer_update_norms": s.layer_update_norms}
 
 
-def _evidence(inc: dict[str, Any], s: StepIn) -> dict[str, Any]:
+def _evidence(inc: dict[str, Any], s: StepValues) -> dict[str, Any]:
     return {"step": s.step, "signature": inc["signature"], "severity": inc["severity"], "layer": inc.get("layer"),
             "value": inc.get("value"), "baseline": inc.get("baseline"), "message": inc.get("message"),
             "values": {"loss": encode_value(s.loss), "grad_norm": encode_value(s.grad_norm),
                        "lr": encode_value(s.lr), "update_norm": encode_value(s.update_norm)}}
 
 
-def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: Sequence[StepIn],
+def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: Sequence[StepValues],
                       layer_names: Sequence[str], config: detect.DetectorConfig) -> DetectionOutcome:
     """Judge the batch's new, in-order steps; write incident changes. The caller stores the returned state."""
     doc = load_state(state_doc)

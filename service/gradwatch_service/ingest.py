@@ -7,7 +7,9 @@ Appending a batch, in the caller's write transaction:
    different ones make the whole batch a 409 and nothing is written;
 4. insert the new steps (one executemany on SQLite, one binary COPY on PostgreSQL), advance the run's
    counters, and, with detection on, its detector state and incidents (see detection.py).
-The caller commits, then acknowledges: a 2xx means durable.
+The caller commits, then acknowledges: a 2xx means durable. A binary batch (columns.py) of new, ascending steps
+in the run's layer order has nothing to map or compare: its rows come straight from its columns; any other
+binary batch is turned into the JSON model first and takes these same steps.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from gradwatch.detect import DetectorConfig
 from gradwatch.wire import encode_value
 
 from .codec import decode_scalars, encode_scalars, pack_floats
+from .columns import StepColumns
 from .db import now_utc
 from .detection import advance_detection
 from .models import FLAG_LATE, FLAG_SKIPPED, projects, runs, steps
-from .schemas import RunUpsert, StepBatch, StepIn
+from .schemas import RunUpsert, StepBatch, StepIn, StepValues
 
 __all__ = ["RunNotFound", "StepConflict", "BatchInvalid", "BatchOutcome", "upsert_run", "append_steps"]
 
@@ -67,7 +70,7 @@ class BatchOutcome:
     duplicates: int
     last_step: int | None
     layers: list[str]
-    new_steps: list[StepIn] = field(default_factory=list)
+    new_steps: Sequence[StepValues] = field(default_factory=list)
     late_steps: set[int] = field(default_factory=set)
     raised_incidents: list[int] = field(default_factory=list)
 
@@ -234,14 +237,15 @@ def _in_run_order(values: Sequence[float | None], index_map: list[int], n_layers
 
 
 def _canon(x: Any) -> Any:
-    """A comparable form of a stored or sent value: NaN equals NaN, trailing unmeasured layers don't count."""
+    """A comparable form of a stored or sent value: NaN equals NaN, trailing unmeasured layers don't count, and
+    an array with no measured value equals an absent one (a binary body cannot tell them apart)."""
     if isinstance(x, float) and x != x:
         return "NaN"
     if isinstance(x, (list, tuple)):
         out = [_canon(v) for v in x]
         while out and out[-1] is None:
             out.pop()
-        return tuple(out)
+        return tuple(out) or None
     if isinstance(x, dict):
         return tuple(sorted((k, _canon(v)) for k, v in x.items()))
     return x
@@ -312,7 +316,7 @@ def insert_rows(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
             copy.write_row(row)
 
 
-def append_steps(conn: Connection, run_id: str, batch: StepBatch,
+def append_steps(conn: Connection, run_id: str, batch: StepBatch | StepColumns,
                  detector: DetectorConfig | None = None) -> BatchOutcome:
     """Store a batch's new steps and, with a detector config, judge them; raises RunNotFound, StepConflict or
     BatchInvalid (then nothing is stored)."""
@@ -321,6 +325,10 @@ def append_steps(conn: Connection, run_id: str, batch: StepBatch,
         raise RunNotFound(run_id)
     run_pk = int(run.id)
     layers, index_map = _layer_mapper(list(run.layer_names), batch.layers)
+    if isinstance(batch, StepColumns):
+        if index_map is None and batch.is_plain_append(run.last_step):
+            return _append_columns(conn, run, batch, layers, detector)
+        batch = batch.to_batch()  # resends, repeats, out-of-order steps, another layer order: the general path
     n_batch_layers = len(batch.layers) if batch.layers is not None else None
     last_step = run.last_step
 
@@ -369,4 +377,30 @@ def append_steps(conn: Connection, run_id: str, batch: StepBatch,
         conn.execute(update(runs).where(runs.c.id == run_pk).values(layer_names=layers, updated_at=now_utc()))
     return BatchOutcome(run_pk=run_pk, accepted=len(rows), duplicates=len(stored) + repeats,
                         last_step=last_step, layers=layers, new_steps=new_steps, late_steps=late,
+                        raised_incidents=raised)
+
+
+def _append_columns(conn: Connection, run: Any, batch: StepColumns, layers: list[str],
+                    detector: DetectorConfig | None) -> BatchOutcome:
+    """A binary batch of new, ascending steps in the run's layer order: rows straight from the columns."""
+    run_pk = int(run.id)
+    rows = batch.rows(run_pk, conn.dialect.name == "sqlite")
+    raised: list[int] = []
+    new_steps: Sequence[StepValues] = []
+    changes: dict[str, Any] = {"updated_at": now_utc()}
+    if rows:
+        insert_rows(conn, rows)
+        changes.update(last_step=batch.steps[-1], n_steps=int(run.n_steps) + len(rows))
+        if detector is not None:
+            new_steps = batch.step_views()
+            judged = advance_detection(conn, run_pk, run.detector_state, new_steps,
+                                       batch.layers if batch.layers is not None else layers, detector)
+            changes["detector_state"] = judged.state_doc
+            raised = judged.raised
+    if layers != list(run.layer_names):
+        changes["layer_names"] = layers
+    if rows or "layer_names" in changes:
+        conn.execute(update(runs).where(runs.c.id == run_pk).values(**changes))
+    return BatchOutcome(run_pk=run_pk, accepted=len(rows), duplicates=0,
+                        last_step=batch.steps[-1] if rows else run.last_step, layers=layers, new_steps=new_steps,
                         raised_incidents=raised)

@@ -8,7 +8,8 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..body import parse_body, read_body
+from ..body import BINARY_CONTENT_TYPE, content_type_of, parse_body, read_body
+from ..columns import StepColumns, parse_binary_batch
 from ..db import read_connection, write_transaction
 from ..ingest import BatchInvalid, RunNotFound, StepConflict, append_steps
 from ..queries import UnknownLayer, get_run_row, list_incidents, read_series, read_steps
@@ -33,18 +34,25 @@ _BATCH_EXAMPLE = StepBatch.model_config["json_schema_extra"]["examples"][0]  # t
         413: {"description": "body too large, compressed or decompressed"},
         415: {"description": "unsupported Content-Type or Content-Encoding"},
     },
-    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/StepBatch"}, "example": _BATCH_EXAMPLE}}}},
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/StepBatch"}, "example": _BATCH_EXAMPLE},
+        BINARY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary",
+                                         "description": "columns of little-endian numbers (docs/wire.md)"}}}}},
 )
 async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
-    raw = await read_body(request, settings.max_body_bytes)
+    raw = await read_body(request, settings.max_body_bytes, binary=True)
+    binary = content_type_of(request) == BINARY_CONTENT_TYPE
     detector = request.app.state.detector
 
     def ingest() -> IngestResult:
-        batch = parse_body(StepBatch, raw)
-        if len(batch.steps) > settings.max_batch_steps:
-            raise BatchInvalid(["body", "steps"], f"{len(batch.steps)} steps in one batch; at most "
-                                                  f"{settings.max_batch_steps} (send several batches)")
+        batch: StepBatch | StepColumns
+        if binary:
+            batch = parse_binary_batch(raw, settings.max_batch_steps)
+        else:
+            batch = parse_body(StepBatch, raw)
+            if len(batch.steps) > settings.max_batch_steps:
+                raise BatchInvalid(["body", "steps"], f"{len(batch.steps)} steps in one batch; at most "
+                                                      f"{settings.max_batch_steps} (send several batches)")
         with write_transaction(engine) as conn:
             outcome = append_steps(conn, run_id, batch, detector)
             open_now, _ = list_incidents(conn, run_pk=outcome.run_pk, status="open")
