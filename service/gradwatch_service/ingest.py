@@ -15,7 +15,7 @@ binary batch is turned into the JSON model first and takes these same steps.
 from __future__ import annotations
 
 import time as _time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,9 +69,6 @@ class BatchOutcome:
     accepted: int
     duplicates: int
     last_step: int | None
-    layers: list[str]
-    new_steps: Sequence[StepValues] = field(default_factory=list)
-    late_steps: set[int] = field(default_factory=set)
     raised_incidents: list[int] = field(default_factory=list)
 
 
@@ -358,49 +355,42 @@ def append_steps(conn: Connection, run_id: str, batch: StepBatch | StepColumns,
     late = set() if last_step is None or not new_steps or new_steps[0].step >= last_step else \
         {s.step for s in new_steps if s.step < last_step}
     rows = _rows_for(new_steps, run_pk, n_batch_layers, len(layers), index_map, conn.dialect.name == "sqlite", late)
-    raised: list[int] = []
-    if rows:
-        insert_rows(conn, rows)
-        new_last = max(new_steps[-1].step, last_step if last_step is not None else -1)
-        changes: dict[str, Any] = {"last_step": new_last, "n_steps": int(run.n_steps) + len(rows),
-                                   "updated_at": now_utc()}
-        if detector is not None:
-            judged = advance_detection(conn, run_pk, run.detector_state, new_steps,
-                                       batch.layers if batch.layers is not None else layers, detector)
-            changes["detector_state"] = judged.state_doc
-            raised = judged.raised
-        if layers != list(run.layer_names):
-            changes["layer_names"] = layers
-        conn.execute(update(runs).where(runs.c.id == run_pk).values(**changes))
-        last_step = new_last
-    elif layers != list(run.layer_names):
-        conn.execute(update(runs).where(runs.c.id == run_pk).values(layer_names=layers, updated_at=now_utc()))
-    return BatchOutcome(run_pk=run_pk, accepted=len(rows), duplicates=len(stored) + repeats,
-                        last_step=last_step, layers=layers, new_steps=new_steps, late_steps=late,
+    new_last = max(new_steps[-1].step, last_step if last_step is not None else -1) if rows else last_step
+    raised = _record(conn, run, rows, new_last, lambda: new_steps,
+                     batch.layers if batch.layers is not None else layers, layers, detector)
+    return BatchOutcome(run_pk=run_pk, accepted=len(rows), duplicates=len(stored) + repeats, last_step=new_last,
                         raised_incidents=raised)
 
 
 def _append_columns(conn: Connection, run: Any, batch: StepColumns, layers: list[str],
                     detector: DetectorConfig | None) -> BatchOutcome:
     """A binary batch of new, ascending steps in the run's layer order: rows straight from the columns."""
+    rows = batch.rows(int(run.id), conn.dialect.name == "sqlite")
+    new_last = batch.steps[-1] if rows else run.last_step
+    raised = _record(conn, run, rows, new_last, batch.step_views,
+                     batch.layers if batch.layers is not None else layers, layers, detector)
+    return BatchOutcome(run_pk=int(run.id), accepted=len(rows), duplicates=0, last_step=new_last,
+                        raised_incidents=raised)
+
+
+def _record(conn: Connection, run: Any, rows: list[tuple[Any, ...]], new_last: int | None,
+            judged_steps: Callable[[], Sequence[StepValues]], batch_layers: Sequence[str], layers: list[str],
+            detector: DetectorConfig | None) -> list[int]:
+    """Insert a batch's new rows, judge its new steps (with detection on) and move the run row on: last step,
+    step count, detector state, layer names. Returns the seq of every incident the batch raised.
+    `judged_steps` is only called with detection on (a binary batch builds its step values for it)."""
     run_pk = int(run.id)
-    rows = batch.rows(run_pk, conn.dialect.name == "sqlite")
-    raised: list[int] = []
-    new_steps: Sequence[StepValues] = []
     changes: dict[str, Any] = {"updated_at": now_utc()}
+    raised: list[int] = []
     if rows:
         insert_rows(conn, rows)
-        changes.update(last_step=batch.steps[-1], n_steps=int(run.n_steps) + len(rows))
+        changes.update(last_step=new_last, n_steps=int(run.n_steps) + len(rows))
         if detector is not None:
-            new_steps = batch.step_views()
-            judged = advance_detection(conn, run_pk, run.detector_state, new_steps,
-                                       batch.layers if batch.layers is not None else layers, detector)
+            judged = advance_detection(conn, run_pk, run.detector_state, judged_steps(), batch_layers, detector)
             changes["detector_state"] = judged.state_doc
             raised = judged.raised
     if layers != list(run.layer_names):
         changes["layer_names"] = layers
     if rows or "layer_names" in changes:
         conn.execute(update(runs).where(runs.c.id == run_pk).values(**changes))
-    return BatchOutcome(run_pk=run_pk, accepted=len(rows), duplicates=0,
-                        last_step=batch.steps[-1] if rows else run.last_step, layers=layers, new_steps=new_steps,
-                        raised_incidents=raised)
+    return raised
