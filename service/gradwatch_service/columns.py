@@ -34,24 +34,9 @@ from .codec import encode_scalars
 from .models import FLAG_SKIPPED
 from .schemas import MAX_STEP, BinaryBatchHeader, StepBatch
 
-__all__ = ["StepColumns", "StepView", "parse_binary_batch"]
+__all__ = ["StepColumns", "parse_binary_batch"]
 
 _MISSING_BYTES = MISSING_BITS.to_bytes(8, "little")
-
-
-class StepView:
-    """One step of a binary batch, with the attributes detection reads (schemas.StepValues)."""
-
-    __slots__ = ("step", "loss", "grad_norm", "lr", "update_norm", "layer_grad_norms", "layer_weight_norms",
-                 "layer_update_norms", "skipped")
-
-    def __init__(self, step: int, loss: float | None, grad_norm: float | None, lr: float | None,
-                 update_norm: float | None, layer_grad_norms: list[float | None] | None,
-                 layer_weight_norms: list[float | None] | None, layer_update_norms: list[float | None] | None,
-                 skipped: bool) -> None:
-        self.step, self.loss, self.grad_norm, self.lr, self.update_norm = step, loss, grad_norm, lr, update_norm
-        self.layer_grad_norms, self.layer_weight_norms = layer_grad_norms, layer_weight_norms
-        self.layer_update_norms, self.skipped = layer_update_norms, skipped
 
 
 class StepColumns:
@@ -135,15 +120,19 @@ class StepColumns:
         return list(zip(repeat(run_pk, n), self.steps, time_col, *scalar_cols, flags, *layer_cols, scalars,
                         strict=False))
 
-    def step_views(self) -> list[StepView]:
-        """The steps as detection reads them."""
+    def detector_steps(self, layer_names: list[str]) -> list[dict[str, Any]]:
+        """The steps as `detect.advance` reads them (detection.detector_step's form), built from the columns."""
         n = self.n
-        cols: list[Sequence[Any]] = [self.values.get(name) or repeat(None, n)  # type: ignore[misc]
-                                     for name in ("loss", "grad_norm", "lr", "update_norm")]
-        layer_cols = [self.layer_rows(name) for name in LAYER_COLUMN_FIELDS]
+        scalar_cols: list[Sequence[Any]] = [self.values.get(name) or repeat(None, n)  # type: ignore[misc]
+                                            for name in ("loss", "grad_norm", "lr", "update_norm")]
+        grads, weights, updates = (self.layer_rows(name) for name in LAYER_COLUMN_FIELDS)
         skipped: Sequence[bool] = [bool(b) for b in self.skipped] if self.skipped is not None \
             else repeat(False, n)  # type: ignore[assignment]
-        return list(map(StepView, self.steps, *cols, *layer_cols, skipped))
+        return [{"step": t, "loss": loss, "grad_norm": g, "lr": lr, "update_norm": u, "skipped": sk,
+                 "layer_names": layer_names, "layer_grad_norms": lg, "layer_weight_norms": lw,
+                 "layer_update_norms": lu}
+                for t, loss, g, lr, u, sk, lg, lw, lu in zip(self.steps, *scalar_cols, skipped, grads, weights,
+                                                              updates, strict=False)]
 
     def to_batch(self) -> StepBatch:
         """The same batch as JSON would have carried it, for ingest's general path."""

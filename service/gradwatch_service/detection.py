@@ -19,9 +19,9 @@ from gradwatch.wire import decode_value, encode_value
 
 from .db import now_utc
 from .models import incidents
-from .schemas import StepValues
+from .schemas import StepIn
 
-__all__ = ["DetectionOutcome", "advance_detection", "load_state"]
+__all__ = ["DetectionOutcome", "advance_detection", "detector_step", "load_state"]
 
 STATE_DOC_VERSION = 1
 
@@ -41,39 +41,41 @@ def load_state(doc: Any) -> dict[str, Any]:
             "seq": {}, "next_seq": 1}
 
 
-def _detector_input(s: StepValues, layer_names: list[str]) -> dict[str, Any]:
-    """The step as `detect.advance` reads it: the per-layer arrays go in as they are, aligned with the batch's
-    layer names (no per-step dicts to build)."""
+def detector_step(s: StepIn, layer_names: list[str]) -> dict[str, Any]:
+    """A validated step as `detect.advance` reads it: the per-layer arrays go in as they are, aligned with the
+    batch's layer names (no per-step dicts to build; pass one `layer_names` list for the whole batch, which
+    makes the detector's names check a pointer comparison). A binary batch builds these straight from its
+    columns (`StepColumns.detector_steps`)."""
     return {"step": s.step, "loss": s.loss, "grad_norm": s.grad_norm, "lr": s.lr, "update_norm": s.update_norm,
             "skipped": s.skipped, "layer_names": layer_names, "layer_grad_norms": s.layer_grad_norms,
             "layer_weight_norms": s.layer_weight_norms, "layer_update_norms": s.layer_update_norms}
 
 
-def _evidence(inc: dict[str, Any], s: StepValues) -> dict[str, Any]:
-    return {"step": s.step, "signature": inc["signature"], "severity": inc["severity"], "layer": inc.get("layer"),
+def _evidence(inc: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
+    return {"step": s["step"], "signature": inc["signature"], "severity": inc["severity"], "layer": inc.get("layer"),
             "value": inc.get("value"), "baseline": inc.get("baseline"), "message": inc.get("message"),
-            "values": {"loss": encode_value(s.loss), "grad_norm": encode_value(s.grad_norm),
-                       "lr": encode_value(s.lr), "update_norm": encode_value(s.update_norm)}}
+            "values": {k: encode_value(s[k]) for k in ("loss", "grad_norm", "lr", "update_norm")}}
 
 
-def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: Sequence[StepValues],
-                      layer_names: Sequence[str], config: detect.DetectorConfig) -> DetectionOutcome:
-    """Judge the batch's new, in-order steps; write incident changes. The caller stores the returned state."""
+def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: Sequence[dict[str, Any]],
+                      config: detect.DetectorConfig) -> DetectionOutcome:
+    """Judge the batch's new, in-order steps (as `detect.advance` reads them: `detector_step`); write incident
+    changes. The caller stores the returned state."""
     doc = load_state(state_doc)
     state, inc_state, seq_of = doc["detector"], doc["incidents"], doc["seq"]
     last = state.get("last_step")
     now = now_utc()
     raised: list[int] = []
     touched: dict[str, int] = {}  # signature -> last step it fired in this batch
-    names = list(layer_names)
     for s in new_steps:
-        if last is not None and s.step <= last:
+        t = s["step"]
+        if last is not None and t <= last:
             continue  # late: stored and flagged by ingest, not judged
-        state, events = detect.advance(state, _detector_input(s, names), config)
-        last = s.step
+        state, events = detect.advance(state, s, config)
+        last = t
         if not events and not inc_state["open"]:
             continue
-        inc_state, opened, resolved = detect.track_incidents(inc_state, events, s.step, config)
+        inc_state, opened, resolved = detect.track_incidents(inc_state, events, t, config)
         for ev in events:
             touched[ev.signature] = ev.step
         for inc in opened:

@@ -27,9 +27,9 @@ from gradwatch.wire import encode_value
 from .codec import decode_scalars, encode_scalars, pack_floats
 from .columns import StepColumns
 from .db import now_utc
-from .detection import advance_detection
+from .detection import advance_detection, detector_step
 from .models import FLAG_LATE, FLAG_SKIPPED, projects, runs, steps
-from .schemas import RunUpsert, StepBatch, StepIn, StepValues
+from .schemas import RunUpsert, StepBatch, StepIn
 
 __all__ = ["RunNotFound", "StepConflict", "BatchInvalid", "BatchOutcome", "upsert_run", "append_steps"]
 
@@ -356,8 +356,9 @@ def append_steps(conn: Connection, run_id: str, batch: StepBatch | StepColumns,
         {s.step for s in new_steps if s.step < last_step}
     rows = _rows_for(new_steps, run_pk, n_batch_layers, len(layers), index_map, conn.dialect.name == "sqlite", late)
     new_last = max(new_steps[-1].step, last_step if last_step is not None else -1) if rows else last_step
-    raised = _record(conn, run, rows, new_last, lambda: new_steps,
-                     batch.layers if batch.layers is not None else layers, layers, detector)
+    names = list(batch.layers if batch.layers is not None else layers)
+    raised = _record(conn, run, rows, new_last, lambda: [detector_step(s, names) for s in new_steps], layers,
+                     detector)
     return BatchOutcome(run_pk=run_pk, accepted=len(rows), duplicates=len(stored) + repeats, last_step=new_last,
                         raised_incidents=raised)
 
@@ -367,18 +368,18 @@ def _append_columns(conn: Connection, run: Any, batch: StepColumns, layers: list
     """A binary batch of new, ascending steps in the run's layer order: rows straight from the columns."""
     rows = batch.rows(int(run.id), conn.dialect.name == "sqlite")
     new_last = batch.steps[-1] if rows else run.last_step
-    raised = _record(conn, run, rows, new_last, batch.step_views,
-                     batch.layers if batch.layers is not None else layers, layers, detector)
+    names = list(batch.layers if batch.layers is not None else layers)
+    raised = _record(conn, run, rows, new_last, lambda: batch.detector_steps(names), layers, detector)
     return BatchOutcome(run_pk=int(run.id), accepted=len(rows), duplicates=0, last_step=new_last,
                         raised_incidents=raised)
 
 
 def _record(conn: Connection, run: Any, rows: list[tuple[Any, ...]], new_last: int | None,
-            judged_steps: Callable[[], Sequence[StepValues]], batch_layers: Sequence[str], layers: list[str],
+            judged_steps: Callable[[], list[dict[str, Any]]], layers: list[str],
             detector: DetectorConfig | None) -> list[int]:
     """Insert a batch's new rows, judge its new steps (with detection on) and move the run row on: last step,
     step count, detector state, layer names. Returns the seq of every incident the batch raised.
-    `judged_steps` is only called with detection on (a binary batch builds its step values for it)."""
+    `judged_steps` (the new steps as the detector reads them) is only called with detection on."""
     run_pk = int(run.id)
     changes: dict[str, Any] = {"updated_at": now_utc()}
     raised: list[int] = []
@@ -386,7 +387,7 @@ def _record(conn: Connection, run: Any, rows: list[tuple[Any, ...]], new_last: i
         insert_rows(conn, rows)
         changes.update(last_step=new_last, n_steps=int(run.n_steps) + len(rows))
         if detector is not None:
-            judged = advance_detection(conn, run_pk, run.detector_state, judged_steps(), batch_layers, detector)
+            judged = advance_detection(conn, run_pk, run.detector_state, judged_steps(), detector)
             changes["detector_state"] = judged.state_doc
             raised = judged.raised
     if layers != list(run.layer_names):

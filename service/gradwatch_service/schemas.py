@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
@@ -120,29 +120,6 @@ class StepIn(WireModel):
     layer_update_norms: list[Value | None] | None = None
     scalars: dict[Annotated[str, StringConstraints(min_length=1, max_length=128)], Value | None] | None = None
     skipped: bool = False
-
-
-class StepValues(Protocol):
-    """What ingest and detection read of a step: a validated `StepIn`, or a step of a binary batch."""
-
-    @property
-    def step(self) -> int: ...
-    @property
-    def loss(self) -> float | None: ...
-    @property
-    def grad_norm(self) -> float | None: ...
-    @property
-    def lr(self) -> float | None: ...
-    @property
-    def update_norm(self) -> float | None: ...
-    @property
-    def layer_grad_norms(self) -> list[float | None] | None: ...
-    @property
-    def layer_weight_norms(self) -> list[float | None] | None: ...
-    @property
-    def layer_update_norms(self) -> list[float | None] | None: ...
-    @property
-    def skipped(self) -> bool: ...
 
 
 BinaryField = Literal["step", "time", "loss", "grad_norm", "lr", "update_norm", "layer_grad_norms",
