@@ -18,6 +18,7 @@ __all__ = [
     "BINARY_CONTENT_TYPE",
     "BinaryBodyError",
     "MISSING_BITS",
+    "MISSING_BYTES",
     "NONFINITE_STRINGS",
     "decode_binary_batch",
     "decode_value",
@@ -83,7 +84,8 @@ LAYER_COLUMN_FIELDS = ("layer_grad_norms", "layer_weight_norms", "layer_update_n
 BINARY_FIELDS = ("step", *STEP_COLUMN_FIELDS, *LAYER_COLUMN_FIELDS, "skipped")
 
 _MISSING = struct.unpack("<d", struct.pack("<Q", MISSING_BITS))[0]
-_MISSING_BYTES = struct.pack("<Q", MISSING_BITS)
+MISSING_BYTES = struct.pack("<Q", MISSING_BITS)
+"""The sentinel as it lies in a column or a stored blob."""
 _LITTLE = sys.byteorder == "little"
 
 
@@ -205,15 +207,15 @@ def float_column(section: memoryview | bytes) -> list[float | None]:
         a.byteswap()
     out: list[float | None] = a.tolist()  # type: ignore[assignment]
     data = bytes(section) if isinstance(section, memoryview) else section
-    if _MISSING_BYTES not in data:
+    if MISSING_BYTES not in data:
         return out
-    at = data.find(_MISSING_BYTES)
+    at = data.find(MISSING_BYTES)
     while at >= 0:
         if at % 8 == 0:
             out[at // 8] = None
-            at = data.find(_MISSING_BYTES, at + 8)
+            at = data.find(MISSING_BYTES, at + 8)
         else:
-            at = data.find(_MISSING_BYTES, at + 1)
+            at = data.find(MISSING_BYTES, at + 1)
     return out
 
 

@@ -17,7 +17,7 @@ from array import array
 from collections.abc import Sequence
 from typing import Any
 
-from gradwatch.wire import decode_value, encode_value
+from gradwatch.wire import MISSING_BITS, MISSING_BYTES, decode_value, encode_value
 
 __all__ = [
     "MISSING_BITS",
@@ -29,9 +29,7 @@ __all__ = [
     "decode_scalars",
 ]
 
-MISSING_BITS = 0x7FF8_0000_DEAD_0001
-_MISSING = struct.unpack("<d", struct.pack("<Q", MISSING_BITS))[0]
-_MISSING_BYTES = struct.pack("<Q", MISSING_BITS)
+_MISSING = struct.unpack("<d", MISSING_BYTES)[0]  # the binary wire's not-measured sentinel: blobs are its slices
 _LITTLE = array("d").itemsize == 8 and struct.pack("=d", 1.0) == struct.pack("<d", 1.0)
 
 
@@ -54,9 +52,9 @@ def unpack_floats(blob: bytes) -> list[float | None]:
     if not _LITTLE:
         a.byteswap()
     out: list[float | None] = list(a.tolist())
-    if _MISSING_BYTES in blob:
+    if MISSING_BYTES in blob:
         for i in range(len(out)):
-            if blob[8 * i: 8 * i + 8] == _MISSING_BYTES:
+            if blob[8 * i: 8 * i + 8] == MISSING_BYTES:
                 out[i] = None
     return out
 

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from gradwatch.wire import (
     LAYER_COLUMN_FIELDS,
-    MISSING_BITS,
+    MISSING_BYTES,
     STEP_COLUMN_FIELDS,
     BinaryBodyError,
     float_column,
@@ -36,7 +36,7 @@ from .schemas import MAX_STEP, BinaryBatchHeader, StepBatch
 
 __all__ = ["StepColumns", "parse_binary_batch"]
 
-_MISSING_BYTES = MISSING_BITS.to_bytes(8, "little")
+_MEASURED = STEP_COLUMN_FIELDS[1:]  # loss, grad_norm, lr, update_norm: every step column but time
 
 
 class StepColumns:
@@ -73,7 +73,7 @@ class StepColumns:
                 flat = float_column(section)
                 full = [flat[i: i + n_layers] for i in range(0, len(flat), n_layers)]
                 rows = [None if row.count(None) == n_layers else row for row in full] \
-                    if _MISSING_BYTES in section else list(full)
+                    if MISSING_BYTES in section else list(full)
             self._layer_rows[name] = rows
         return rows
 
@@ -85,8 +85,8 @@ class StepColumns:
             return repeat(None, self.n)  # type: ignore[return-value]
         width = 8 * n_layers
         blobs: list[bytes | None] = [section[i: i + width] for i in range(0, len(section), width)]
-        if _MISSING_BYTES in section:
-            empty = _MISSING_BYTES * n_layers
+        if MISSING_BYTES in section:
+            empty = MISSING_BYTES * n_layers
             blobs = [None if b == empty else b for b in blobs]
         return blobs
 
@@ -102,7 +102,7 @@ class StepColumns:
         else:
             time_col = times
         scalar_cols: list[Sequence[Any]] = []
-        for name in ("loss", "grad_norm", "lr", "update_norm"):
+        for name in _MEASURED:
             col = self.values.get(name)
             if col is None:
                 scalar_cols.append(repeat(None, n))  # type: ignore[arg-type]
@@ -124,7 +124,7 @@ class StepColumns:
         """The steps as `detect.advance` reads them (detection.detector_step's form), built from the columns."""
         n = self.n
         scalar_cols: list[Sequence[Any]] = [self.values.get(name) or repeat(None, n)  # type: ignore[misc]
-                                            for name in ("loss", "grad_norm", "lr", "update_norm")]
+                                            for name in _MEASURED]
         grads, weights, updates = (self.layer_rows(name) for name in LAYER_COLUMN_FIELDS)
         skipped: Sequence[bool] = [bool(b) for b in self.skipped] if self.skipped is not None \
             else repeat(False, n)  # type: ignore[assignment]
