@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 check: $(STAMP)
-	$(VENV)/bin/ruff check client service migrations tests bench examples docs
+	$(VENV)/bin/ruff check client service migrations tests bench examples tools
 	$(VENV)/bin/mypy client/gradwatch service/gradwatch_service
 
 bench: $(STAMP)

@@ -12,7 +12,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.serverproc import ServerProcess, free_port  # noqa: E402
+from tests.support.serverproc import ServerProcess, free_port  # noqa: E402
 
 __all__ = ["ROOT", "ServerProcess", "free_port", "fresh_database", "print_table", "rss_mb", "emit"]
 

@@ -1,80 +1,21 @@
-"""Shared fixtures: every storage test runs on a real SQLite file and a real PostgreSQL.
-
-PostgreSQL comes from GRADWATCH_TEST_POSTGRES (default: the local server, database `test`); each test session
-works in schemas of its own, dropped at the end. Where PostgreSQL is unreachable the tests skip, except with
-CI=true, where that is a failure.
+"""Shared fixtures: every storage test runs on a real SQLite file and a real PostgreSQL (tests/support/databases.py),
+and every API test talks to a real uvicorn server on a loopback port (tests/support/serverproc.py).
 """
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine
 
 from gradwatch_service.db import make_engine
 from gradwatch_service.migrate import upgrade
 
-from .serverproc import ServerProcess
-
-POSTGRES_ADMIN_URL = os.environ.get("GRADWATCH_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-BACKENDS = ["sqlite", "postgres"]
-SERVER_MAX_BODY_BYTES = 1 << 20  # the session servers' body cap, small enough to test cheaply
-
-
-def _postgres_available() -> str | None:
-    try:
-        eng = create_engine(POSTGRES_ADMIN_URL, connect_args={"connect_timeout": 3})
-        with eng.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        eng.dispose()
-        return None
-    except Exception as exc:  # noqa: BLE001 - the reason goes into the skip/fail message
-        return f"{type(exc).__name__}: {exc}"
-
-
-_PG_PROBLEM: list[str | None] = []
-
-
-def require_postgres() -> None:
-    if not _PG_PROBLEM:
-        _PG_PROBLEM.append(_postgres_available())
-    problem = _PG_PROBLEM[0]
-    if problem:
-        msg = f"PostgreSQL unreachable at {POSTGRES_ADMIN_URL}: {problem}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg + " (CI=true: PostgreSQL tests must run)")
-        pytest.skip(msg)
-
-
-class PostgresSchema:
-    """A fresh schema in the test database, reached through a URL whose search_path points at it."""
-
-    def __init__(self) -> None:
-        self.name = f"gw_test_{uuid.uuid4().hex[:12]}"
-        admin = create_engine(POSTGRES_ADMIN_URL)
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{self.name}"'))
-        admin.dispose()
-        sep = "&" if "?" in POSTGRES_ADMIN_URL else "?"
-        self.url = f"{POSTGRES_ADMIN_URL}{sep}options=-csearch_path%3D{self.name}"
-
-    def drop(self) -> None:
-        admin = create_engine(POSTGRES_ADMIN_URL)
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA IF EXISTS "{self.name}" CASCADE'))
-        admin.dispose()
-
-
-def new_database_url(backend: str, tmp_dir: Path) -> tuple[str, PostgresSchema | None]:
-    if backend == "sqlite":
-        return f"sqlite:///{tmp_dir / f'gw-{uuid.uuid4().hex[:8]}.db'}", None
-    require_postgres()
-    schema = PostgresSchema()
-    return schema.url, schema
+from .support.databases import BACKENDS, SERVER_MAX_BODY_BYTES, new_database_url
+from .support.serverproc import ServerProcess
 
 
 @pytest.fixture(params=BACKENDS)
@@ -117,5 +58,9 @@ def live_server(tmp_path: Path) -> Iterator[ServerProcess]:
     proc.stop()
 
 
-def new_run_id(prefix: str = "t") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+@pytest.fixture
+def http(server: ServerProcess) -> Iterator[httpx.Client]:
+    """An HTTP client on the session server of each backend."""
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import require_postgres
+from .support.databases import require_postgres
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .serverproc import free_port
+from .support.serverproc import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ import pytest
 from gradwatch import cli
 from gradwatch.replay import read_trace
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 DEV = SHARED / "traces" / "dev"
 SCORER = SHARED / "tools" / "score.py"

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .test_client_fakes import HungServer, Recorder
+from ..support.fakes import HungServer, Recorder
 
 SCRIPT = """
 import gradwatch, sys

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import gradwatch
 
-from .serverproc import ServerProcess
-from .test_client_fakes import Recorder, closed_port
+from ..support.fakes import Recorder, closed_port
+from ..support.serverproc import ServerProcess
 
 
 def closed_port_url() -> str:

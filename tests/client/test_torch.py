@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 import gradwatch  # noqa: E402
 from gradwatch.wire import decode_value  # noqa: E402
 
-from .test_client_fakes import Recorder  # noqa: E402
+from ..support.fakes import Recorder  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

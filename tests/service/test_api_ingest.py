@@ -10,16 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from .conftest import SERVER_MAX_BODY_BYTES, new_run_id
-from .serverproc import ServerProcess
+from ..support.databases import SERVER_MAX_BODY_BYTES, new_run_id
+from ..support.serverproc import ServerProcess
 
 JSON = {"content-type": "application/json"}
 
-
-@pytest.fixture
-def http(server: ServerProcess) -> httpx.Client:
-    with httpx.Client(base_url=server.url, timeout=30) as client:
-        yield client  # type: ignore[misc]
 
 
 def _run(http: httpx.Client, layers: list[str] | None = None, **fields: object) -> str:

@@ -13,7 +13,7 @@ from gradwatch_service.models import steps
 from gradwatch_service.queries import get_run, get_run_row, read_series, read_steps
 from gradwatch_service.schemas import RunUpsert, StepBatch
 
-from .conftest import new_run_id
+from ..support.databases import new_run_id
 
 NONFINITE = [math.nan, math.inf, -math.inf]
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from gradwatch.wire import BINARY_CONTENT_TYPE, decode_binary_batch
 
-__all__ = ["HungServer", "Recorder"]
+__all__ = ["HungServer", "Recorder", "closed_port"]
 
 Reply = tuple[int, Any, dict[str, str]]
 
@@ -172,16 +172,3 @@ class HungServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def test_recorder_stores_idempotently() -> None:
-    import urllib.request
-
-    with Recorder() as rec:
-        put = urllib.request.Request(rec.url + "/v1/runs/r1", data=b"{}", method="PUT")
-        assert urllib.request.urlopen(put).status == 201
-        body = json.dumps({"batch_id": "b", "steps": [{"step": 0, "loss": 1.0}]}).encode()
-        for _ in range(2):
-            post = urllib.request.Request(rec.url + "/v1/runs/r1/steps", data=body, method="POST")
-            assert urllib.request.urlopen(post).status == 200
-        assert list(rec.stored("r1")) == [0]

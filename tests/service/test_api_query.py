@@ -6,16 +6,8 @@ import time
 from datetime import UTC, datetime, timedelta, timezone
 
 import httpx
-import pytest
 
-from .conftest import new_run_id
-from .serverproc import ServerProcess
-
-
-@pytest.fixture
-def http(server: ServerProcess) -> httpx.Client:
-    with httpx.Client(base_url=server.url, timeout=30) as client:
-        yield client  # type: ignore[misc]
+from ..support.databases import new_run_id
 
 
 def _run(http: httpx.Client, **fields: object) -> str:

@@ -15,17 +15,12 @@ from hypothesis import strategies as st
 
 from gradwatch.wire import BINARY_CONTENT_TYPE, BINARY_MAGIC, MISSING_BITS, decode_binary_batch, encode_binary_batch
 
-from .conftest import SERVER_MAX_BODY_BYTES, new_run_id
-from .serverproc import ServerProcess
+from ..support.databases import SERVER_MAX_BODY_BYTES, new_run_id
+from ..support.serverproc import ServerProcess
 
 BINARY = {"content-type": BINARY_CONTENT_TYPE}
 LAYERS = ["a", "b", "c"]
 
-
-@pytest.fixture
-def http(server: ServerProcess) -> httpx.Client:
-    with httpx.Client(base_url=server.url, timeout=30) as client:
-        yield client  # type: ignore[misc]
 
 
 def _run(http: httpx.Client, layers: list[str] | None = None) -> str:

@@ -17,7 +17,7 @@ import pytest
 
 import gradwatch
 
-from .serverproc import ServerProcess
+from ..support.serverproc import ServerProcess
 
 torch = pytest.importorskip("torch")
 

@@ -11,7 +11,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import checks
 
-from .serverproc import ServerProcess
+from ..support.serverproc import ServerProcess
 
 
 def test_api_answers_every_generated_request_without_a_server_error(server: ServerProcess) -> None:

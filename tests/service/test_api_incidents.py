@@ -13,16 +13,10 @@ import pytest
 from gradwatch import detect
 from gradwatch.replay import read_trace, replay_run
 
-from .conftest import new_run_id
-from .serverproc import ServerProcess
+from ..support.databases import new_run_id
 
-TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces" / "dev"
+TRACES = Path(__file__).resolve().parents[3] / "shared" / "traces" / "dev"
 
-
-@pytest.fixture
-def http(server: ServerProcess) -> httpx.Client:
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client  # type: ignore[misc]
 
 
 def _run(http: httpx.Client, layers: list[str], project: str = "det") -> str:

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import BACKENDS, new_database_url, new_run_id
-from .serverproc import ServerProcess
+from ..support.databases import BACKENDS, new_database_url, new_run_id
+from ..support.serverproc import ServerProcess
 
 
 @pytest.fixture(params=BACKENDS)

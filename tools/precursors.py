@@ -1,7 +1,7 @@
 """How far ahead can any causal signal see a divergence? Candidate precursors measured on the labelled traces.
 
-    .venv/bin/python docs/precursors.py [--traces ../shared/traces/dev] [--alerts bench/out/gradwatch.jsonl]
-    .venv/bin/python docs/precursors.py --model      # also needs `pip install scikit-learn` (not a dependency)
+    .venv/bin/python tools/precursors.py [--traces ../shared/traces/dev] [--alerts bench/out/gradwatch.jsonl]
+    .venv/bin/python tools/precursors.py --model      # also needs `pip install scikit-learn` (not a dependency)
 
 Part 1, one signal at a time: each candidate is computed step by step from what a detector sees (no look
 ahead), scale-free. For every healthy run we take its largest value over the whole run, for every run that

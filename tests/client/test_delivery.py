@@ -16,7 +16,7 @@ from gradwatch._transport import HttpTransport
 from gradwatch.sync import sync_run
 from gradwatch.wire import BINARY_CONTENT_TYPE
 
-from .test_client_fakes import HungServer, Recorder, closed_port
+from ..support.fakes import HungServer, Recorder, closed_port
 
 FAST = {"batch_age": 0.05, "min_backoff": 0.05, "max_backoff": 0.2, "flush_timeout": 3.0}
 

@@ -1,6 +1,6 @@
 """Draw one picture per detector signature from a real dev trace where it fires: docs/img/<signature>.png.
 
-    .venv/bin/python docs/plot_signatures.py [--traces ../shared/traces/dev] [--out docs/img]
+    .venv/bin/python tools/plot_signatures.py [--traces ../shared/traces/dev] [--out docs/img]
 
 Each figure replays one run through the detectors and shows what they saw: the loss against its early level
 and the loss_divergence limit, the grad norm against its robust band, and the update/weight ratio against its
@@ -127,7 +127,7 @@ def draw(signature: str, run_id: str, rows: dict[str, list[Any]], header: dict[s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--traces", default=DEFAULT_TRACES, help="directory of the dev traces")
-    parser.add_argument("--out", default=os.path.join(HERE, "img"), help="where to write the PNGs")
+    parser.add_argument("--out", default=os.path.join(HERE, "..", "docs", "img"), help="where to write the PNGs")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.traces):
         print(f"plot_signatures: no traces at {args.traces}", file=sys.stderr)
