@@ -24,7 +24,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gradwatch.detect import DetectorConfig, advance, new_incident_state, new_state, track_incidents
+from gradwatch.detect import DetectorConfig, advance, new_state
+from gradwatch.incidents import new_incident_state, track_incidents
 
 
 def synthetic_steps(n_steps: int, n_layers: int, seed: int = 0) -> list[dict[str, object]]:

@@ -23,7 +23,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from gradwatch.detect import DetectorConfig, advance, new_incident_state, new_state, track_incidents  # noqa: E402
+from gradwatch.detect import DetectorConfig, advance, new_state  # noqa: E402
+from gradwatch.incidents import new_incident_state, track_incidents  # noqa: E402
 from gradwatch.replay import read_trace  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -33,6 +33,7 @@ from itertools import compress
 from operator import gt as _gt
 from typing import Any, ClassVar
 
+from gradwatch.incidents import RESOLVE_AFTER_STEPS, new_incident_state, track_incidents
 from gradwatch.wire import encode_value
 
 __all__ = [
@@ -40,9 +41,9 @@ __all__ = [
     "DetectorConfig",
     "Event",
     "advance",
-    "new_incident_state",
+    "new_incident_state",  # re-exported from gradwatch.incidents for callers that still import it from here
     "new_state",
-    "track_incidents",
+    "track_incidents",  # likewise
 ]
 
 SIGNATURES = ("nonfinite", "grad_spike", "grad_growth", "loss_divergence", "update_ratio")
@@ -160,8 +161,9 @@ class DetectorConfig:
     """Weight of a new sample in a per-layer band (one every `layer_every` steps: a memory of about 130 steps)."""
 
     # --- incidents
-    resolve_after_steps: int = 25
-    """An incident resolves once its signature has been quiet for this many steps (hysteresis)."""
+    resolve_after_steps: int = RESOLVE_AFTER_STEPS
+    """An incident resolves once its signature has been quiet for this many steps (hysteresis;
+    `gradwatch.incidents`)."""
 
     # the logs of the factors above, worked out once: `advance` compares log-space distances with them
     _up_layers: ClassVar[float]
@@ -182,7 +184,10 @@ class DetectorConfig:
 
 @dataclass
 class Event:
-    """One detector finding at one step. `baseline` is the band value or limit the measurement broke."""
+    """One detector finding at one step. `baseline` is the band value or limit the measurement broke.
+
+    Values stay floats (NaN and infinities included): spelling them for JSON is the job of whoever writes them
+    out (`gradwatch.wire.encode_value`)."""
 
     signature: str
     severity: str
@@ -191,18 +196,6 @@ class Event:
     baseline: float | None
     layer: str | None
     message: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe: non-finite floats become "NaN", "Infinity", "-Infinity" as on the wire."""
-        return {
-            "signature": self.signature,
-            "severity": self.severity,
-            "step": self.step,
-            "value": encode_value(self.value),
-            "baseline": encode_value(self.baseline),
-            "layer": self.layer,
-            "message": self.message,
-        }
 
 
 def new_state() -> dict[str, Any]:
@@ -273,8 +266,9 @@ _RATIO_BAND = ("r_n", "r_mu", "r_dev", "r_warm")
 _GMEAN_BAND = ("m_n", "m_mu", "m_dev", "m_warm")
 
 
-def _band_learn(state: dict[str, Any], keys: tuple[str, str, str, str], x: float, cfg: DetectorConfig) -> None:
-    """Teach a band one sample (log space).
+def _band_update(state: dict[str, Any], keys: tuple[str, str, str, str], x: float, cfg: DetectorConfig) -> None:
+    """Teach a band one sample (log space): the one place a band (grad norm, update ratio, geometric mean of
+    the layers) learns.
 
     The first `warmup_steps` samples are kept and the band is their median and mean absolute deviation from
     it, so a wild first step (common: the untrained model) cannot skew the band for long. After that the
@@ -351,8 +345,46 @@ def _root_cause(state: dict[str, Any], keys: Sequence[str] | None, values: Any,
     return best
 
 
+def _track_breakouts(state: dict[str, Any], names: list[str] | None, gk: Sequence[str] | None, gv: Any,
+                     gprod: float | None, cfg: DetectorConfig) -> float | None:
+    """Root-cause bookkeeping: which layers are above their breakout limits now, and since when (one C-level
+    pass over plain norms; Python touches a layer only while it is out), and the per-layer bands' lesson when
+    due. Returns the log geometric mean of the layer grad norms for the network-wide growth test (None with
+    too few layers, or a dead one)."""
+    layers = state["layers"]
+    if gk != layers:
+        _realign_layers(state, gk)  # type: ignore[arg-type]
+        layers = state["layers"]
+    elif gk is names and layers[0] is not gk[0]:  # type: ignore[index]
+        # the same names as other string objects (the state came back from JSON): share the caller's, so
+        # that the comparison above costs a pointer per layer from the next step on
+        layers = state["layers"] = list(gk)  # type: ignore[arg-type]
+    lims = state["ly_lim"]
+    try:
+        now_out = list(compress(layers, map(_gt, gv, lims)))
+    except TypeError:  # a missing (None) norm somewhere: that layer is not judged this step
+        now_out = [k for k, v, lim in zip(layers, gv, lims, strict=True) if v is not None and v > lim]
+    out = state["out"]
+    if (now_out or out) and now_out != list(out):
+        t = state["last_step"]
+        state["out"] = {k: out.get(k, t) for k in now_out}
+    if state["steps"] % cfg.layer_every == 0:
+        _learn_layers(state, gv, cfg, True)
+    elif state["ly_young"]:
+        _learn_layers(state, gv, cfg, False)
+    n_layers = len(layers)
+    if n_layers < cfg.growth_layer_min_layers or gprod is None:
+        return None
+    if 0.0 < gprod < _INF:
+        return _log(gprod) / n_layers
+    try:  # the product under- or overflowed: add the logs instead
+        return sum(map(_log, gv)) / n_layers
+    except ValueError:  # a zero norm (a dead layer)
+        return None
+
+
 def _learn_layers(state: dict[str, Any], values: Any, cfg: DetectorConfig, due: bool) -> None:
-    """Teach every layer's band one sample (log space, clipped like `_band_learn`'s) and renew its limit.
+    """Teach every layer's band one sample (log space, clipped like `_band_update`'s) and renew its limit.
 
     A layer's band starts at its first sample and learns every step, with weight 1/samples, until it has
     `warmup_steps` samples; until then it has no limit (it cannot break out). The others learn when `due`
@@ -464,22 +496,6 @@ def _layer_view(m: Any, names: Sequence[str] | None) -> tuple[Sequence[str] | No
     return list(d), list(d.values())
 
 
-def _nonfinite_event(state: dict[str, Any], t: int, loss: float | None, g: float | None, u: float | None,
-                     bad_layer: str | None, bad_value: float, gk: Sequence[str] | None, gv: Any,
-                     cfg: DetectorConfig) -> Event:
-    """The `nonfinite` event: what went non-finite (the first of loss, grad norm, update norm, else a layer
-    norm) and the layer to blame (the first non-finite one in the step's order, else the usual root cause)."""
-    bad = [(what, v) for what, v in (("loss", loss), ("grad_norm", g), ("update_norm", u))
-           if v is not None and not _isfinite(v)]
-    layer = bad_layer if bad_layer is not None else _root_cause(state, gk, gv, cfg)
-    what, value = bad[0] if bad else ("layer norm", math.nan)
-    if bad_layer is not None and not math.isnan(bad_value):  # a layer grad norm: report its value
-        value = bad_value
-    where = f" (first in layer {layer})" if layer else ""
-    return Event("nonfinite", CRITICAL, t, float(value), None, layer,
-                 f"{what} is {encode_value(float(value))} at step {t}{where}")
-
-
 def advance(state: dict[str, Any], step: Mapping[str, Any],
             config: DetectorConfig | None = None) -> tuple[dict[str, Any], list[Event]]:
     """Feed one optimizer step to the detectors; returns the (same, updated) state and the events it raised.
@@ -497,22 +513,47 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
     t = step["step"]
     if type(t) is not int:
         t = int(t)
-    steps = state["steps"] + 1
-    state["steps"] = steps
+    state["steps"] += 1
     state["last_step"] = t
     if get("skipped"):
         return state, []
-
-    events: list[Event] = []
     loss = get("loss")
     g = get("grad_norm")
     u = get("update_norm")
-    names = get("layer_names")
+    names, gk, gv, gprod, w, layers_finite = _layer_inputs(step)
+    if not layers_finite or not _isfinite((loss or 0.0) + (g or 0.0) + (u or 0.0)):
+        bad = _nonfinite(state, t, loss, g, u, w, gprod, names, gk, gv, step, cfg)
+        if bad is not None:
+            return state, [bad]
+
+    events: list[Event] = []
+    gm = _track_breakouts(state, names, gk, gv, gprod, cfg) if gv is not None else None
+    if g is not None and g > 0.0:
+        x = _log(g)
+        if (state["g_n"] >= cfg.warmup_steps and not _grad_growth(state, events, t, g, x, gm, gk, gv, cfg)
+                and x - state["g_mu"] >= cfg._up_spike):  # most steps are nowhere near a spike: skip the call
+            _grad_spike(state, events, t, g, x, gk, gv, cfg)
+        _band_update(state, _GRAD_BAND, x, cfg)
+    if gm is not None:
+        _band_update(state, _GMEAN_BAND, gm, cfg)
+    if loss is not None and loss > 0.0:
+        _loss_divergence(state, events, t, loss, gk, gv, cfg)
+    if u is not None and w is not None:
+        _update_ratio(state, events, step, t, u, w, g, loss, names, gk, gv, cfg)
+    return state, events
+
+
+def _layer_inputs(step: Mapping[str, Any]
+                  ) -> tuple[list[str] | None, Sequence[str] | None, Any, float | None, float | None, bool]:
+    """What the detectors read from a step's per-layer fields, whichever form they came in: (layer_names,
+    the grad norms' layer names, the grad norms, their product, the L2 norm of the weights, whether every
+    layer norm is certainly finite). The product (the geometric mean's) and the L2 norm are non-finite if any
+    term is, so they also serve as the non-finite check's fast path."""
+    names = step.get("layer_names")
     if names is not None and type(names) is not list:
         names = list(names)
-    lgn = get("layer_grad_norms")
-    lwn = get("layer_weight_norms")
-    lun = get("layer_update_norms")
+    lgn = step.get("layer_grad_norms")
+    lwn = step.get("layer_weight_norms")
     gk: Sequence[str] | None
     gv: Any
     wv: Any
@@ -522,228 +563,194 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
         gk, gv = (list(lgn), lgn.values()) if lgn else (None, None)
     else:
         gk, gv = _layer_view(lgn, names)
-    if not lwn:
-        wv = None
-    elif names is not None and type(lwn) is list and len(lwn) == len(names):
-        wv = lwn
-    else:
-        wv = lwn.values() if type(lwn) is dict else _layer_view(lwn, names)[1]
-
-    # ---- nonfinite: critical at once, and nothing non-finite is ever learned from. The product of the layer
-    # grad norms (their geometric mean, below) and the L2 norm of the weights are non-finite if any term is.
-    bad_layer: str | None = None
-    bad_value = math.nan
+    finite = True
     gprod = None
     if gv is not None:
         try:
             gprod = _prod(gv)
         except TypeError:  # a None among them
             gprod = None
-        if (gprod is None or not 0.0 < gprod < _INF) and not _all_finite(gv):
-            bad_layer, bad_value = _first_nonfinite(gk, gv)  # type: ignore[arg-type]
+        finite = gprod is not None and 0.0 < gprod < _INF
     w = None
-    if wv is not None:
+    if lwn:
+        if names is not None and type(lwn) is list and len(lwn) == len(names):
+            wv = lwn
+        else:
+            wv = lwn.values() if type(lwn) is dict else _layer_view(lwn, names)[1]
         try:
             w = _hypot(*wv)
-        except TypeError:
+        except TypeError:  # a None among them
             w = _hypot(*[v for v in wv if v is not None])
-        if bad_layer is None and not _isfinite(w):
-            bad_layer = _first_nonfinite(*_layer_view(lwn, names))[0]  # type: ignore[arg-type]
+        finite = finite and _isfinite(w)
+    lun = step.get("layer_update_norms")
+    if lun:
+        finite = finite and _all_finite(lun.values() if isinstance(lun, Mapping) else lun)
+    return names, gk, gv, gprod, w, finite
+
+
+# ------------------------------------------------------------------------------------------- signatures
+
+
+def _nonfinite(state: dict[str, Any], t: int, loss: float | None, g: float | None, u: float | None,
+               w: float | None, gprod: float | None, names: list[str] | None, gk: Sequence[str] | None, gv: Any,
+               step: Mapping[str, Any], cfg: DetectorConfig) -> Event | None:
+    """`nonfinite`: any NaN or infinity among the step's values, critical at once (and the step teaches
+    nothing). Names what went non-finite (the first of loss, grad norm, update norm, else a layer norm) and
+    the layer to blame (the first non-finite one in the step's order, else the usual root cause)."""
+    bad_layer: str | None = None
+    bad_value = math.nan
+    if gv is not None and (gprod is None or not 0.0 < gprod < _INF) and not _all_finite(gv):
+        bad_layer, bad_value = _first_nonfinite(gk, gv)  # type: ignore[arg-type]
+    if bad_layer is None and w is not None and not _isfinite(w):
+        bad_layer = _first_nonfinite(*_layer_view(step.get("layer_weight_norms"), names))[0]  # type: ignore[arg-type]
+    lun = step.get("layer_update_norms")
     if bad_layer is None and lun and not _all_finite(lun.values() if isinstance(lun, Mapping) else lun):
         bad_layer = _first_nonfinite(*_layer_view(lun, names))[0]  # type: ignore[arg-type]
-    if (bad_layer is not None or (loss is not None and not _isfinite(loss)) or (g is not None and not _isfinite(g))
-            or (u is not None and not _isfinite(u))):
-        return state, [_nonfinite_event(state, t, loss, g, u, bad_layer, bad_value, gk, gv, cfg)]
+    if (bad_layer is None and (loss is None or _isfinite(loss)) and (g is None or _isfinite(g))
+            and (u is None or _isfinite(u))):
+        return None
+    bad = [(what, v) for what, v in (("loss", loss), ("grad_norm", g), ("update_norm", u))
+           if v is not None and not _isfinite(v)]
+    layer = bad_layer if bad_layer is not None else _root_cause(state, gk, gv, cfg)
+    what, value = bad[0] if bad else ("layer norm", math.nan)
+    if bad_layer is not None and not math.isnan(bad_value):  # a layer grad norm: report its value
+        value = bad_value
+    where = f" (first in layer {layer})" if layer else ""
+    return Event("nonfinite", CRITICAL, t, float(value), None, layer,
+                 f"{what} is {encode_value(float(value))} at step {t}{where}")
 
-    # ---- per-layer breakouts, for the root cause of whatever fires below (one C-level pass over the layers
-    # against their limits, plain norms; Python touches a layer only while it is out), and the geometric mean
-    # of the layer grad norms for the network-wide growth test
-    gm = None
-    if gv is not None:
-        layers = state["layers"]
-        if gk != layers:
-            _realign_layers(state, gk)  # type: ignore[arg-type]
-            layers = state["layers"]
-        elif gk is names and layers[0] is not gk[0]:  # type: ignore[index]
-            # the same names as other string objects (the state came back from JSON): share the caller's, so
-            # that the comparison above costs a pointer per layer from the next step on
-            layers = state["layers"] = list(gk)  # type: ignore[arg-type]
-        lims = state["ly_lim"]
-        try:
-            now_out = list(compress(layers, map(_gt, gv, lims)))
-        except TypeError:  # a missing (None) norm somewhere: that layer is not judged this step
-            now_out = [k for k, v, lim in zip(layers, gv, lims, strict=True) if v is not None and v > lim]
-        out = state["out"]
-        if (now_out or out) and now_out != list(out):
-            state["out"] = {k: out.get(k, t) for k in now_out}
-        if steps % cfg.layer_every == 0:
-            _learn_layers(state, gv, cfg, True)
-        elif state["ly_young"]:
-            _learn_layers(state, gv, cfg, False)
-        n_layers = len(layers)
-        if n_layers >= cfg.growth_layer_min_layers:
-            if gprod is not None and 0.0 < gprod < _INF:
-                gm = _log(gprod) / n_layers
-            elif gprod is not None:  # the product under- or overflowed: add the logs instead
-                try:
-                    gm = sum(map(_log, gv)) / n_layers
-                except ValueError:  # a zero norm (a dead layer)
-                    gm = None
 
-    # ---- grad norm: spike (warning) and sustained growth (critical)
-    if g is not None and g > 0.0:
-        x = _log(g)
-        n = state["g_n"]
-        mu = state["g_mu"]
-        dev = state["g_dev"]
-        if n >= cfg.warmup_steps:
-            floor = cfg.band_dev_floor
-            s = dev if dev > floor else floor
-            z = (x - mu) / s
-            # growth: consecutive steps above the band frozen at the run's start
-            if state["gr_n"]:
-                if x > state["gr_base"] + cfg.growth_z * state["gr_dev"]:
-                    state["gr_n"] += 1
-                else:
-                    state["gr_n"] = 0
-            elif z > cfg.growth_z:
-                state["gr_n"] = 1
-                state["gr_base"] = mu
-                state["gr_dev"] = s
-            # network-wide: the total and the geometric mean of the layers far above their bands, step after step
-            if gm is not None and x - mu >= cfg._up_layers \
-                    and state["m_n"] >= cfg.warmup_steps:
-                dm = gm - state["m_mu"]
-                md = state["m_dev"]
-                if dm >= cfg._up_layers and dm >= cfg.growth_layer_z * (md if md > floor else floor):
-                    state["gw_n"] += 1
-                else:
-                    state["gw_n"] = 0
-            elif state["gw_n"]:
-                state["gw_n"] = 0
-            if state["gr_n"] >= cfg.growth_steps and x - state["gr_base"] >= cfg._up_growth:
-                base = _exp(state["gr_base"])
-                events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state, gk, gv, cfg),
-                                    f"grad norm {g:.4g} has grown {g / base:.3g}x over "
-                                    f"{state['gr_n']} steps (band {base:.4g})"))
-            elif state["gw_n"] >= cfg.growth_layer_steps:
-                base = _exp(mu)
-                events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state, gk, gv, cfg),
-                                    f"the whole network climbs: the geometric mean of the layer grad norms is "
-                                    f"{_exp(gm - state['m_mu']):.3g}x its band and the grad norm {g:.4g} "  # type: ignore[operator]
-                                    f"{g / base:.3g}x its band, for {state['gw_n']} steps"))
-            elif z > cfg.spike_z and x - mu >= cfg._up_spike:
-                base = _exp(mu)
-                events.append(Event("grad_spike", WARNING, t, float(g), base, _root_cause(state, gk, gv, cfg),
-                                    f"grad norm {g:.4g} is {g / base:.3g}x its band {base:.4g}"))
-            # learn (as _band_learn does once the band is warm; inline, this runs every step)
-            d = x - mu
-            lim = cfg.band_clip * s
-            d = lim if d > lim else -lim if d < -lim else d
-            a = cfg.band_alpha
-            state["g_n"] = n + 1
-            state["g_mu"] = mu + a * d
-            state["g_dev"] = dev + a * ((d if d >= 0.0 else -d) - dev)
+def _grad_growth(state: dict[str, Any], events: list[Event], t: int, g: float, x: float, gm: float | None,
+                 gk: Sequence[str] | None, gv: Any, cfg: DetectorConfig) -> bool:
+    """`grad_growth` (critical): the grad norm has climbed for `growth_steps` steps above the band held at the
+    start of the climb (a band that chased an exponential would never see it), or the whole network (the
+    total and the geometric mean of the layers) has stood far above its bands for `growth_layer_steps`.
+    Keeps both counters on every step; True when it fired."""
+    mu = state["g_mu"]
+    floor = cfg.band_dev_floor
+    dev = state["g_dev"]
+    s = dev if dev > floor else floor
+    if state["gr_n"]:
+        if x > state["gr_base"] + cfg.growth_z * state["gr_dev"]:
+            state["gr_n"] += 1
         else:
-            _band_learn(state, _GRAD_BAND, x, cfg)
-    if gm is not None:
-        n = state["m_n"]
-        if n >= cfg.warmup_steps:
-            mu = state["m_mu"]
-            dev = state["m_dev"]
-            d = gm - mu
-            lim = cfg.band_clip * (dev if dev > cfg.band_dev_floor else cfg.band_dev_floor)
-            d = lim if d > lim else -lim if d < -lim else d
-            a = cfg.band_alpha
-            state["m_n"] = n + 1
-            state["m_mu"] = mu + a * d
-            state["m_dev"] = dev + a * ((d if d >= 0.0 else -d) - dev)
+            state["gr_n"] = 0
+    elif (x - mu) / s > cfg.growth_z:
+        state["gr_n"] = 1
+        state["gr_base"] = mu
+        state["gr_dev"] = s
+    if gm is not None and x - mu >= cfg._up_layers and state["m_n"] >= cfg.warmup_steps:
+        dm = gm - state["m_mu"]
+        md = state["m_dev"]
+        if dm >= cfg._up_layers and dm >= cfg.growth_layer_z * (md if md > floor else floor):
+            state["gw_n"] += 1
         else:
-            _band_learn(state, _GMEAN_BAND, gm, cfg)
+            state["gw_n"] = 0
+    elif state["gw_n"]:
+        state["gw_n"] = 0
+    if state["gr_n"] >= cfg.growth_steps and x - state["gr_base"] >= cfg._up_growth:
+        base = _exp(state["gr_base"])
+        events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state, gk, gv, cfg),
+                            f"grad norm {g:.4g} has grown {g / base:.3g}x over {state['gr_n']} steps "
+                            f"(band {base:.4g})"))
+        return True
+    if state["gw_n"] >= cfg.growth_layer_steps:
+        base = _exp(mu)
+        events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state, gk, gv, cfg),
+                            f"the whole network climbs: the geometric mean of the layer grad norms is "
+                            f"{_exp(gm - state['m_mu']):.3g}x its band and the grad norm {g:.4g} "  # type: ignore[operator]
+                            f"{g / base:.3g}x its band, for {state['gw_n']} steps"))
+        return True
+    return False
 
-    # ---- loss divergence: the smoothed loss stays well above the run's early level
-    if loss is not None and loss > 0.0:
-        x = _log(loss)
-        n = state["l_n"]
-        state["l_n"] = n + 1
-        if n:
-            ewm = state["l_ewm"]
-            ewm += cfg.loss_alpha * (x - ewm)
-            slow = state["l_slow"]
-            slow += cfg.loss_giveback_alpha * (x - slow)
-        else:
-            ewm = slow = state["l_first"] = x
-        state["l_ewm"] = ewm
-        state["l_slow"] = slow
-        if n < cfg.loss_start_steps:
-            state["l_sum"] += x
-            state["l_start"] = min(state["l_first"], state["l_sum"] / (n + 1))
-        limit = state["l_start"] + cfg._up_loss
-        if n >= cfg.loss_start_steps and ewm > limit:
-            state["l_run"] += 1
-            if state["l_run"] == cfg.loss_steps:
-                base = _exp(limit)
-                events.append(Event("loss_divergence", CRITICAL, t, float(loss), base,
-                                    _root_cause(state, gk, gv, cfg),
-                                    f"smoothed loss {_exp(ewm):.4g} has stayed above "
-                                    f"{base:.4g} ({cfg.loss_factor:g}x its early level) for "
-                                    f"{cfg.loss_steps} steps"))
-        elif state["l_run"]:
-            state["l_run"] = 0
-        # give-back: the loss climbed most of the way back from its best level to where it started
-        if n >= cfg.warmup_steps:
-            best = state["l_best"]
-            if slow < best or n == cfg.warmup_steps:
-                best = state["l_best"] = slow
-            progress = state["l_start"] - best
-            if (progress >= cfg._up_progress
-                    and slow - best >= cfg.loss_giveback_share * progress):
-                state["lb_run"] += 1
-                if state["lb_run"] == cfg.loss_steps:
-                    level = _exp(best + cfg.loss_giveback_share * progress)
-                    events.append(Event("loss_divergence", CRITICAL, t, float(loss), level,
-                                        _root_cause(state, gk, gv, cfg),
-                                        f"smoothed loss {_exp(slow):.4g} has given back "
-                                        f"{(slow - best) / progress:.0%} of its progress (start "
-                                        f"{_exp(state['l_start']):.4g}, best {_exp(best):.4g}) "
-                                        f"for {cfg.loss_steps} steps"))
-            elif state["lb_run"]:
-                state["lb_run"] = 0
 
-    # ---- update ratio: how far this step moved the weights, relative to their size
-    if u is not None and w is not None:
-        ratio = u / w if 0.0 < w < _INF else 0.0
-        if 0.0 < ratio < _INF:  # a quotient of finite norms can still underflow or overflow
-            x = _log(ratio)
-            n = state["r_n"]
-            state["r_big"] = state["r_big"] + 1 if ratio >= cfg.ratio_sustained else 0
-            if n < cfg.warmup_steps:
-                found = _early_ratio(state, step, cfg, t, n, ratio, u, g, loss)
-                if found is not None:
-                    baseline, value, message = found
-                    events.append(Event("update_ratio", CRITICAL, t, value, baseline,
-                                        _ratio_cause(state, names, lun, lwn, gk, gv, cfg), message))
-            else:
-                mu = state["r_mu"]
-                dev = state["r_dev"]
-                s = dev if dev > cfg.band_dev_floor else cfg.band_dev_floor
-                if (x - mu) / s > cfg.ratio_z and x - mu >= cfg._up_ratio:
-                    base = _exp(mu)
-                    events.append(Event("update_ratio", WARNING, t, ratio, base,
-                                        _ratio_cause(state, names, lun, lwn, gk, gv, cfg),
-                                        f"update/weight ratio {ratio:.3g} is {ratio / base:.3g}x "
-                                        f"its band {base:.3g}"))
-                d = x - mu
-                lim = cfg.band_clip * s
-                d = lim if d > lim else -lim if d < -lim else d
-                a = cfg.band_alpha
-                state["r_n"] = n + 1
-                state["r_mu"] = mu + a * d
-                state["r_dev"] = dev + a * ((d if d >= 0.0 else -d) - dev)
-            if n < cfg.warmup_steps:
-                _band_learn(state, _RATIO_BAND, x, cfg)
+def _grad_spike(state: dict[str, Any], events: list[Event], t: int, g: float, x: float,
+                gk: Sequence[str] | None, gv: Any, cfg: DetectorConfig) -> None:
+    """`grad_spike` (warning): one grad norm far above its band, in deviations and as a factor. Healthy runs
+    spike too, so this pages no one."""
+    mu = state["g_mu"]
+    dev = state["g_dev"]
+    s = dev if dev > cfg.band_dev_floor else cfg.band_dev_floor
+    if (x - mu) / s > cfg.spike_z and x - mu >= cfg._up_spike:
+        base = _exp(mu)
+        events.append(Event("grad_spike", WARNING, t, float(g), base, _root_cause(state, gk, gv, cfg),
+                            f"grad norm {g:.4g} is {g / base:.3g}x its band {base:.4g}"))
 
-    return state, events
+
+def _loss_divergence(state: dict[str, Any], events: list[Event], t: int, loss: float,
+                     gk: Sequence[str] | None, gv: Any, cfg: DetectorConfig) -> None:
+    """`loss_divergence` (critical): the smoothed loss has stayed well above the run's early level, or a slow
+    smoothed loss has given back most of the progress the run made, for `loss_steps` steps."""
+    x = _log(loss)
+    n = state["l_n"]
+    state["l_n"] = n + 1
+    if n:
+        ewm = state["l_ewm"]
+        ewm += cfg.loss_alpha * (x - ewm)
+        slow = state["l_slow"]
+        slow += cfg.loss_giveback_alpha * (x - slow)
+    else:
+        ewm = slow = state["l_first"] = x
+    state["l_ewm"] = ewm
+    state["l_slow"] = slow
+    if n < cfg.loss_start_steps:
+        state["l_sum"] += x
+        state["l_start"] = min(state["l_first"], state["l_sum"] / (n + 1))
+    limit = state["l_start"] + cfg._up_loss
+    if n >= cfg.loss_start_steps and ewm > limit:
+        state["l_run"] += 1
+        if state["l_run"] == cfg.loss_steps:
+            base = _exp(limit)
+            events.append(Event("loss_divergence", CRITICAL, t, float(loss), base, _root_cause(state, gk, gv, cfg),
+                                f"smoothed loss {_exp(ewm):.4g} has stayed above {base:.4g} "
+                                f"({cfg.loss_factor:g}x its early level) for {cfg.loss_steps} steps"))
+    elif state["l_run"]:
+        state["l_run"] = 0
+    if n < cfg.warmup_steps:
+        return
+    best = state["l_best"]
+    if slow < best or n == cfg.warmup_steps:
+        best = state["l_best"] = slow
+    progress = state["l_start"] - best
+    if progress >= cfg._up_progress and slow - best >= cfg.loss_giveback_share * progress:
+        state["lb_run"] += 1
+        if state["lb_run"] == cfg.loss_steps:
+            level = _exp(best + cfg.loss_giveback_share * progress)
+            events.append(Event("loss_divergence", CRITICAL, t, float(loss), level, _root_cause(state, gk, gv, cfg),
+                                f"smoothed loss {_exp(slow):.4g} has given back {(slow - best) / progress:.0%} of "
+                                f"its progress (start {_exp(state['l_start']):.4g}, best {_exp(best):.4g}) "
+                                f"for {cfg.loss_steps} steps"))
+    elif state["lb_run"]:
+        state["lb_run"] = 0
+
+
+def _update_ratio(state: dict[str, Any], events: list[Event], step: Mapping[str, Any], t: int, u: float, w: float,
+                  g: float | None, loss: float | None, names: list[str] | None, gk: Sequence[str] | None, gv: Any,
+                  cfg: DetectorConfig) -> None:
+    """`update_ratio`: update norm / weight norm. Critical on absolute limits before its band has warmed up
+    (`_early_ratio`: only the first steps can catch a run that blows up in its first update), a warning far
+    above its band after."""
+    ratio = u / w if 0.0 < w < _INF else 0.0
+    if not 0.0 < ratio < _INF:  # a quotient of finite norms can still underflow or overflow
+        return
+    x = _log(ratio)
+    n = state["r_n"]
+    state["r_big"] = state["r_big"] + 1 if ratio >= cfg.ratio_sustained else 0
+    if n < cfg.warmup_steps:
+        found = _early_ratio(state, step, cfg, t, n, ratio, u, g, loss)
+        if found is not None:
+            baseline, value, message = found
+            events.append(Event("update_ratio", CRITICAL, t, value, baseline,
+                                _ratio_cause(state, names, step, gk, gv, cfg), message))
+    else:
+        mu = state["r_mu"]
+        dev = state["r_dev"]
+        s = dev if dev > cfg.band_dev_floor else cfg.band_dev_floor
+        if (x - mu) / s > cfg.ratio_z and x - mu >= cfg._up_ratio:
+            base = _exp(mu)
+            events.append(Event("update_ratio", WARNING, t, ratio, base, _ratio_cause(state, names, step, gk, gv, cfg),
+                                f"update/weight ratio {ratio:.3g} is {ratio / base:.3g}x its band {base:.3g}"))
+    _band_update(state, _RATIO_BAND, x, cfg)
 
 
 def _early_ratio(state: dict[str, Any], step: Mapping[str, Any], cfg: DetectorConfig, t: int, n: int,
@@ -771,12 +778,13 @@ def _early_ratio(state: dict[str, Any], step: Mapping[str, Any], cfg: DetectorCo
     return None
 
 
-def _ratio_cause(state: dict[str, Any], names: Sequence[str] | None, lun: Any, lwn: Any,
+def _ratio_cause(state: dict[str, Any], names: Sequence[str] | None, step: Mapping[str, Any],
                  gk: Sequence[str] | None, gv: Any, cfg: DetectorConfig) -> str | None:
     """The layer to blame for an outsized update: the one whose own update is largest relative to its weights
     when the client sends per-layer updates; else the usual root cause; else (the first steps, no bands yet)
     the layer with the largest gradient relative to its weights, which is what plain SGD's update follows."""
-    weights = _as_map(*_layer_view(lwn, names)) or {}
+    lun = step.get("layer_update_norms")
+    weights = _as_map(*_layer_view(step.get("layer_weight_norms"), names)) or {}
     if lun:
         uk, uv = _layer_view(lun, names)
         return _largest_ratio(_as_map(uk, uv) or {}, weights)
@@ -797,57 +805,3 @@ def _largest_ratio(numerators: Mapping[str, Any], weights: Mapping[str, Any]) ->
 
 
 _DEFAULT = DetectorConfig()
-
-
-# --------------------------------------------------------------------------------------------- incidents
-
-_SEVERITY_RANK = {WARNING: 1, CRITICAL: 2}
-
-
-def new_incident_state() -> dict[str, Any]:
-    """Incident bookkeeping for a run with nothing open: signature -> open incident."""
-    return {"open": {}}
-
-
-def track_incidents(incident_state: dict[str, Any], events: list[Event], step: int,
-                    config: DetectorConfig | None = None
-                    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Turn a step's events into incident changes: what an on-call person should hear about.
-
-    One incident per signature stays open while its signature keeps firing; it resolves once the signature
-    has been quiet for `resolve_after_steps` steps, so a flapping signal is one incident, not many. Returns
-    the (updated in place) incident state, the incidents opened at this step (a warning incident that turns
-    critical is reported again, with "escalated": true) and those resolved at this step. Incidents are plain
-    JSON-safe dicts: signature, severity, opened_at, last_seen, layer, value, baseline, message
-    (+ resolved_at once resolved).
-    """
-    open_ = incident_state["open"]
-    if not events and not open_:  # the common case: a quiet step with nothing open
-        return incident_state, [], []
-    cfg = config if config is not None else _DEFAULT
-    opened: list[dict[str, Any]] = []
-    resolved: list[dict[str, Any]] = []
-    for ev in events:
-        inc = open_.get(ev.signature)
-        if inc is None:
-            inc = {"signature": ev.signature, "severity": ev.severity, "opened_at": ev.step,
-                   "last_seen": ev.step, "layer": ev.layer, "value": encode_value(ev.value),
-                   "baseline": encode_value(ev.baseline), "message": ev.message, "escalated": False}
-            open_[ev.signature] = inc
-            opened.append(dict(inc))
-            continue
-        inc["last_seen"] = ev.step
-        if _SEVERITY_RANK[ev.severity] > _SEVERITY_RANK[inc["severity"]]:
-            inc.update(severity=ev.severity, value=encode_value(ev.value), baseline=encode_value(ev.baseline),
-                       message=ev.message, escalated=True)
-            if inc["layer"] is None:
-                inc["layer"] = ev.layer
-            opened.append(dict(inc))
-    fired = {ev.signature for ev in events}
-    quiet = [s for s, inc in open_.items()
-             if s not in fired and step - inc["last_seen"] >= cfg.resolve_after_steps]
-    for sig in quiet:
-        inc = open_.pop(sig)
-        inc["resolved_at"] = step
-        resolved.append(inc)
-    return incident_state, opened, resolved

@@ -23,8 +23,9 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import IO, Any
 
-from gradwatch.detect import DetectorConfig, Event, advance, new_incident_state, new_state, track_incidents
-from gradwatch.wire import decode_value
+from gradwatch.detect import DetectorConfig, Event, advance, new_state
+from gradwatch.incidents import new_incident_state, track_incidents
+from gradwatch.wire import decode_value, encode_value
 
 __all__ = ["add_arguments", "config_with", "decode_step", "read_trace", "replay_run", "run", "trace_paths"]
 
@@ -166,6 +167,6 @@ def replay_run(run_id: str, steps: Iterable[Mapping[str, Any]], config: Detector
 
 
 def _event_line(run_id: str, ev: Event) -> dict[str, Any]:
-    line = ev.to_dict()
-    return {"run_id": run_id, "step": line.pop("step"), "severity": line.pop("severity"),
-            "signature": line.pop("signature"), **line}
+    return {"run_id": run_id, "step": ev.step, "severity": ev.severity, "signature": ev.signature,
+            "value": encode_value(ev.value), "baseline": encode_value(ev.baseline), "layer": ev.layer,
+            "message": ev.message}

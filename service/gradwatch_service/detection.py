@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, insert, select, update
 
 from gradwatch import detect
+from gradwatch.incidents import new_incident_state, track_incidents
 from gradwatch.wire import decode_value, encode_value
 
 from .db import now_utc
@@ -37,7 +38,7 @@ def load_state(doc: Any) -> dict[str, Any]:
     """The run's stored detection document, or a fresh one."""
     if isinstance(doc, dict) and doc.get("v") == STATE_DOC_VERSION:
         return doc
-    return {"v": STATE_DOC_VERSION, "detector": detect.new_state(), "incidents": detect.new_incident_state(),
+    return {"v": STATE_DOC_VERSION, "detector": detect.new_state(), "incidents": new_incident_state(),
             "seq": {}, "next_seq": 1}
 
 
@@ -75,7 +76,7 @@ def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: 
         last = t
         if not events and not inc_state["open"]:
             continue
-        inc_state, opened, resolved = detect.track_incidents(inc_state, events, t, config)
+        inc_state, opened, resolved = track_incidents(inc_state, events, t, config)
         for ev in events:
             touched[ev.signature] = ev.step
         for inc in opened:
