@@ -27,7 +27,7 @@ from gradwatch.wire import encode_value
 from .codec import decode_scalars, encode_scalars, pack_floats
 from .columns import StepColumns
 from .db import now_utc
-from .detection import advance_detection, detector_step
+from .incidents import advance_detection, detector_step
 from .models import FLAG_LATE, FLAG_SKIPPED, projects, runs, steps
 from .schemas import RunUpsert, StepBatch, StepIn
 

@@ -1,8 +1,9 @@
-"""Detection inside the ingest transaction: advance the run's detector state, open and resolve incidents.
+"""Incident rows, kept inside the ingest transaction: advance the run's detector state, open and resolve incidents.
 
 Runs under the run's row lock, in the same transaction as the steps it judges, so any replica can take any
-batch and a crash loses neither steps nor incidents. The detectors themselves are `gradwatch.detect` (pure,
-shared with the client and replay); this module only feeds them and keeps the incident rows in step.
+batch and a crash loses neither steps nor incidents. The detectors and the incident lifecycle themselves are
+`gradwatch.detect` and `gradwatch.incidents` (pure, shared with the client and replay); this module only feeds
+them and keeps the incident rows in step: it is where incidents meet the database.
 Steps older than the state's last step arrived late: they are stored (flagged) but not judged.
 """
 
