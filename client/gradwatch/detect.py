@@ -49,7 +49,7 @@ __all__ = [
 SIGNATURES = ("nonfinite", "grad_spike", "grad_growth", "loss_divergence", "update_ratio")
 WARNING = "warning"
 CRITICAL = "critical"
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 _log = math.log
 _exp = math.exp
@@ -161,6 +161,9 @@ class DetectorConfig:
     """Weight of a new sample in a per-layer band (one every `layer_every` steps: a memory of about 130 steps)."""
 
     # --- incidents
+    resolve_z: float = 3.5
+    """After a grad_growth, grad_spike or update_ratio warning the signal is back near the baseline it broke once
+    it is within this many of that band's deviations (held at the step it broke out; `_hold`)."""
     resolve_after_steps: int = RESOLVE_AFTER_STEPS
     """An incident resolves once its signature has been quiet for this many steps (hysteresis;
     `gradwatch.incidents`)."""
@@ -223,6 +226,9 @@ def new_state() -> dict[str, Any]:
         "layers": [], "ly_mu": [], "ly_dev": [], "ly_lim": [], "ly_young": {},
         # layers now above their breakout limit: name -> first step out (the root-cause candidates)
         "out": {},
+        # critical signatures whose signal has not come back yet (`_hold`): signature -> the log level it must
+        # come back under, the baseline it broke, the step it broke out, the smoothed series judged (loss)
+        "held": {},
     }
 
 
@@ -231,7 +237,7 @@ def _upgraded(state: dict[str, Any], cfg: DetectorConfig) -> dict[str, Any]:
 
     The service keeps states in its database across upgrades; a new detector starts from scratch only on the
     parts it did not have before. Version 1 taught every layer's band every step and had no breakout limits:
-    its bands are kept and the limits derived from them.
+    its bands are kept and the limits derived from them. Version 2 held nothing (`_hold`): nothing is held.
     """
     fresh = new_state()
     fresh.update({k: v for k, v in state.items() if k in fresh and k != "v"})
@@ -368,7 +374,9 @@ def _track_breakouts(state: dict[str, Any], names: list[str] | None, gk: Sequenc
     if (now_out or out) and now_out != list(out):
         t = state["last_step"]
         state["out"] = {k: out.get(k, t) for k in now_out}
-    if state["steps"] % cfg.layer_every == 0:
+    if "grad_growth" in state["held"]:
+        pass  # the grad norms are out: the layer bands learn nothing from them
+    elif state["steps"] % cfg.layer_every == 0:
         _learn_layers(state, gv, cfg, True)
     elif state["ly_young"]:
         _learn_layers(state, gv, cfg, False)
@@ -524,17 +532,29 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
     if not layers_finite or not _isfinite((loss or 0.0) + (g or 0.0) + (u or 0.0)):
         bad = _nonfinite(state, t, loss, g, u, w, gprod, names, gk, gv, step, cfg)
         if bad is not None:
-            return state, [bad]
+            events = [bad]
+            for signature in list(state["held"]):  # a non-finite step is not back near any baseline
+                _still_out(state, events, signature, math.nan, None, f"{signature} at a non-finite step", t, gk, gv,
+                           cfg)
+            return state, events
 
-    events: list[Event] = []
+    events = []
+    held = state["held"]
     gm = _track_breakouts(state, names, gk, gv, gprod, cfg) if gv is not None else None
     if g is not None and g > 0.0:
         x = _log(g)
-        if (state["g_n"] >= cfg.warmup_steps and not _grad_growth(state, events, t, g, x, gm, gk, gv, cfg)
-                and x - state["g_mu"] >= cfg._up_spike):  # most steps are nowhere near a spike: skip the call
+        warm = state["g_n"] >= cfg.warmup_steps
+        if "grad_growth" in held:
+            _still_out(state, events, "grad_growth", x, g, f"grad norm {g:.4g}", t, gk, gv, cfg)
+        elif warm:
+            _grad_growth(state, events, t, g, x, gm, gk, gv, cfg)
+        if "grad_spike" in held:
+            _still_out(state, events, "grad_spike", x, g, f"grad norm {g:.4g}", t, gk, gv, cfg)
+        elif warm and "grad_growth" not in held and x - state["g_mu"] >= cfg._up_spike:  # (most steps are not)
             _grad_spike(state, events, t, g, x, gk, gv, cfg)
-        _band_update(state, _GRAD_BAND, x, cfg)
-    if gm is not None:
+        if "grad_growth" not in held:
+            _band_update(state, _GRAD_BAND, x, cfg)
+    if gm is not None and "grad_growth" not in held:
         _band_update(state, _GMEAN_BAND, gm, cfg)
     if loss is not None and loss > 0.0:
         _loss_divergence(state, events, t, loss, gk, gv, cfg)
@@ -621,11 +641,11 @@ def _nonfinite(state: dict[str, Any], t: int, loss: float | None, g: float | Non
 
 
 def _grad_growth(state: dict[str, Any], events: list[Event], t: int, g: float, x: float, gm: float | None,
-                 gk: Sequence[str] | None, gv: Any, cfg: DetectorConfig) -> bool:
+                 gk: Sequence[str] | None, gv: Any, cfg: DetectorConfig) -> None:
     """`grad_growth` (critical): the grad norm has climbed for `growth_steps` steps above the band held at the
     start of the climb (a band that chased an exponential would never see it), or the whole network (the
     total and the geometric mean of the layers) has stood far above its bands for `growth_layer_steps`.
-    Keeps both counters on every step; True when it fired."""
+    Keeps both counters on every step; when it fires it holds the signature (`_hold`)."""
     mu = state["g_mu"]
     floor = cfg.band_dev_floor
     dev = state["g_dev"]
@@ -650,29 +670,31 @@ def _grad_growth(state: dict[str, Any], events: list[Event], t: int, g: float, x
         state["gw_n"] = 0
     if state["gr_n"] >= cfg.growth_steps and x - state["gr_base"] >= cfg._up_growth:
         base = _exp(state["gr_base"])
+        _hold(state, "grad_growth", CRITICAL, state["gr_base"] + cfg.resolve_z * state["gr_dev"], base, t)
         events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state, gk, gv, cfg),
                             f"grad norm {g:.4g} has grown {g / base:.3g}x over {state['gr_n']} steps "
                             f"(band {base:.4g})"))
-        return True
+        return
     if state["gw_n"] >= cfg.growth_layer_steps:
         base = _exp(mu)
+        _hold(state, "grad_growth", CRITICAL, mu + cfg.resolve_z * s, base, t)
         events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state, gk, gv, cfg),
                             f"the whole network climbs: the geometric mean of the layer grad norms is "
                             f"{_exp(gm - state['m_mu']):.3g}x its band and the grad norm {g:.4g} "  # type: ignore[operator]
                             f"{g / base:.3g}x its band, for {state['gw_n']} steps"))
-        return True
-    return False
 
 
 def _grad_spike(state: dict[str, Any], events: list[Event], t: int, g: float, x: float,
                 gk: Sequence[str] | None, gv: Any, cfg: DetectorConfig) -> None:
     """`grad_spike` (warning): one grad norm far above its band, in deviations and as a factor. Healthy runs
-    spike too, so this pages no one."""
+    spike too, so this pages no one. Held (`_hold`) until the grad norm is back near the band it broke; the
+    band itself keeps learning (a warning does not freeze it)."""
     mu = state["g_mu"]
     dev = state["g_dev"]
     s = dev if dev > cfg.band_dev_floor else cfg.band_dev_floor
     if (x - mu) / s > cfg.spike_z and x - mu >= cfg._up_spike:
         base = _exp(mu)
+        _hold(state, "grad_spike", WARNING, mu + cfg.resolve_z * s, base, t)
         events.append(Event("grad_spike", WARNING, t, float(g), base, _root_cause(state, gk, gv, cfg),
                             f"grad norm {g:.4g} is {g / base:.3g}x its band {base:.4g}"))
 
@@ -680,7 +702,8 @@ def _grad_spike(state: dict[str, Any], events: list[Event], t: int, g: float, x:
 def _loss_divergence(state: dict[str, Any], events: list[Event], t: int, loss: float,
                      gk: Sequence[str] | None, gv: Any, cfg: DetectorConfig) -> None:
     """`loss_divergence` (critical): the smoothed loss has stayed well above the run's early level, or a slow
-    smoothed loss has given back most of the progress the run made, for `loss_steps` steps."""
+    smoothed loss has given back most of the progress the run made, for `loss_steps` steps. Once it fires, the
+    signature is held (`_hold`) until that smoothed loss is back under the level it broke."""
     x = _log(loss)
     n = state["l_n"]
     state["l_n"] = n + 1
@@ -696,11 +719,19 @@ def _loss_divergence(state: dict[str, Any], events: list[Event], t: int, loss: f
     if n < cfg.loss_start_steps:
         state["l_sum"] += x
         state["l_start"] = min(state["l_first"], state["l_sum"] / (n + 1))
+    held = state["held"].get("loss_divergence")
+    if held is not None:
+        level = state[held["series"]]
+        if _still_out(state, events, "loss_divergence", level, loss, f"smoothed loss {_exp(level):.4g}", t, gk, gv,
+                      cfg):
+            return
     limit = state["l_start"] + cfg._up_loss
     if n >= cfg.loss_start_steps and ewm > limit:
         state["l_run"] += 1
         if state["l_run"] == cfg.loss_steps:
             base = _exp(limit)
+            _hold(state, "loss_divergence", CRITICAL, limit, base, t, "l_ewm")
+            state["l_run"] = state["lb_run"] = 0  # after the hold, it takes `loss_steps` steps out again
             events.append(Event("loss_divergence", CRITICAL, t, float(loss), base, _root_cause(state, gk, gv, cfg),
                                 f"smoothed loss {_exp(ewm):.4g} has stayed above {base:.4g} "
                                 f"({cfg.loss_factor:g}x its early level) for {cfg.loss_steps} steps"))
@@ -716,6 +747,8 @@ def _loss_divergence(state: dict[str, Any], events: list[Event], t: int, loss: f
         state["lb_run"] += 1
         if state["lb_run"] == cfg.loss_steps:
             level = _exp(best + cfg.loss_giveback_share * progress)
+            _hold(state, "loss_divergence", CRITICAL, best + cfg.loss_giveback_share * progress, level, t, "l_slow")
+            state["l_run"] = state["lb_run"] = 0
             events.append(Event("loss_divergence", CRITICAL, t, float(loss), level, _root_cause(state, gk, gv, cfg),
                                 f"smoothed loss {_exp(slow):.4g} has given back {(slow - best) / progress:.0%} of "
                                 f"its progress (start {_exp(state['l_start']):.4g}, best {_exp(best):.4g}) "
@@ -724,57 +757,98 @@ def _loss_divergence(state: dict[str, Any], events: list[Event], t: int, loss: f
         state["lb_run"] = 0
 
 
+def _hold(state: dict[str, Any], signature: str, severity: str, limit: float, baseline: float, t: int,
+          series: str | None = None) -> None:
+    """Hold a signature that fired until its signal is back under `limit` (log space): near the baseline the
+    run had when it broke out, not near a band that went on to learn the explosion. Each judged step that is
+    still out fires the signature again, so its incident stays open (it resolves `resolve_after_steps` after
+    the signal came back); a run that ends out, or goes non-finite, leaves it open. While a critical
+    signature is held, its signal's bands learn nothing."""
+    state["held"][signature] = {"severity": severity, "limit": limit, "baseline": baseline, "since": t,
+                                "series": series}
+
+
+def _still_out(state: dict[str, Any], events: list[Event], signature: str, x: float, value: float | None,
+               what: str, t: int, gk: Sequence[str] | None, gv: Any, cfg: DetectorConfig) -> bool:
+    """A held signature's step: True, and the signature fires again, while `x` (the log of the signal; NaN for
+    a non-finite step) is not back under the level it broke; else the hold ends and the step is judged as
+    usual."""
+    held = state["held"][signature]
+    if x <= held["limit"]:
+        del state["held"][signature]
+        return False
+    events.append(Event(signature, held["severity"], t, None if value is None else float(value), held["baseline"],
+                        _root_cause(state, gk, gv, cfg),
+                        f"{what} is still above {_exp(held['limit']):.4g}, the level it broke at step "
+                        f"{held['since']} (baseline {held['baseline']:.4g})"))
+    return True
+
+
 def _update_ratio(state: dict[str, Any], events: list[Event], step: Mapping[str, Any], t: int, u: float, w: float,
                   g: float | None, loss: float | None, names: list[str] | None, gk: Sequence[str] | None, gv: Any,
                   cfg: DetectorConfig) -> None:
     """`update_ratio`: update norm / weight norm. Critical on absolute limits before its band has warmed up
     (`_early_ratio`: only the first steps can catch a run that blows up in its first update), a warning far
-    above its band after."""
+    above its band after. Held (`_hold`) until the ratio is back under the limit it broke, or near its band;
+    the band learns nothing while a critical is held."""
     ratio = u / w if 0.0 < w < _INF else 0.0
     if not 0.0 < ratio < _INF:  # a quotient of finite norms can still underflow or overflow
         return
     x = _log(ratio)
     n = state["r_n"]
     state["r_big"] = state["r_big"] + 1 if ratio >= cfg.ratio_sustained else 0
-    if n < cfg.warmup_steps:
+    held = state["held"].get("update_ratio")
+    if held is not None:
+        if _still_out(state, events, "update_ratio", x, ratio, f"update/weight ratio {ratio:.3g}", t, gk, gv, cfg):
+            if held["severity"] == WARNING:
+                _band_update(state, _RATIO_BAND, x, cfg)
+            return
+    elif n < cfg.warmup_steps:
         found = _early_ratio(state, step, cfg, t, n, ratio, u, g, loss)
         if found is not None:
-            baseline, value, message = found
+            baseline, value, message, back_under = found
+            _hold(state, "update_ratio", CRITICAL, _log(back_under) if back_under > 0.0 else -_LOG_NO_LIMIT,
+                  baseline, t)
             events.append(Event("update_ratio", CRITICAL, t, value, baseline,
                                 _ratio_cause(state, names, step, gk, gv, cfg), message))
+            return
     else:
         mu = state["r_mu"]
         dev = state["r_dev"]
         s = dev if dev > cfg.band_dev_floor else cfg.band_dev_floor
         if (x - mu) / s > cfg.ratio_z and x - mu >= cfg._up_ratio:
             base = _exp(mu)
+            _hold(state, "update_ratio", WARNING, mu + cfg.resolve_z * s, base, t)
             events.append(Event("update_ratio", WARNING, t, ratio, base, _ratio_cause(state, names, step, gk, gv, cfg),
                                 f"update/weight ratio {ratio:.3g} is {ratio / base:.3g}x its band {base:.3g}"))
     _band_update(state, _RATIO_BAND, x, cfg)
 
 
 def _early_ratio(state: dict[str, Any], step: Mapping[str, Any], cfg: DetectorConfig, t: int, n: int,
-                 ratio: float, u: float, g: float | None, loss: float | None) -> tuple[float, float, str] | None:
-    """The critical update-ratio rules for the first samples, before the band exists: (limit, value, message)
-    of the first one broken, or None."""
+                 ratio: float, u: float, g: float | None, loss: float | None
+                 ) -> tuple[float, float, str, float] | None:
+    """The critical update-ratio rules for the first samples, before the band exists: (limit, value, message,
+    the ratio to come back under) of the first one broken, or None. The ratio to come back under is the limit
+    broken, except for the Polyak rule, which measures the step against the loss: there, its guard ratio."""
     if state["r_big"] >= cfg.ratio_sustained_steps:
         return (cfg.ratio_sustained, ratio, f"{state['r_big']} updates in a row at least {cfg.ratio_sustained:g}x "
-                f"the weight norm (now {ratio:.3g}x)")
+                f"the weight norm (now {ratio:.3g}x)", cfg.ratio_sustained)
     lr = step.get("lr")
     plain = (n == 0 and lr is not None and g is not None and lr > 0.0 and g > 0.0
              and u <= _PLAIN_STEP_TOLERANCE * lr * g)
     if plain and ratio >= cfg.ratio_gradient_step:
         return (cfg.ratio_gradient_step, ratio, f"the first update, a plain gradient step (lr x gradient), moved "
-                f"the weights by {ratio:.3g}x their norm (limit {cfg.ratio_gradient_step:g}x)")
+                f"the weights by {ratio:.3g}x their norm (limit {cfg.ratio_gradient_step:g}x)",
+                cfg.ratio_gradient_step)
     if (plain and cfg.polyak_limit > 0.0 and ratio >= cfg.polyak_min_ratio and loss is not None
             and 0.0 < loss < _INF and u * g >= cfg.polyak_limit * loss):  # type: ignore[operator]
         rho = u * g / loss  # type: ignore[operator]
         return (cfg.polyak_limit, rho, f"the first update, a plain gradient step, is {rho:.3g}x the Polyak step "
                 f"loss/gradient (limit {cfg.polyak_limit:g}x: past it the loss of a quadratic rises); it moved "
-                f"the weights by {ratio:.3g}x their norm")
+                f"the weights by {ratio:.3g}x their norm", cfg.polyak_min_ratio)
     if ratio >= cfg.ratio_critical:
         return (cfg.ratio_critical, ratio, f"update norm is {ratio:.3g}x the weight norm at step {t}, before the "
-                f"run has a history (limit {cfg.ratio_critical:g}x)")
+                f"run has a history (limit {cfg.ratio_critical:g}x)", cfg.ratio_critical)
     return None
 
 

@@ -228,7 +228,7 @@ def test_garbage_in_never_breaks_the_state() -> None:
             step["layer_update_norms"] = ({n: value() for n in names} if "layer_names" not in step
                                           else [value() for _ in names])
         state, events = advance(state, step, DetectorConfig())
-        assert all(type(e.value) is float and (e.baseline is None or type(e.baseline) is float) for e in events)
+        assert all(type(v) is float for e in events for v in (e.value, e.baseline) if v is not None)
         state = json.loads(json.dumps(state, allow_nan=False))
 
 
@@ -308,7 +308,7 @@ def test_the_service_form_sequences_with_layer_names_gives_the_same_events_and_s
     state, list_events = run(as_lists)
     assert spelled(list_events) == spelled(events)
     assert json.dumps(state, sort_keys=True) == json.dumps(as_dicts, sort_keys=True)
-    assert events[-1].layer == "head.weight"
+    assert [e.layer for e in events if e.signature == "nonfinite"] == ["head.weight"]
 
 
 def test_a_plain_first_step_past_four_polyak_steps_is_critical() -> None:
@@ -403,10 +403,10 @@ def test_loss_divergence_when_the_loss_stays_far_above_its_early_level() -> None
     for t in range(50, 80):
         steps.append(make_step(t, loss=2.0 * 4.0 * math.exp(rng.gauss(0.0, 0.05))))
     _, events = run(steps)
-    div = [e for e in events if e.signature == "loss_divergence"]
-    assert len(div) == 1
-    assert div[0].severity == "critical"
-    assert 50 < div[0].step <= 65  # smoothing (~8 steps to cross) + loss_steps (5)
+    first, *still = [e for e in events if e.signature == "loss_divergence"]
+    assert first.severity == "critical"
+    assert 50 < first.step <= 65  # smoothing (~8 steps to cross) + loss_steps (5)
+    assert [e.step for e in still] == list(range(first.step + 1, 80))  # held open while the loss stays up
 
 
 def test_loss_giving_back_most_of_its_progress_is_divergence() -> None:
@@ -415,10 +415,11 @@ def test_loss_giving_back_most_of_its_progress_is_divergence() -> None:
     losses = [2.0 * 0.1 ** min(1.0, t / 100) for t in range(200)] + [1.2] * 60
     steps = [make_step(t, loss=v * math.exp(rng.gauss(0.0, 0.1))) for t, v in enumerate(losses)]
     _, events = run(steps)
-    div = [e for e in events if e.signature == "loss_divergence"]
-    assert [e.severity for e in div] == ["critical"]
-    assert 200 < div[0].step < 260
-    assert "given back" in div[0].message
+    first, *still = [e for e in events if e.signature == "loss_divergence"]
+    assert first.severity == "critical"
+    assert 200 < first.step < 260
+    assert "given back" in first.message
+    assert [e.step for e in still] == list(range(first.step + 1, 260))
 
     _, quiet = run(steps[:200])  # the same run without the climb back: nothing
     assert not [e for e in quiet if e.signature == "loss_divergence"]

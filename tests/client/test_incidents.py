@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import pytest
 
-from gradwatch.detect import SIGNATURES, DetectorConfig, Event
+from gradwatch.detect import SIGNATURES, DetectorConfig, Event, advance, new_state
 from gradwatch.incidents import new_incident_state, track_incidents
+
+from .test_detect import LAYERS, make_step, noisy_steps, run
 
 
 def _events(sig: str, step: int, severity: str = "warning") -> list[Event]:
@@ -65,3 +68,80 @@ def test_an_incident_holds_non_finite_values_in_the_wire_spelling() -> None:
     inc, opened, _ = track_incidents(new_incident_state(), [event], 7)
     assert (opened[0]["value"], opened[0]["baseline"]) == ("NaN", "Infinity")
     assert json.loads(json.dumps(inc, allow_nan=False))["open"]["nonfinite"]["value"] == "NaN"
+
+
+def _lifecycle(steps: list[dict[str, object]]) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The detectors and incident tracking over a run, as the service runs them: (final detector state, every
+    incident opened, every incident resolved)."""
+    config = DetectorConfig()
+    state, incidents = new_state(), new_incident_state()
+    opened_all: list[dict[str, Any]] = []
+    resolved_all: list[dict[str, Any]] = []
+    for step in steps:
+        state, events = advance(state, step, config)
+        incidents, opened, resolved = track_incidents(incidents, events, step["step"], config)  # type: ignore[arg-type]
+        opened_all += opened
+        resolved_all += resolved
+    return state, opened_all, resolved_all
+
+
+def _exploding(level_after: float, steps_after: int) -> list[dict[str, object]]:
+    """60 healthy steps, the grad norm climbing x1.5 a step to `level_after`, and staying there."""
+    steps = noisy_steps(60, sigma=0.1)
+    g, t = 1.0, 60
+    while g < level_after:
+        g *= 1.5
+        steps.append(make_step(t, grad=g))
+        t += 1
+    steps += [make_step(t + i, grad=level_after) for i in range(steps_after)]
+    return steps
+
+
+def test_growth_to_a_new_level_stays_open_and_the_band_does_not_learn_it() -> None:
+    """The defect `make demo` showed: the band learnt the exploded level, the signal looked normal again and
+    the incident resolved while the run was still broken."""
+    steps = _exploding(1e6, 300)
+    healthy_band, _ = run(steps[:60])
+    state, opened, resolved = _lifecycle(steps)
+    assert [(i["signature"], i["severity"]) for i in opened] == [("grad_growth", "critical")]
+    assert resolved == []
+    assert state["g_mu"] == pytest.approx(healthy_band["g_mu"], abs=0.1)  # log space: within 10 %
+
+
+def test_a_run_that_goes_non_finite_with_growth_still_out_leaves_the_incident_open() -> None:
+    steps = _exploding(1e6, 5)
+    t = int(steps[-1]["step"])  # type: ignore[call-overload]
+    steps += [make_step(t + 1 + i, grad=math.inf, loss=math.nan) for i in range(100)]
+    _, opened, resolved = _lifecycle(steps)
+    assert {i["signature"] for i in opened} == {"grad_growth", "nonfinite"}
+    assert resolved == []
+
+
+def test_growth_that_comes_back_to_its_baseline_resolves() -> None:
+    """A healthy surge (every layer 4x, then 16x, for two steps) is growth; once the run is back near the
+    baseline it broke, the incident resolves after the quiet period."""
+    quiet = DetectorConfig().resolve_after_steps
+    surge = [make_step(t, layer_grads={n: 4.0 ** (t - 59) for n in LAYERS}) for t in (60, 61)]
+    steps = [*noisy_steps(60, sigma=0.1), *surge, *noisy_steps(2 * quiet, start=62, sigma=0.1)]
+    _, opened, resolved = _lifecycle(steps)
+    assert [(i["signature"], i["severity"], i["opened_at"]) for i in opened] == [("grad_growth", "critical", 61)]
+    assert [(i["signature"], i["resolved_at"]) for i in resolved] == [("grad_growth", 61 + quiet)]
+
+
+def test_a_healthy_spike_that_recovers_resolves() -> None:
+    quiet = DetectorConfig().resolve_after_steps
+    steps = [*noisy_steps(50, sigma=0.1), make_step(50, grad=100.0), *noisy_steps(2 * quiet, start=51, sigma=0.1)]
+    _, opened, resolved = _lifecycle(steps)
+    assert [(i["signature"], i["severity"], i["opened_at"]) for i in opened] == [("grad_spike", "warning", 50)]
+    assert [(i["signature"], i["resolved_at"]) for i in resolved] == [("grad_spike", 50 + quiet)]
+
+
+def test_a_state_from_version_2_is_upgraded_and_holds_nothing() -> None:
+    steps = _exploding(1e6, 50)
+    state, _ = run(steps[:60])
+    old = json.loads(json.dumps(state))
+    old["v"] = 2
+    del old["held"]
+    _, resumed = run(steps[60:], state=old)
+    _, straight = run(steps)
+    assert [(e.signature, e.step) for e in resumed] == [(e.signature, e.step) for e in straight if e.step >= 60]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from gradwatch.replay import read_trace, replay_run
 
 from ..support.databases import new_run_id
 
+ROOT = Path(__file__).resolve().parents[2]
 TRACES = Path(__file__).resolve().parents[3] / "shared" / "traces" / "dev"
 
 
@@ -152,3 +155,18 @@ def test_an_incident_opened_and_resolved_within_one_batch_still_reaches_the_job(
     (raised,) = out["raised_incidents"]  # ... but the job still hears of it
     assert (raised["signature"], raised["status"], raised["opened_step"]) == ("nonfinite", "resolved", 40)
     assert _post(http, run_id, [_healthy(42 + quiet)])["raised_incidents"] == []
+
+
+def test_the_demos_exploding_run_keeps_its_incidents_open_to_the_end(http: httpx.Client) -> None:
+    """Real torch training (examples/train_tiny.py --explode, as `make demo` runs it): its loss climbs to 1e12
+    and then NaN. Its grad_growth and loss_divergence incidents must not resolve on the way: the bands would
+    have learnt the exploded level, and the incident list would tell a reader the run recovered."""
+    pytest.importorskip("torch")
+    project = new_run_id("demo")
+    subprocess.run([sys.executable, str(ROOT / "examples" / "train_tiny.py"), "--explode", "--quiet", "--steps",
+                    "300", "--project", project, "--url", str(http.base_url).rstrip("/")],
+                   check=True, timeout=300, capture_output=True)
+    listed = http.get("/v1/incidents", params={"project": project, "limit": 1000}).json()["incidents"]
+    by_signature = {inc["signature"]: inc for inc in listed if inc["severity"] == "critical"}
+    assert {"grad_growth", "loss_divergence", "nonfinite"} <= set(by_signature), listed
+    assert [(i["signature"], i["opened_step"], i["resolved_step"]) for i in listed if i["status"] == "resolved"] == []
