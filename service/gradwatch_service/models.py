@@ -54,8 +54,10 @@ class Real(TypeDecorator[float]):
             return dialect.type_descriptor(postgresql.DOUBLE_PRECISION())
         return dialect.type_descriptor(Float(precision=53))
 
-    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
-        return sqlite_real_in(value) if dialect.name == "sqlite" else value
+    def bind_processor(self, dialect: Dialect) -> Any:
+        # Not process_bind_param: on SQLite the float type's own bind processor (float(x)) would run after it
+        # and turn the text 'NaN' back into a NaN, which SQLite stores as NULL.
+        return sqlite_real_in if dialect.name == "sqlite" else super().bind_processor(dialect)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
         return sqlite_real_out(value) if dialect.name == "sqlite" else value

@@ -170,3 +170,16 @@ def test_the_demos_exploding_run_keeps_its_incidents_open_to_the_end(http: httpx
     by_signature = {inc["signature"]: inc for inc in listed if inc["severity"] == "critical"}
     assert {"grad_growth", "loss_divergence", "nonfinite"} <= set(by_signature), listed
     assert [(i["signature"], i["opened_step"], i["resolved_step"]) for i in listed if i["status"] == "resolved"] == []
+
+
+@pytest.mark.parametrize("spelled", ["NaN", "Infinity", "-Infinity"])
+def test_a_non_finite_measurement_is_the_incidents_value_not_null(http: httpx.Client, spelled: str) -> None:
+    """NaN is data: the incident's value is the measurement, spelled as on the wire, on both databases."""
+    run_id = _run(http, ["a", "b", "c"])
+    _post(http, run_id, [_healthy(i) for i in range(40)])
+    bad = {**_healthy(40), "grad_norm": spelled}
+    (raised,) = _post(http, run_id, [bad])["open_incidents"]
+    listed = http.get("/v1/incidents", params={"run_id": run_id}).json()["incidents"]
+    for inc in (raised, *listed, *http.get(f"/v1/runs/{run_id}/incidents").json()["incidents"]):
+        assert (inc["signature"], inc["value"], inc["evidence"]["opened"]["values"]["grad_norm"]) == (
+            "nonfinite", spelled, spelled)
