@@ -175,6 +175,7 @@ class DetectorConfig:
     _up_loss: ClassVar[float]
     _up_progress: ClassVar[float]
     _up_ratio: ClassVar[float]
+    _band: ClassVar[tuple[int, float, float, float]]  # what `_band_update` reads, in one attribute
 
     def __post_init__(self) -> None:
         for attr, factor in (("_up_layers", self.growth_layer_min_factor), ("_up_growth", self.growth_min_factor),
@@ -183,6 +184,7 @@ class DetectorConfig:
                              ("_up_ratio", self.ratio_min_factor)):
             ok = isinstance(factor, (int, float)) and factor > 0
             object.__setattr__(self, attr, _log(factor) if ok else -_INF)  # a factor <= 0: any level will do
+        object.__setattr__(self, "_band", (self.warmup_steps, self.band_dev_floor, self.band_clip, self.band_alpha))
 
 
 @dataclass
@@ -282,19 +284,18 @@ def _band_update(state: dict[str, Any], keys: tuple[str, str, str, str], x: floa
     a little, a lasting change of level moves it all the way within a few band memories.
     """
     kn, kmu, kdev, kwarm = keys
+    warmup, floor, clip, a = cfg._band
     n = state[kn]
     state[kn] = n + 1
-    if n >= cfg.warmup_steps:
+    if n >= warmup:
         mu = state[kmu]
         dev = state[kdev]
         d = x - mu
-        floor = cfg.band_dev_floor
-        lim = cfg.band_clip * (dev if dev > floor else floor)
+        lim = clip * (dev if dev > floor else floor)
         if d > lim:
             d = lim
         elif d < -lim:
             d = -lim
-        a = cfg.band_alpha
         state[kmu] = mu + a * d
         state[kdev] = dev + a * ((d if d >= 0.0 else -d) - dev)
         return
@@ -305,7 +306,7 @@ def _band_update(state: dict[str, Any], keys: tuple[str, str, str, str], x: floa
     mid = ordered[k // 2] if k % 2 else 0.5 * (ordered[k // 2 - 1] + ordered[k // 2])
     state[kmu] = mid
     state[kdev] = sum(abs(v - mid) for v in ordered) / k
-    if n + 1 == cfg.warmup_steps:
+    if n + 1 == warmup:
         warm.clear()
 
 
