@@ -15,7 +15,9 @@ Everything is measured in log space against robust, self-calibrating bands: seed
 run's first samples, then an exponentially weighted mean whose input is clipped to a few deviations (so one
 spike cannot drag it) and an exponentially weighted mean absolute deviation. Heavy-tailed but healthy series
 widen their own band instead of paging someone; the only absolute limits are the ones nothing healthy
-crosses (non-finite values, updates as large as the weights before a run has a history).
+crosses (non-finite values, updates as large as the weights before a run has a history). A signature that
+fired is held until its signal is back near the baseline it broke, and refires meanwhile, so that its incident
+(`gradwatch.incidents` turns events into incidents) stays open while the run is still broken.
 
 Cost: a few microseconds per step with 50 layers. Per step, the per-layer work is three C-level passes (the
 product of the layer grad norms for their geometric mean, one comparison of every layer with its breakout
