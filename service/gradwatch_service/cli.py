@@ -74,7 +74,7 @@ def metrics_directory(settings: Settings, workers: int) -> Iterator[None]:
         yield
         return
     own = settings.metrics_dir is None
-    path = Path(tempfile.mkdtemp(prefix="gradwatch-metrics-")) if own else Path(settings.metrics_dir or "")
+    path = settings.metrics_dir or Path(tempfile.mkdtemp(prefix="gradwatch-metrics-"))
     path.mkdir(parents=True, exist_ok=True)
     for stale in path.glob("*.db"):
         stale.unlink()

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import REGISTRY, Collector
 from sqlalchemy import Engine, event
@@ -73,7 +74,7 @@ def count_database_errors(engine: Engine) -> None:
 class _ThisProcess(Collector):
     """The default registry's metrics (this module's, plus process and Python metrics) for a single process."""
 
-    def collect(self) -> Iterator[object]:  # type: ignore[override]
+    def collect(self) -> Iterator[Metric]:
         yield from REGISTRY.collect()
 
 

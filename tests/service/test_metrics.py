@@ -15,7 +15,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import REGISTRY
 from sqlalchemy import Engine, text
 
-from gradwatch_service.metrics import count_database_errors
+from gradwatch_service.metrics import (
+    count_database_errors,
+    count_incident_opened,
+    observe_detector_seconds,
+    record_batch,
+)
 
 from ..support.databases import new_database_url, new_run_id
 from ..support.prometheus import require_binary
@@ -103,10 +108,28 @@ def test_database_errors_are_counted_by_class(engine: Engine) -> None:
     assert REGISTRY.get_sample_value("gradwatch_database_errors_total", {"kind": kind}) == before + 1
 
 
+def test_ingest_metrics_count_what_ingest_reports() -> None:
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = [sample("gradwatch_ingested_steps_total"), sample("gradwatch_ingested_values_total"),
+              sample("gradwatch_ingest_batch_steps_count"), sample("gradwatch_detector_duration_seconds_count"),
+              sample("gradwatch_incidents_opened_total", signature="nonfinite", severity="critical")]
+    record_batch(steps=3, values=12)
+    observe_detector_seconds(0.002)
+    count_incident_opened("nonfinite", "critical")
+    after = [sample("gradwatch_ingested_steps_total"), sample("gradwatch_ingested_values_total"),
+             sample("gradwatch_ingest_batch_steps_count"), sample("gradwatch_detector_duration_seconds_count"),
+             sample("gradwatch_incidents_opened_total", signature="nonfinite", severity="critical")]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [3, 12, 1, 1, 1]
+
+
 @pytest.fixture
 def two_workers(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
     url, _ = new_database_url("sqlite", tmp_path)
     metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_1.db").write_bytes(b"left by an earlier server")  # would count twice, or break
     proc = ServerProcess(url, args=["--workers", "2"], env={"GRADWATCH_METRICS_DIR": str(metrics_dir)},
                          log_path=tmp_path / "server.log")
     proc.start()
@@ -117,6 +140,7 @@ def two_workers(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
 @pytest.mark.slow
 def test_two_workers_scrape_the_sum_of_both(two_workers: tuple[ServerProcess, Path]) -> None:
     server, metrics_dir = two_workers
+    assert not (metrics_dir / "counter_1.db").exists()
     # each worker writes its own files into the multiprocess directory
     until(lambda: len({p.stem.rsplit("_", 1)[1] for p in metrics_dir.glob("counter_*.db")}) == 2, timeout=20)
     for _ in range(30):  # a new connection each: the kernel spreads them over both workers
