@@ -22,7 +22,7 @@ def _tool(name: str, *args: str | Path) -> str:
 
 
 def test_rules_are_valid() -> None:
-    assert "SUCCESS: 8 rules found" in _tool("promtool", "check", "rules", PROMETHEUS / "rules.yml")
+    _tool("promtool", "check", "rules", PROMETHEUS / "rules.yml")
 
 
 def test_rule_unit_tests_pass_and_cover_every_rule() -> None:
