@@ -15,8 +15,7 @@ from ..run_state import RunStateCollector
 router = APIRouter(tags=["metrics"])
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {"example": "gradwatch_run_running{...} 1.0"}}}})
+@router.get("/metrics", include_in_schema=False)  # Prometheus' text format, not part of the JSON API
 def metrics(request: Request) -> Response:
     return Response(generate_latest(_registry(request)), media_type=CONTENT_TYPE_LATEST)
 
