@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS := server,postgres,torch,dev
 
-.PHONY: venv demo serve test check bench score clean
+.PHONY: venv demo serve test check bench score clean prometheus-tools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,22 @@ demo: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/gradwatch db upgrade && $(VENV)/bin/gradwatch serve
 
-test: $(STAMP)
+test: $(STAMP) prometheus-tools
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Prometheus, promtool, Alertmanager and amtool for the alerting tests, from Debian's packages when missing (as
+# root). Without them those tests skip, except under CI=true, where they fail. The tests start their own
+# servers on free loopback ports, whatever service the packages may have started.
+PROMETHEUS_BINS := prometheus promtool prometheus-alertmanager amtool
+prometheus-tools:
+	@for b in $(PROMETHEUS_BINS); do command -v $$b >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing prometheus and prometheus-alertmanager (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      prometheus prometheus-alertmanager >/dev/null || echo "apt-get failed: the Prometheus tests will say so"; \
+	  else echo "prometheus/prometheus-alertmanager missing and not installable here (needs root and apt-get)"; fi; \
+	fi
 
 check: $(STAMP)
 	$(VENV)/bin/ruff check client service migrations tests bench examples tools

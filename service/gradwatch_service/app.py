@@ -12,9 +12,11 @@ from fastapi.openapi.utils import get_openapi
 from sqlalchemy import Engine
 
 from . import __doc__ as package_doc
-from .api import health, incidents, runs, steps
+from .api import health, incidents, metrics, runs, steps
 from .db import make_engine
+from .metrics import count_database_errors
 from .migrate import schema_problem
+from .request_metrics import RequestMetrics
 from .schemas import RunUpsert, StepBatch
 from .settings import Settings, get_settings
 
@@ -48,7 +50,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(runs.router)
     app.include_router(steps.router)
     app.include_router(incidents.router)
+    app.include_router(metrics.router)
     app.add_middleware(RejectNul)
+    app.add_middleware(RequestMetrics)
+    count_database_errors(engine)
     _document_raw_bodies(app)
     return app
 

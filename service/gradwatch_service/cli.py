@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from sqlalchemy import Engine
 
@@ -47,14 +50,38 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"gradwatch serve: {problem}", file=sys.stderr)
         return 1
-    uvicorn.run(
-        "gradwatch_service.app:create_app",
-        factory=True,
-        host=args.host or settings.host,
-        port=args.port if args.port is not None else settings.port,
-        workers=args.workers,
-        access_log=args.access_log,
-        log_level="info",
-        timeout_graceful_shutdown=5,
-    )
+    with metrics_directory(settings, args.workers):
+        uvicorn.run(
+            "gradwatch_service.app:create_app",
+            factory=True,
+            host=args.host or settings.host,
+            port=args.port if args.port is not None else settings.port,
+            workers=args.workers,
+            access_log=args.access_log,
+            log_level="info",
+            timeout_graceful_shutdown=5,
+        )
     return 0
+
+
+@contextmanager
+def metrics_directory(settings: Settings, workers: int) -> Iterator[None]:
+    """With several workers, each keeps its metrics in prometheus-client's multiprocess directory, so a scrape
+    answered by any one of them adds up all. Files left by an earlier server would count twice: start empty."""
+    from .metrics import MULTIPROC_ENV
+
+    if workers <= 1 or os.environ.get(MULTIPROC_ENV):
+        yield
+        return
+    own = settings.metrics_dir is None
+    path = settings.metrics_dir or Path(tempfile.mkdtemp(prefix="gradwatch-metrics-"))
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink()
+    os.environ[MULTIPROC_ENV] = str(path)
+    try:
+        yield
+    finally:
+        del os.environ[MULTIPROC_ENV]
+        if own:
+            shutil.rmtree(path, ignore_errors=True)

@@ -40,6 +40,16 @@ class Settings(BaseSettings):
         description="DetectorConfig overrides as JSON, e.g. GRADWATCH_DETECTOR='{\"layer_z\": 5}'",
     )
     db_pool_size: int = Field(default=8, ge=1, description="PostgreSQL connection pool size per process")
+    metrics_active_seconds: float = Field(
+        default=3600, gt=0, description="/metrics exports the state of runs updated within this many seconds")
+    metrics_max_runs: int = Field(
+        default=1000, ge=0, description="most runs /metrics exports (most recently updated first); "
+                                        "gradwatch_runs_not_exported counts the rest")
+    metrics_cache_seconds: float = Field(
+        default=1.0, ge=0, description="how long one database read of run state serves /metrics scrapes")
+    metrics_dir: Path | None = Field(
+        default=None, description="prometheus-client's multiprocess directory, used with `serve --workers N` "
+                                  "(N > 1); emptied at start. Unset: a temporary directory")
 
     @field_validator("detector")
     @classmethod

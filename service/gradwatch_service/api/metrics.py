@@ -1,0 +1,29 @@
+"""GET /metrics: Prometheus' text format, from prometheus-client (service health, ingest, run state).
+
+A plain `def` route, so FastAPI runs it in the thread pool: reading run state from a slow database blocks a
+worker thread, never the event loop that serves ingest.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from ..metrics import serving_registry
+from ..run_state import RunStateCollector
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/metrics", include_in_schema=False)  # Prometheus' text format, not part of the JSON API
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(_registry(request)), media_type=CONTENT_TYPE_LATEST)
+
+
+def _registry(request: Request) -> CollectorRegistry:
+    state = request.app.state
+    registry: CollectorRegistry | None = getattr(state, "metrics_registry", None)
+    if registry is None:  # a race here builds two, and one is kept: harmless
+        registry = serving_registry(RunStateCollector(state.engine, state.settings))
+        state.metrics_registry = registry
+    return registry
