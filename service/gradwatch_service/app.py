@@ -12,8 +12,9 @@ from fastapi.openapi.utils import get_openapi
 from sqlalchemy import Engine
 
 from . import __doc__ as package_doc
-from .api import health, incidents, runs, steps
+from .api import health, incidents, runs, steps, webhooks
 from .db import make_engine
+from .delivery import DeliveryWorker
 from .migrate import schema_problem
 from .schemas import RunUpsert, StepBatch
 from .settings import Settings, get_settings
@@ -34,7 +35,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         problem = schema_problem(engine)
         if problem:
             raise SchemaOutdated(problem)
+        worker = DeliveryWorker(engine, settings).start() if settings.webhook_delivery else None
+        app.state.webhook_worker = worker
         yield
+        if worker is not None:
+            worker.stop()
         engine.dispose()
 
     app = FastAPI(title="gradwatch", version="0.1.0", description=package_doc or "", lifespan=lifespan)
@@ -48,6 +53,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(runs.router)
     app.include_router(steps.router)
     app.include_router(incidents.router)
+    app.include_router(webhooks.router)
     app.add_middleware(RejectNul)
     _document_raw_bodies(app)
     return app
