@@ -62,8 +62,8 @@ class DeliveryWorker:
         self._thread = threading.Thread(target=self._loop, name="gradwatch-outbox", daemon=True)
         self._committed = False  # set by the commit hook: rows of this process are (about to be) due
         self._unhook = on_outbox_commit(engine, self._on_commit)
-        # Longest a send may take, plus margin: only then may another worker take the row again.
-        self.lease_s = 2 * settings.webhook_timeout_s + 5
+        # A send takes at most connect + read timeouts; after that (and a margin) another worker may take the row.
+        self.lease_s = 2 * settings.webhook_timeout_s + 1
 
     def start(self) -> DeliveryWorker:
         self._thread.start()
