@@ -60,8 +60,7 @@ class DeliveryWorker:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(settings.webhook_concurrency, thread_name_prefix="gradwatch-webhook")
         self._thread = threading.Thread(target=self._loop, name="gradwatch-outbox", daemon=True)
-        self._committed = False  # set by the commit hook: rows of this process are (about to be) due
-        self._unhook = on_outbox_commit(engine, self._on_commit)
+        self._unhook = on_outbox_commit(engine, self._wake.set)
         # A send takes at most connect + read timeouts; after that (and a margin) another worker may take the row.
         self.lease_s = 2 * settings.webhook_timeout_s + 1
 
@@ -70,10 +69,6 @@ class DeliveryWorker:
         return self
 
     def wake(self) -> None:
-        self._wake.set()
-
-    def _on_commit(self) -> None:
-        self._committed = True
         self._wake.set()
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -88,16 +83,10 @@ class DeliveryWorker:
         while not self._stop.is_set():
             self._wake.wait(self.settings.webhook_poll_s)
             self._wake.clear()
-            committed, self._committed = self._committed, False
             if self._stop.is_set():
                 return
             try:
-                sent = self._dispatch()
-                # The commit hook fires just before the database commits: look again shortly if it won the race.
-                for pause in (0.002, 0.01, 0.05) if committed and not sent else ():
-                    time.sleep(pause)
-                    if self._dispatch():
-                        break
+                self._dispatch()
             except Exception:  # noqa: BLE001 - a database hiccup must not end the worker; the poll retries
                 log.exception("webhook outbox: claiming deliveries failed")
                 self._stop.wait(self.settings.webhook_poll_s)

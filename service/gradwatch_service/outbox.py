@@ -32,6 +32,7 @@ __all__ = ["Claim", "Outcome", "backoff_s", "claim_due", "delivery_counts", "enq
            "on_outbox_commit", "outbox_depth", "settle"]
 
 _PENDING_KEY = "gradwatch_outbox_pending"
+_COMMITTED_KEY = "gradwatch_outbox_committed"
 _SEVERITY_RANK = {"warning": 0, "critical": 1}
 
 
@@ -66,22 +67,29 @@ def enqueue_incident_event(conn: Connection, run_pk: int, seq: int) -> int:
 
 
 def on_outbox_commit(engine: Engine, callback: Callable[[], None]) -> Callable[[], None]:
-    """Call `callback` whenever a transaction that queued webhooks commits (this process only: other replicas
-    find the rows by polling). Returns a function that removes the hook."""
+    """Call `callback` once a transaction that queued webhooks has committed and its connection is back in the
+    pool (SQLAlchemy's `commit` event comes just before the database commits, too early for a reader to see the
+    rows). This process only: other replicas find the rows by polling. Returns a function that removes the hook."""
 
     def committed(conn: Connection) -> None:
         if conn.info.pop(_PENDING_KEY, False):
-            callback()
+            conn.info[_COMMITTED_KEY] = True
 
     def rolled_back(conn: Connection) -> None:
         conn.info.pop(_PENDING_KEY, None)
 
+    def checked_in(_dbapi_conn: Any, record: Any) -> None:
+        if record is not None and record.info.pop(_COMMITTED_KEY, False):
+            callback()
+
     event.listen(engine, "commit", committed)
     event.listen(engine, "rollback", rolled_back)
+    event.listen(engine.pool, "checkin", checked_in)
 
     def remove() -> None:
         event.remove(engine, "commit", committed)
         event.remove(engine, "rollback", rolled_back)
+        event.remove(engine.pool, "checkin", checked_in)
 
     return remove
 
@@ -121,6 +129,9 @@ def claim_due(conn: Connection, *, limit: int, lease_s: float, busy: Collection[
          .where(d.c.id.in_(select(firsts.c.id).where(firsts.c.n == 1)), *due, s.c.enabled.is_(True))
          .order_by(d.c.next_attempt_at, d.c.id).limit(limit)
          .with_for_update(of=d, skip_locked=True))
+    if conn.dialect.name == "postgresql":
+        # Losing this commit in a database crash only makes the row due again: no need to wait for the WAL flush.
+        conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
     chosen = {row.subscription_id: row for row in conn.execute(q)}
     if not chosen:
         return []
