@@ -8,6 +8,10 @@ once. Retry delays, timeouts and the poll interval are settings, shortened here 
 from __future__ import annotations
 
 import math
+import os
+import select
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -24,7 +28,9 @@ from gradwatch import detect
 
 from ..support.databases import PostgresSchema, new_run_id, require_postgres
 from ..support.receiver import Receiver
-from ..support.serverproc import ServerProcess
+from ..support.serverproc import ServerProcess, free_port
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 FAST = {"GRADWATCH_WEBHOOK_ALLOW_PRIVATE_TARGETS": "true", "GRADWATCH_WEBHOOK_RETRY_BASE_S": "0.05",
         "GRADWATCH_WEBHOOK_RETRY_MAX_DELAY_S": "0.2", "GRADWATCH_WEBHOOK_POLL_S": "0.2",
@@ -167,3 +173,23 @@ def test_two_replicas_on_one_postgresql_send_each_event_once(tmp_path: Path) -> 
         schema.drop()
 
 
+
+
+def test_the_documented_stdlib_receiver_accepts_what_the_service_sends(tmp_path: Path) -> None:
+    port = free_port()
+    with serving(f"sqlite:///{tmp_path / 'example.db'}", tmp_path) as server:
+        r = httpx.post(f"{server.url}/v1/webhooks", json={"url": f"http://127.0.0.1:{port}/"})
+        env = {**os.environ, "WEBHOOK_SECRET": r.json()["secret"], "PORT": str(port)}
+        receiver = subprocess.Popen([sys.executable, str(EXAMPLES / "webhook_receiver.py")], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            run_id, _ = _explode(server.url)
+            assert receiver.stdout is not None
+            ready, _, _ = select.select([receiver.stdout], [], [], 20)  # the service retries until it listens
+            assert ready, "the example receiver printed nothing within 20 s"
+            line = receiver.stdout.readline()
+        finally:
+            receiver.kill()
+            receiver.wait(10)
+    status, run, signature, msg_id = line.split()
+    assert (status, run, signature) == ("firing", run_id, "nonfinite") and msg_id.startswith("msg_")
