@@ -2,8 +2,9 @@
 
 It sleeps until a transaction of this process commits webhook rows (an in-process wake-up, so an alert leaves
 within milliseconds of its batch's commit) or the poll interval passes (rows committed by other replicas, retries
-coming due). Each POST runs on a small thread pool with a timeout, at most one per subscription, so a receiver
-that hangs holds one sender for `webhook_timeout_s`, never ingest and never another receiver.
+coming due). Each POST runs on a daemon thread of its own with a timeout, at most `webhook_concurrency` at once
+and one per subscription, so a receiver that hangs holds one sender for `webhook_timeout_s`, never ingest, never
+another receiver and never the process's exit.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import http.client
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 from sqlalchemy import Engine
@@ -58,7 +58,6 @@ class DeliveryWorker:
         self._stop = threading.Event()
         self._busy: set[int] = set()  # subscriptions with a POST in flight from this process
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(settings.webhook_concurrency, thread_name_prefix="gradwatch-webhook")
         self._thread = threading.Thread(target=self._loop, name="gradwatch-outbox", daemon=True)
         self._unhook = on_outbox_commit(engine, self._wake.set)
         # A send takes at most connect + read timeouts; after that (and a margin) another worker may take the row.
@@ -77,7 +76,6 @@ class DeliveryWorker:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout_s)
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -102,7 +100,8 @@ class DeliveryWorker:
         for claim in claims:
             with self._lock:
                 self._busy.add(claim.subscription_id)
-            self._pool.submit(self._deliver, claim)
+            # A daemon thread per POST (at most `webhook_concurrency`): one hanging receiver cannot delay exit.
+            threading.Thread(target=self._deliver, args=(claim,), name="gradwatch-webhook", daemon=True).start()
         return len(claims)
 
     def _deliver(self, claim: Claim) -> None:
