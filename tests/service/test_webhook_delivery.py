@@ -118,6 +118,31 @@ def test_a_failing_receiver_sees_one_webhook_id_until_it_accepts_then_resolved(d
         assert all(a["latency_ms"] > 0 for a in firing["attempts"])
 
 
+def test_a_dead_delivery_can_be_resent_with_the_same_webhook_id(tmp_path: Path) -> None:
+    accepting = threading.Event()
+    with Receiver(lambda _r, _n: 200 if accepting.is_set() else 503) as receiver, \
+            serving(f"sqlite:///{tmp_path / 'dead.db'}", tmp_path, GRADWATCH_WEBHOOK_RETRY_FOR_S="0.5") as server:
+        sub = _subscribe(server.url, receiver)
+        _explode(server.url)
+        log_url = f"{server.url}/v1/webhooks/{sub['id']}/deliveries"
+        deadline = time.monotonic() + 15
+        while not (dead := httpx.get(log_url, params={"state": "dead"}).json()["deliveries"]):
+            assert time.monotonic() < deadline, "the delivery never died"
+            time.sleep(0.1)
+        (delivery,) = dead
+        assert delivery["attempts"][-1]["outcome"] == "dead" and delivery["last_status_code"] == 503
+        tries = len(receiver.received)
+        assert tries == len(delivery["attempts"]) >= 2
+        accepting.set()
+        assert httpx.post(f"{log_url}/{delivery['id']}/resend").status_code == 202
+        got = receiver.wait_for(lambda rs: len(rs) == tries + 1)
+        assert {r.msg_id for r in got} == {delivery["msg_id"]} and got[-1].status == 200
+        deadline = time.monotonic() + 5
+        while httpx.get(log_url).json()["deliveries"][0]["state"] != "delivered":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
 def test_sigkill_between_commit_and_delivery_loses_nothing(tmp_path: Path) -> None:
     """Killed with the webhook committed but not sent (worker off), then killed mid-POST: both arrive."""
     url = f"sqlite:///{tmp_path / 'kill.db'}"
