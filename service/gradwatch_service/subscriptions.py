@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,8 +22,9 @@ from .webhook_schemas import (
     SubscriptionUpdate,
 )
 
-__all__ = ["PrivateTarget", "create_subscription", "delete_subscription", "get_subscription", "list_deliveries",
-           "list_subscriptions", "resend_delivery", "rotate_secret", "target_problem", "update_subscription"]
+__all__ = ["PrivateTarget", "create_subscription", "delete_subscription", "get_delivery", "get_subscription",
+           "list_deliveries", "list_subscriptions", "resend_delivery", "rotate_secret", "target_problem",
+           "update_subscription"]
 
 _S = webhook_subscriptions
 _PUBLIC = (_S.c.id, _S.c.name, _S.c.url, _S.c.project, _S.c.min_severity, _S.c.enabled, _S.c.created_at,
@@ -120,6 +122,16 @@ def list_deliveries(conn: Connection, sub_id: int, *, state: str | None = None, 
     cond = [d.c.subscription_id == sub_id] + ([d.c.state == state] if state else [])
     rows = conn.execute(select(d).where(*cond).order_by(d.c.id.desc()).limit(limit).offset(offset)).all()
     count = int(conn.execute(select(func.count()).select_from(d).where(*cond)).scalar_one())
+    return _with_attempts(conn, rows), count
+
+
+def get_delivery(conn: Connection, sub_id: int, delivery_id: int) -> DeliveryPublic | None:
+    d = webhook_deliveries
+    rows = conn.execute(select(d).where(d.c.id == delivery_id, d.c.subscription_id == sub_id)).all()
+    return _with_attempts(conn, rows)[0] if rows else None
+
+
+def _with_attempts(conn: Connection, rows: Sequence[Any]) -> list[DeliveryPublic]:
     attempts: dict[int, list[AttemptPublic]] = {r.id: [] for r in rows}
     if rows:
         a = webhook_attempts
@@ -128,12 +140,11 @@ def list_deliveries(conn: Connection, sub_id: int, *, state: str | None = None, 
             attempts[r.delivery_id].append(AttemptPublic(attempt=r.attempt, outcome=r.outcome,
                                                          status_code=r.status_code, latency_ms=r.latency_ms,
                                                          error=r.error, at=_utc(r.at)))
-    out = [DeliveryPublic(id=r.id, msg_id=r.msg_id, event=r.event, incident=r.incident, state=r.state,
-                          attempts=attempts[r.id],
-                          next_attempt_at=_utc_or_none(r.next_attempt_at) if r.state == "pending" else None,
-                          last_status_code=r.last_status_code, last_error=r.last_error,
-                          created_at=_utc(r.created_at), delivered_at=_utc_or_none(r.delivered_at)) for r in rows]
-    return out, count
+    return [DeliveryPublic(id=r.id, msg_id=r.msg_id, event=r.event, incident=r.incident, state=r.state,
+                           attempts=attempts[r.id],
+                           next_attempt_at=_utc_or_none(r.next_attempt_at) if r.state == "pending" else None,
+                           last_status_code=r.last_status_code, last_error=r.last_error,
+                           created_at=_utc(r.created_at), delivered_at=_utc_or_none(r.delivered_at)) for r in rows]
 
 
 def resend_delivery(conn: Connection, sub_id: int, delivery_id: int) -> str | None:

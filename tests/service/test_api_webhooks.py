@@ -34,7 +34,8 @@ def test_update_rotate_and_delete(http: httpx.Client) -> None:
     rotated = http.post(f"/v1/webhooks/{sub['id']}/rotate-secret").json()["secret"]
     assert rotated.startswith("whsec_") and rotated != sub["secret"]
     assert http.get(f"/v1/webhooks/{sub['id']}/deliveries").json() == {"deliveries": [], "count": 0}
-    assert http.delete(f"/v1/webhooks/{sub['id']}").status_code == 204
+    gone = http.delete(f"/v1/webhooks/{sub['id']}")
+    assert gone.status_code == 200 and gone.json()["id"] == sub["id"] and "secret" not in gone.json()
     for method, path in (("GET", ""), ("PATCH", ""), ("DELETE", ""), ("POST", "/rotate-secret"),
                          ("GET", "/deliveries")):
         r = http.request(method, f"/v1/webhooks/{sub['id']}{path}", json={} if method == "PATCH" else None)

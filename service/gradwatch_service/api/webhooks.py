@@ -12,6 +12,7 @@ from ..db import read_connection, write_transaction
 from ..subscriptions import (
     create_subscription,
     delete_subscription,
+    get_delivery,
     get_subscription,
     list_deliveries,
     list_subscriptions,
@@ -21,7 +22,10 @@ from ..subscriptions import (
     update_subscription,
 )
 from ..webhook_schemas import (
+    CREATE_EXAMPLE,
+    UPDATE_EXAMPLE,
     DeliveriesPublic,
+    DeliveryPublic,
     SecretPublic,
     SubscriptionCreate,
     SubscriptionCreated,
@@ -34,6 +38,12 @@ from .deps import EngineDep, SettingsDep, model_response
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
 SubId = Annotated[int, Path(ge=1, le=2**62)]
+
+
+def _body_example(example: dict[str, Any]) -> dict[str, Any]:
+    return {"requestBody": {"content": {"application/json": {"example": example}}}}
+
+
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such subscription"}}
 
 
@@ -48,7 +58,7 @@ def _check_target(url: str | None, settings: SettingsDep) -> None:
 
 
 @router.post("", summary="Subscribe a receiver; the answer carries the signing secret, shown only this once",
-             status_code=201, response_model=SubscriptionCreated)
+             status_code=201, response_model=SubscriptionCreated, openapi_extra=_body_example(CREATE_EXAMPLE))
 async def post_subscription(body: SubscriptionCreate, engine: EngineDep, settings: SettingsDep) -> Response:
     _check_target(body.url, settings)
 
@@ -81,7 +91,7 @@ async def get_one(sub_id: SubId, engine: EngineDep) -> Response:
 
 
 @router.patch("/{sub_id}", summary="Change URL, name, project filter, minimum severity or enabled",
-              response_model=SubscriptionPublic, responses=NOT_FOUND)
+              response_model=SubscriptionPublic, responses=NOT_FOUND, openapi_extra=_body_example(UPDATE_EXAMPLE))
 async def patch_subscription(sub_id: SubId, body: SubscriptionUpdate, engine: EngineDep,
                              settings: SettingsDep) -> Response:
     _check_target(body.url, settings)
@@ -96,16 +106,20 @@ async def patch_subscription(sub_id: SubId, body: SubscriptionUpdate, engine: En
     return model_response(sub)
 
 
-@router.delete("/{sub_id}", summary="Unsubscribe; pending deliveries and the log go too", status_code=204,
-               responses=NOT_FOUND)
+@router.delete("/{sub_id}", summary="Unsubscribe; pending deliveries and the log go too. Answers what was deleted",
+               response_model=SubscriptionPublic, responses=NOT_FOUND)
 async def delete_one(sub_id: SubId, engine: EngineDep) -> Response:
-    def write() -> bool:
+    def write() -> SubscriptionPublic | None:
         with write_transaction(engine) as conn:
-            return delete_subscription(conn, sub_id)
+            sub = get_subscription(conn, sub_id)
+            if sub is not None:
+                delete_subscription(conn, sub_id)
+            return sub
 
-    if not await run_in_threadpool(write):
+    sub = await run_in_threadpool(write)
+    if sub is None:
         raise _missing(sub_id)
-    return Response(status_code=204)
+    return model_response(sub)
 
 
 @router.post("/{sub_id}/rotate-secret", summary="A new signing secret, shown only this once",
@@ -140,21 +154,22 @@ async def get_deliveries(sub_id: SubId, engine: EngineDep,
     return model_response(out)
 
 
-@router.post("/{sub_id}/deliveries/{delivery_id}/resend", status_code=202,
+@router.post("/{sub_id}/deliveries/{delivery_id}/resend", response_model=DeliveryPublic,
              summary="Send a dead (or delivered) delivery again, with the same webhook-id and a fresh retry window",
              responses={404: {"description": "no such delivery"}, 409: {"description": "still pending"}})
 async def post_resend(sub_id: SubId, delivery_id: Annotated[int, Path(ge=1, le=2**62)], request: Request,
                       engine: EngineDep) -> Response:
-    def write() -> str | None:
+    def write() -> tuple[str | None, DeliveryPublic | None]:
         with write_transaction(engine) as conn:
-            return resend_delivery(conn, sub_id, delivery_id)
+            before = resend_delivery(conn, sub_id, delivery_id)
+            return before, get_delivery(conn, sub_id, delivery_id)
 
-    before = await run_in_threadpool(write)
-    if before is None:
+    before, delivery = await run_in_threadpool(write)
+    if before is None or delivery is None:
         raise HTTPException(404, f"delivery {delivery_id} of subscription {sub_id} does not exist")
     if before == "pending":
         raise HTTPException(409, f"delivery {delivery_id} is still pending: it will be retried on its own")
     worker = getattr(request.app.state, "webhook_worker", None)
     if worker is not None:
         worker.wake()
-    return Response(status_code=202)
+    return model_response(delivery)
