@@ -95,6 +95,7 @@ def measure(backend: str, n_runs: int, workdir: Path, arrivals: Arrivals) -> dic
             server.stop()
     return {"webhook_p50_ms": statistics.median(latencies), "webhook_p99_ms": _pct(latencies, 99),
             "webhook_max_ms": max(latencies), "ingest_ack_p50_ms": statistics.median(acks),
+            "ingest_ack_p99_ms": _pct(acks, 99), "after_ack_p99_ms": _pct(after_ack, 99),
             "after_ack_p50_ms": statistics.median(after_ack), "runs": n_runs,
             "_samples": latencies}  # type: ignore[dict-item]
 
