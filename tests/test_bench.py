@@ -63,3 +63,13 @@ def test_client_overhead_benchmark_reports_its_figures() -> None:
     assert figures["norms_vs_floor"] > 0 and figures["log_p99_us_hung"] > 0
     assert "wandb_watch_step_overhead_pct" in figures  # null with --quick, and the reason says so
     assert figures["wandb_watch_step_overhead_pct"] is None and figures["wandb_reason"]
+
+
+@pytest.mark.slow
+def test_alert_latency_benchmark_reports_its_figures() -> None:
+    require_postgres()
+    figures = _run("alert_latency.py")
+    for key in ("webhook_p50_ms", "webhook_p99_ms", "sqlite_webhook_p50_ms", "sqlite_webhook_p99_ms",
+                "postgres_webhook_p50_ms", "postgres_webhook_p99_ms"):
+        assert figures[key] > 0, key
+    assert figures["webhook_p50_ms"] <= figures["webhook_p99_ms"]

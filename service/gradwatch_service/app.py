@@ -12,8 +12,9 @@ from fastapi.openapi.utils import get_openapi
 from sqlalchemy import Engine
 
 from . import __doc__ as package_doc
-from .api import health, incidents, metrics, runs, steps
+from .api import health, incidents, metrics, runs, steps, webhooks
 from .db import make_engine
+from .delivery import DeliveryWorker
 from .metrics import count_database_errors
 from .migrate import schema_problem
 from .request_metrics import RequestMetrics
@@ -36,7 +37,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         problem = schema_problem(engine)
         if problem:
             raise SchemaOutdated(problem)
+        worker = DeliveryWorker(engine, settings).start() if settings.webhook_delivery else None
+        app.state.webhook_worker = worker
         yield
+        if worker is not None:
+            worker.stop()
         engine.dispose()
 
     app = FastAPI(title="gradwatch", version="0.1.0", description=package_doc or "", lifespan=lifespan)
@@ -51,6 +56,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(steps.router)
     app.include_router(incidents.router)
     app.include_router(metrics.router)
+    app.include_router(webhooks.router)
     app.add_middleware(RejectNul)
     app.add_middleware(RequestMetrics)
     count_database_errors(engine)

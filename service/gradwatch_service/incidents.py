@@ -21,6 +21,7 @@ from gradwatch.wire import decode_value, encode_value
 
 from .db import now_utc
 from .models import incidents
+from .outbox import enqueue_incident_event
 from .schemas import StepIn
 
 __all__ = ["DetectionOutcome", "advance_detection", "detector_step", "load_state"]
@@ -89,6 +90,7 @@ def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: 
                                      layer=inc.get("layer"), updated_at=now,
                                      evidence={"opened": _stored_evidence(conn, run_pk, seq_of[sig]),
                                                "escalated": _evidence(inc, s)}))
+                enqueue_incident_event(conn, run_pk, seq_of[sig])
                 raised.append(seq_of[sig])
                 continue
             seq = doc["next_seq"]
@@ -99,6 +101,7 @@ def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: 
                 opened_step=inc["opened_at"], last_step=inc["last_seen"], layer=inc.get("layer"),
                 value=decode_value(inc.get("value")), baseline=decode_value(inc.get("baseline")),
                 message=inc["message"], evidence={"opened": _evidence(inc, s)}, opened_at=now, updated_at=now))
+            enqueue_incident_event(conn, run_pk, seq)
             raised.append(seq)
         for inc in resolved:
             seq = seq_of.pop(inc["signature"], None)
@@ -107,6 +110,7 @@ def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: 
             conn.execute(update(incidents).where(and_(incidents.c.run_pk == run_pk, incidents.c.seq == seq))
                          .values(status="resolved", resolved_step=inc["resolved_at"], last_step=inc["last_seen"],
                                  resolved_at=now, updated_at=now))
+            enqueue_incident_event(conn, run_pk, seq)
             touched.pop(inc["signature"], None)
     for sig, step in touched.items():
         if sig in seq_of:

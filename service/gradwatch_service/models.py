@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Float,
@@ -31,7 +32,8 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from .codec import pack_floats, sqlite_real_in, sqlite_real_out, unpack_floats
 
-__all__ = ["metadata", "projects", "runs", "steps", "incidents", "Real", "FloatArray", "JsonDoc"]
+__all__ = ["metadata", "projects", "runs", "steps", "incidents", "webhook_subscriptions",
+           "webhook_deliveries", "webhook_attempts", "Real", "FloatArray", "JsonDoc"]
 
 metadata = MetaData(
     naming_convention={
@@ -166,3 +168,53 @@ incidents = Table(
 
 FLAG_SKIPPED = 1
 FLAG_LATE = 2
+
+webhook_subscriptions = Table(
+    "webhook_subscriptions",
+    metadata,
+    Column("id", _BigKey(), primary_key=True, autoincrement=True),
+    Column("name", String(128), nullable=False, comment="the Alertmanager body's receiver"),
+    Column("url", Text, nullable=False),
+    Column("project", String(128), comment="only this project's incidents; every project when null"),
+    Column("min_severity", String(16), nullable=False, comment="warning (all) or critical"),
+    Column("enabled", Boolean, nullable=False),
+    Column("secret", String(128), nullable=False, comment="whsec_...: signs every delivery, shown once"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", _BigKey(), primary_key=True, autoincrement=True),
+    Column("subscription_id", ForeignKey("webhook_subscriptions.id", ondelete="CASCADE"), nullable=False),
+    Column("msg_id", String(64), nullable=False, comment="webhook-id: one per event, the same on every attempt"),
+    Column("event", String(16), nullable=False, comment="firing or resolved"),
+    Column("incident", String(200), nullable=False, comment="run_id#seq"),
+    Column("payload", JsonDoc(), nullable=False, comment="the incident as it was when the event happened"),
+    Column("state", String(16), nullable=False, comment="pending, delivered or dead"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False,
+           comment="due time, or the end of a worker's lease while it sends"),
+    Column("retry_from", DateTime(timezone=True), nullable=False,
+           comment="retries are counted from here: creation or the last manual resend"),
+    Column("last_status_code", Integer),
+    Column("last_error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("delivered_at", DateTime(timezone=True)),
+    Index(None, "state", "next_attempt_at"),
+    Index(None, "subscription_id", "id"),
+)
+
+webhook_attempts = Table(
+    "webhook_attempts",
+    metadata,
+    Column("delivery_id", BigInteger, ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), primary_key=True),
+    Column("attempt", Integer, primary_key=True, comment="1, 2, ... within the delivery"),
+    Column("outcome", String(16), nullable=False, comment="delivered, failed (will retry) or dead"),
+    Column("status_code", Integer),
+    Column("latency_ms", Float(precision=53), nullable=False),
+    Column("error", Text),
+    Column("at", DateTime(timezone=True), nullable=False),
+)

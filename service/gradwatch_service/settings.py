@@ -50,6 +50,23 @@ class Settings(BaseSettings):
     metrics_dir: Path | None = Field(
         default=None, description="prometheus-client's multiprocess directory, used with `serve --workers N` "
                                   "(N > 1); emptied at start. Unset: a temporary directory")
+    external_url: str | None = Field(
+        default=None, description="the URL people reach this service at, for links in webhooks; "
+        "default http://HOST:PORT")
+    webhook_delivery: bool = Field(
+        default=True, description="run the webhook delivery worker in this process (off: the outbox only fills)")
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="connect and read timeout of one webhook POST")
+    webhook_concurrency: int = Field(
+        default=8, ge=1, description="webhook POSTs in flight per process; at most one per subscription")
+    webhook_retry_base_s: float = Field(
+        default=5.0, gt=0, description="delay before the first retry; doubles each attempt, with jitter")
+    webhook_retry_max_delay_s: float = Field(default=3600.0, gt=0, description="longest delay between two attempts")
+    webhook_retry_for_s: float = Field(
+        default=86400.0, gt=0, description="how long a delivery is retried before it is marked dead")
+    webhook_poll_s: float = Field(
+        default=1.0, gt=0, description="how often the worker looks for due deliveries when nothing woke it")
+    webhook_allow_private_targets: bool = Field(
+        default=False, description="allow webhook URLs on loopback, private and link-local addresses")
 
     @field_validator("detector")
     @classmethod
@@ -68,6 +85,10 @@ class Settings(BaseSettings):
         from gradwatch.detect import DetectorConfig
 
         return DetectorConfig(**self.detector) if self.detection else None
+
+    def public_url(self) -> str:
+        """Where people reach this service: `external_url`, else the bind address."""
+        return (self.external_url or f"http://{self.host}:{self.port}").rstrip("/")
 
 
 @lru_cache(maxsize=1)

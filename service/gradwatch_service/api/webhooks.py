@@ -1,0 +1,175 @@
+"""/v1/webhooks: subscriptions, their secrets and their delivery logs. Everything is under one prefix and one
+router, so an admin scope can guard all of it with one dependency."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from ..db import read_connection, write_transaction
+from ..subscriptions import (
+    create_subscription,
+    delete_subscription,
+    get_delivery,
+    get_subscription,
+    list_deliveries,
+    list_subscriptions,
+    resend_delivery,
+    rotate_secret,
+    target_problem,
+    update_subscription,
+)
+from ..webhook_schemas import (
+    CREATE_EXAMPLE,
+    UPDATE_EXAMPLE,
+    DeliveriesPublic,
+    DeliveryPublic,
+    SecretPublic,
+    SubscriptionCreate,
+    SubscriptionCreated,
+    SubscriptionPublic,
+    SubscriptionsPublic,
+    SubscriptionUpdate,
+)
+from .deps import EngineDep, SettingsDep, model_response
+
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+
+SubId = Annotated[int, Path(ge=1, le=2**62)]
+
+
+def _body_example(example: dict[str, Any]) -> dict[str, Any]:
+    return {"requestBody": {"content": {"application/json": {"example": example}}}}
+
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such subscription"}}
+
+
+def _missing(sub_id: int) -> HTTPException:
+    return HTTPException(404, f"webhook subscription {sub_id} does not exist")
+
+
+def _check_target(url: str | None, settings: SettingsDep) -> None:
+    problem = None if url is None else target_problem(url, settings.webhook_allow_private_targets)
+    if problem:
+        raise HTTPException(422, f"webhook URL refused: {problem}")
+
+
+@router.post("", summary="Subscribe a receiver; the answer carries the signing secret, shown only this once",
+             status_code=201, response_model=SubscriptionCreated, openapi_extra=_body_example(CREATE_EXAMPLE))
+async def post_subscription(body: SubscriptionCreate, engine: EngineDep, settings: SettingsDep) -> Response:
+    _check_target(body.url, settings)
+
+    def write() -> SubscriptionCreated:
+        with write_transaction(engine) as conn:
+            return create_subscription(conn, body)
+
+    return model_response(await run_in_threadpool(write), 201)
+
+
+@router.get("", summary="Every subscription (without secrets)", response_model=SubscriptionsPublic)
+async def get_subscriptions(engine: EngineDep) -> Response:
+    def read() -> SubscriptionsPublic:
+        with read_connection(engine) as conn:
+            return SubscriptionsPublic(subscriptions=list_subscriptions(conn))
+
+    return model_response(await run_in_threadpool(read))
+
+
+@router.get("/{sub_id}", summary="One subscription", response_model=SubscriptionPublic, responses=NOT_FOUND)
+async def get_one(sub_id: SubId, engine: EngineDep) -> Response:
+    def read() -> SubscriptionPublic | None:
+        with read_connection(engine) as conn:
+            return get_subscription(conn, sub_id)
+
+    sub = await run_in_threadpool(read)
+    if sub is None:
+        raise _missing(sub_id)
+    return model_response(sub)
+
+
+@router.patch("/{sub_id}", summary="Change URL, name, project filter, minimum severity or enabled",
+              response_model=SubscriptionPublic, responses=NOT_FOUND, openapi_extra=_body_example(UPDATE_EXAMPLE))
+async def patch_subscription(sub_id: SubId, body: SubscriptionUpdate, engine: EngineDep,
+                             settings: SettingsDep) -> Response:
+    _check_target(body.url, settings)
+
+    def write() -> SubscriptionPublic | None:
+        with write_transaction(engine) as conn:
+            return update_subscription(conn, sub_id, body)
+
+    sub = await run_in_threadpool(write)
+    if sub is None:
+        raise _missing(sub_id)
+    return model_response(sub)
+
+
+@router.delete("/{sub_id}", summary="Unsubscribe; pending deliveries and the log go too. Answers what was deleted",
+               response_model=SubscriptionPublic, responses=NOT_FOUND)
+async def delete_one(sub_id: SubId, engine: EngineDep) -> Response:
+    def write() -> SubscriptionPublic | None:
+        with write_transaction(engine) as conn:
+            sub = get_subscription(conn, sub_id)
+            if sub is not None:
+                delete_subscription(conn, sub_id)
+            return sub
+
+    sub = await run_in_threadpool(write)
+    if sub is None:
+        raise _missing(sub_id)
+    return model_response(sub)
+
+
+@router.post("/{sub_id}/rotate-secret", summary="A new signing secret, shown only this once",
+             response_model=SecretPublic, responses=NOT_FOUND)
+async def post_rotate(sub_id: SubId, engine: EngineDep) -> Response:
+    def write() -> str | None:
+        with write_transaction(engine) as conn:
+            return rotate_secret(conn, sub_id)
+
+    secret = await run_in_threadpool(write)
+    if secret is None:
+        raise _missing(sub_id)
+    return model_response(SecretPublic(secret=secret))
+
+
+@router.get("/{sub_id}/deliveries", summary="The delivery log, newest first: every attempt's status and latency",
+            response_model=DeliveriesPublic, responses=NOT_FOUND)
+async def get_deliveries(sub_id: SubId, engine: EngineDep,
+                         state: Annotated[Literal["pending", "delivered", "dead"] | None, Query()] = None,
+                         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                         offset: Annotated[int, Query(ge=0, le=2**62)] = 0) -> Response:
+    def read() -> DeliveriesPublic | None:
+        with read_connection(engine) as conn:
+            if get_subscription(conn, sub_id) is None:
+                return None
+            rows, count = list_deliveries(conn, sub_id, state=state, limit=limit, offset=offset)
+        return DeliveriesPublic(deliveries=rows, count=count)
+
+    out = await run_in_threadpool(read)
+    if out is None:
+        raise _missing(sub_id)
+    return model_response(out)
+
+
+@router.post("/{sub_id}/deliveries/{delivery_id}/resend", response_model=DeliveryPublic,
+             summary="Send a dead (or delivered) delivery again, with the same webhook-id and a fresh retry window",
+             responses={404: {"description": "no such delivery"}, 409: {"description": "still pending"}})
+async def post_resend(sub_id: SubId, delivery_id: Annotated[int, Path(ge=1, le=2**62)], request: Request,
+                      engine: EngineDep) -> Response:
+    def write() -> tuple[str | None, DeliveryPublic | None]:
+        with write_transaction(engine) as conn:
+            before = resend_delivery(conn, sub_id, delivery_id)
+            return before, get_delivery(conn, sub_id, delivery_id)
+
+    before, delivery = await run_in_threadpool(write)
+    if before is None or delivery is None:
+        raise HTTPException(404, f"delivery {delivery_id} of subscription {sub_id} does not exist")
+    if before == "pending":
+        raise HTTPException(409, f"delivery {delivery_id} is still pending: it will be retried on its own")
+    worker = getattr(request.app.state, "webhook_worker", None)
+    if worker is not None:
+        worker.wake()
+    return model_response(delivery)

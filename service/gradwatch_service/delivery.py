@@ -1,0 +1,123 @@
+"""The webhook delivery worker: a daemon thread in every service process that drains the outbox (outbox.py).
+
+It sleeps until a transaction of this process commits webhook rows (an in-process wake-up, so an alert leaves
+within milliseconds of its batch's commit) or the poll interval passes (rows committed by other replicas, retries
+coming due). Each POST runs on a daemon thread of its own with a timeout, at most `webhook_concurrency` at once
+and one per subscription, so a receiver that hangs holds one sender for `webhook_timeout_s`, never ingest, never
+another receiver and never the process's exit.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import threading
+import time
+from urllib.parse import urlsplit
+
+from sqlalchemy import Engine
+
+from .alert_body import alert_body, encode_body
+from .db import write_transaction
+from .outbox import Claim, Outcome, claim_due, on_outbox_commit, settle
+from .settings import Settings
+from .signing import signed_headers
+
+__all__ = ["DeliveryWorker", "post"]
+
+log = logging.getLogger("gradwatch.webhooks")
+
+USER_AGENT = "gradwatch-webhooks/0.1"
+_MAX_ERROR_CHARS = 500
+
+
+def post(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> Outcome:
+    """One POST with the standard library (no extra server dependency); redirects are not followed."""
+    parts = urlsplit(url)
+    conn_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    start = time.perf_counter()
+    conn = conn_type(parts.hostname or "", parts.port, timeout=timeout_s)
+    try:
+        conn.request("POST", path, body=body, headers={
+            "content-type": "application/json", "user-agent": USER_AGENT, **headers})
+        resp = conn.getresponse()
+        resp.read(64 * 1024)
+        status, error = resp.status, None if 200 <= resp.status < 300 else f"HTTP {resp.status} {resp.reason}"
+    except Exception as exc:  # noqa: BLE001 - refused, reset, timed out, a bad name: all are a failed attempt
+        status, error = None, f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
+    finally:
+        conn.close()
+    return Outcome(status_code=status, latency_ms=(time.perf_counter() - start) * 1000, error=error)
+
+
+class DeliveryWorker:
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine, self.settings = engine, settings
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._busy: set[int] = set()  # subscriptions with a POST in flight from this process
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="gradwatch-outbox", daemon=True)
+        self._unhook = on_outbox_commit(engine, self._wake.set)
+        # A send takes at most connect + read timeouts; after that (and a margin) another worker may take the row.
+        self.lease_s = 2 * settings.webhook_timeout_s + 1
+
+    def start(self) -> DeliveryWorker:
+        self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop claiming; POSTs in flight are abandoned and their rows come due again when the lease ends."""
+        self._unhook()
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.settings.webhook_poll_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self._dispatch()
+            except Exception:  # noqa: BLE001 - a database hiccup must not end the worker; the poll retries
+                log.exception("webhook outbox: claiming deliveries failed")
+                self._stop.wait(self.settings.webhook_poll_s)
+
+    def _dispatch(self) -> int:
+        with self._lock:
+            free = self.settings.webhook_concurrency - len(self._busy)
+            busy = set(self._busy)
+        if free <= 0:
+            return 0
+        with write_transaction(self.engine) as conn:
+            claims = claim_due(conn, limit=free, lease_s=self.lease_s, busy=busy)
+        for claim in claims:
+            with self._lock:
+                self._busy.add(claim.subscription_id)
+            # A daemon thread per POST (at most `webhook_concurrency`): one hanging receiver cannot delay exit.
+            threading.Thread(target=self._deliver, args=(claim,), name="gradwatch-webhook", daemon=True).start()
+        return len(claims)
+
+    def _deliver(self, claim: Claim) -> None:
+        s = self.settings
+        try:
+            body = encode_body(alert_body(claim.event, claim.payload, claim.receiver, s.public_url()))
+            outcome = post(claim.url, body, signed_headers(claim.secret, claim.msg_id, body), s.webhook_timeout_s)
+            with write_transaction(self.engine) as conn:
+                result = settle(conn, claim, outcome, retry_base_s=s.webhook_retry_base_s,
+                                retry_max_delay_s=s.webhook_retry_max_delay_s, retry_for_s=s.webhook_retry_for_s)
+            if result != "delivered":
+                log.warning("webhook %s to %s attempt %d %s: %s", claim.msg_id, claim.url, claim.attempt, result,
+                            outcome.error)
+        except Exception:  # noqa: BLE001 - the lease brings the row back; keep the worker alive
+            log.exception("webhook %s: delivery attempt failed unexpectedly", claim.msg_id)
+        finally:
+            with self._lock:
+                self._busy.discard(claim.subscription_id)
+            self._wake.set()  # this receiver may have more due
