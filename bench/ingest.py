@@ -114,7 +114,7 @@ def end_to_end(url: str, n_clients: int, n_steps: int, batch_size: int, server: 
 
 def raw_insert(database_url: str, n_clients: int, n_steps: int, batch_size: int) -> float:
     """The same rows into the same table through the same driver: executemany, one commit per batch."""
-    from gradwatch_service.codec import pack_floats
+    from gradwatch.wire import pack_floats
     from gradwatch_service.db import make_engine
     from gradwatch_service.ingest import _COPY_TYPES, STEP_COLUMNS, _insert_sql
     from gradwatch_service.migrate import upgrade

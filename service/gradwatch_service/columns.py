@@ -20,13 +20,13 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from gradwatch.wire import (
-    LAYER_COLUMN_FIELDS,
+    LAYER_FIELDS,
     MISSING_BYTES,
     STEP_COLUMN_FIELDS,
     BinaryBodyError,
-    float_column,
     int_column,
     split_binary_batch,
+    unpack_floats,
 )
 
 from .body import nul_location
@@ -70,7 +70,7 @@ class StepColumns:
             if section is None or n_layers == 0:
                 rows = [None] * self.n
             else:
-                flat = float_column(section)
+                flat = unpack_floats(section)
                 full = [flat[i: i + n_layers] for i in range(0, len(flat), n_layers)]
                 rows = [None if row.count(None) == n_layers else row for row in full] \
                     if MISSING_BYTES in section else list(full)
@@ -113,7 +113,7 @@ class StepColumns:
         flags: Sequence[int] = repeat(0, n)  # type: ignore[assignment]
         if self.skipped is not None:
             flags = [FLAG_SKIPPED if b else 0 for b in self.skipped]
-        layer_cols = [self._layer_blobs(name) if sqlite else self.layer_rows(name) for name in LAYER_COLUMN_FIELDS]
+        layer_cols = [self._layer_blobs(name) if sqlite else self.layer_rows(name) for name in LAYER_FIELDS]
         scalars: Sequence[Any] = repeat(None, n)  # type: ignore[assignment]
         if self.scalars is not None:
             scalars = [None if s is None else encode_scalars(s, sqlite) for s in self.scalars]
@@ -125,7 +125,7 @@ class StepColumns:
         n = self.n
         scalar_cols: list[Sequence[Any]] = [self.values.get(name) or repeat(None, n)  # type: ignore[misc]
                                             for name in _MEASURED]
-        grads, weights, updates = (self.layer_rows(name) for name in LAYER_COLUMN_FIELDS)
+        grads, weights, updates = (self.layer_rows(name) for name in LAYER_FIELDS)
         skipped: Sequence[bool] = [bool(b) for b in self.skipped] if self.skipped is not None \
             else repeat(False, n)  # type: ignore[assignment]
         return [{"step": t, "loss": loss, "grad_norm": g, "lr": lr, "update_norm": u, "skipped": sk,
@@ -141,7 +141,7 @@ class StepColumns:
             for d, v in zip(steps, col, strict=True):
                 if v is not None:
                     d[name] = v
-        for name in LAYER_COLUMN_FIELDS:
+        for name in LAYER_FIELDS:
             if name in self.layer_sections:
                 for d, row in zip(steps, self.layer_rows(name), strict=True):
                     if row is not None:
@@ -188,7 +188,7 @@ def parse_binary_batch(raw: bytes, max_steps: int) -> StepColumns:
     values: dict[str, list[float | None]] = {}
     for name in STEP_COLUMN_FIELDS:
         if name in sections:
-            values[name] = float_column(sections[name])
+            values[name] = unpack_floats(sections[name])
     times = values.get("time")
     if times is not None and not (None not in times and math.isfinite(sum(times))):  # type: ignore[arg-type]
         for i, t in enumerate(times):
@@ -200,5 +200,5 @@ def parse_binary_batch(raw: bytes, max_steps: int) -> StepColumns:
         if skipped.count(0) + skipped.count(1) != n:
             i = next(i for i, b in enumerate(skipped) if b > 1)
             raise _invalid(["body", "steps", i, "skipped"], f"skipped is 0 or 1, not {skipped[i]}")
-    layer_sections = {name: bytes(sections[name]) for name in LAYER_COLUMN_FIELDS if name in sections}
+    layer_sections = {name: bytes(sections[name]) for name in LAYER_FIELDS if name in sections}
     return StepColumns(header, steps, values, layer_sections, skipped)

@@ -22,9 +22,9 @@ from typing import Any
 from sqlalchemy import Connection, select, update
 
 from gradwatch.detect import DetectorConfig
-from gradwatch.wire import encode_value
+from gradwatch.wire import jsonable, pack_floats
 
-from .codec import decode_scalars, encode_scalars, pack_floats
+from .codec import decode_scalars, encode_scalars
 from .columns import StepColumns
 from .db import now_utc
 from .detection import advance_detection, detector_step
@@ -72,17 +72,6 @@ class BatchOutcome:
     raised_incidents: list[int] = field(default_factory=list)
 
 
-def encode_json_doc(doc: Any) -> Any:
-    """Non-finite floats inside free-form JSON (config, meta, scalars) become their wire strings."""
-    if isinstance(doc, float):
-        return encode_value(doc)
-    if isinstance(doc, dict):
-        return {str(k): encode_json_doc(v) for k, v in doc.items()}
-    if isinstance(doc, (list, tuple)):
-        return [encode_json_doc(v) for v in doc]
-    return doc
-
-
 # ---------------------------------------------------------------------------------------------------- runs
 
 def _project_id(conn: Connection, name: str) -> int:
@@ -118,8 +107,8 @@ def upsert_run(conn: Connection, run_id: str, body: RunUpsert) -> bool:
             "project_id": _project_id(conn, body.project or "default"),
             "name": body.name,
             "status": body.status or "running",
-            "config": encode_json_doc(body.config),
-            "meta": encode_json_doc(body.meta),
+            "config": jsonable(body.config),
+            "meta": jsonable(body.meta),
             "layer_names": list(body.layers or []),
             "n_steps": 0,
             "created_at": now,
@@ -146,7 +135,7 @@ def upsert_run(conn: Connection, run_id: str, body: RunUpsert) -> bool:
             changes[name] = getattr(body, name)
     for name in ("config", "meta"):
         if getattr(body, name) is not None:
-            changes[name] = encode_json_doc(getattr(body, name))
+            changes[name] = jsonable(getattr(body, name))
     if body.layers is not None:
         current = list(row.layer_names)
         if body.layers[: len(current)] != current and current[: len(body.layers)] != body.layers:

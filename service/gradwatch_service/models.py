@@ -29,7 +29,9 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from .codec import pack_floats, sqlite_real_in, sqlite_real_out, unpack_floats
+from gradwatch.wire import pack_floats, unpack_floats
+
+from .codec import sqlite_real_in, sqlite_real_out
 
 __all__ = ["metadata", "projects", "runs", "steps", "incidents", "Real", "FloatArray", "JsonDoc"]
 

@@ -8,11 +8,13 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from gradwatch.wire import RUN_ID_PATTERN
+
 from ..body import parse_body, read_body
 from ..db import read_connection, write_transaction
 from ..ingest import BatchInvalid, upsert_run
 from ..queries import get_run, list_runs
-from ..schemas import MAX_STEP, RUN_ID_PATTERN, RunPublic, RunsPublic, RunStatus, RunUpsert
+from ..schemas import MAX_STEP, RunPublic, RunsPublic, RunStatus, RunUpsert
 from .deps import EngineDep, SettingsDep, model_response
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
