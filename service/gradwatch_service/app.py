@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 
 from . import __doc__ as package_doc
 from .api import health, incidents, runs, steps
+from .api.errors import install_error_handlers
 from .db import make_engine
 from .migrate import schema_problem
 from .schemas import RunUpsert, StepBatch
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     # Batches are CPU work (inflate, parse) then a write that holds the database's lock. Letting every request in
     # at once only makes threads fight over the GIL (measured: 4 concurrent clients, 1 slot is 40 % faster than 4).
     app.state.ingest_slots = asyncio.Semaphore(settings.ingest_concurrency)
+    install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(runs.router)
     app.include_router(steps.router)

@@ -8,7 +8,8 @@ import pytest
 from sqlalchemy import Engine, select, text
 
 from gradwatch_service.db import read_connection, write_transaction
-from gradwatch_service.ingest import BatchInvalid, RunNotFound, StepConflict, append_steps, upsert_run
+from gradwatch_service.errors import InvalidInput, RunNotFound, StepConflict
+from gradwatch_service.ingest import append_steps, upsert_run
 from gradwatch_service.models import steps
 from gradwatch_service.queries import get_run, get_run_row, read_series, read_steps
 from gradwatch_service.schemas import RunUpsert, StepBatch
@@ -117,11 +118,11 @@ def test_batch_layers_in_another_order_map_onto_the_run(engine: Engine) -> None:
 
 def test_inconsistent_batches_are_rejected(engine: Engine) -> None:
     run_id = _create(engine, layers=["a", "b"])
-    with pytest.raises(BatchInvalid, match="has 1 values but there are 2 layers"):
+    with pytest.raises(InvalidInput, match="has 1 values but there are 2 layers"):
         _append(engine, run_id, {"layers": ["a", "b"], "steps": [{"step": 0, "layer_grad_norms": [1.0]}]})
-    with pytest.raises(BatchInvalid, match="run has 2 layers"):
+    with pytest.raises(InvalidInput, match="run has 2 layers"):
         _append(engine, run_id, {"steps": [{"step": 0, "layer_grad_norms": [1.0, 2.0, 3.0]}]})
-    with pytest.raises(BatchInvalid, match="unique"):
+    with pytest.raises(InvalidInput, match="unique"):
         _append(engine, run_id, {"layers": ["a", "a"], "steps": []})
     with pytest.raises(RunNotFound):
         _append(engine, "no-such-run", {"steps": [{"step": 0}]})
@@ -132,7 +133,7 @@ def test_put_is_idempotent_and_layers_only_grow(engine: Engine) -> None:
     with write_transaction(engine) as conn:
         assert upsert_run(conn, run_id, RunUpsert(layers=["a", "b"], status="finished")) is False
         assert upsert_run(conn, run_id, RunUpsert(layers=["a"])) is False
-        with pytest.raises(BatchInvalid):
+        with pytest.raises(InvalidInput):
             upsert_run(conn, run_id, RunUpsert(layers=["b", "a"]))
     with read_connection(engine) as conn:
         run = get_run(conn, run_id)
@@ -171,3 +172,16 @@ def test_dashboards_can_query_one_layer_with_plain_sql_on_postgres(engine: Engin
         rows = conn.execute(sql, {"run": run_id, "layer": "head.weight"}).all()
     assert [r.step for r in rows] == [0, 1, 2, 3]
     assert rows[0].value == 1.0 and math.isnan(rows[1].value)
+
+
+@pytest.mark.parametrize("steps", [
+    [{"step": 0, "layer_grad_norms": [1.0]}, {"step": 0, "layer_grad_norms": [1.0]}],  # repeated in the batch
+    [{"step": 0, "layer_grad_norms": [1.0, 2.0, 3.0]}],  # resends a stored step
+])
+def test_a_wrong_array_length_is_invalid_before_any_step_is_compared(engine: Engine, steps: list[dict]) -> None:
+    """Layers in another order than the run's mean an index map; a wrong length must be a InvalidInput (422) before
+    that map is applied to compare a repeated or stored step, not a ValueError (500) from inside the comparison."""
+    run_id = _create(engine, layers=["a", "b"])
+    assert _append(engine, run_id, {"steps": [{"step": 0, "layer_grad_norms": [1.0, 2.0]}]}) == (1, 0)
+    with pytest.raises(InvalidInput, match="has [13] values but there are 2 layers"):
+        _append(engine, run_id, {"layers": ["b", "a"], "steps": steps})

@@ -12,7 +12,7 @@ from gradwatch.wire import RUN_ID_PATTERN
 
 from ..body import parse_body, read_body
 from ..db import read_connection, write_transaction
-from ..ingest import BatchInvalid, upsert_run
+from ..ingest import upsert_run
 from ..queries import get_run, list_runs
 from ..schemas import MAX_STEP, RunPublic, RunsPublic, RunStatus, RunUpsert
 from .deps import EngineDep, SettingsDep, model_response
@@ -43,10 +43,7 @@ async def put_run(run_id: RunIdPath, request: Request, engine: EngineDep, settin
         assert run is not None
         return created, run
 
-    try:
-        created, run = await run_in_threadpool(write)
-    except BatchInvalid as exc:
-        raise HTTPException(422, [{"loc": exc.loc, "msg": str(exc), "type": "value_error"}]) from None
+    created, run = await run_in_threadpool(write)  # InvalidInput: a 422 (api/errors.py)
     return model_response(run, 201 if created else 200)
 
 
