@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Row, select, update
+from sqlalchemy import Connection, Row, Table, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from gradwatch.detect import DetectorConfig
@@ -61,7 +61,7 @@ class BatchOutcome:
 
 # ---------------------------------------------------------------------------------------------------- runs
 
-def _insert_if_new(conn: Connection, table: Any, key: str, values: dict[str, Any]) -> bool:
+def _insert_if_new(conn: Connection, table: Table, key: str, values: dict[str, Any]) -> bool:
     """INSERT … ON CONFLICT (key) DO NOTHING, in the connection's dialect; True when the row is new. Two
     PostgreSQL transactions may create the same project or run at once; SQLite's writers never race."""
     insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert

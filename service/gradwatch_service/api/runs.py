@@ -5,21 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
-
-from gradwatch.wire import RUN_ID_PATTERN
 
 from ..body import parse_body, read_body
 from ..db import read_connection, write_transaction
 from ..ingest import upsert_run
 from ..queries import get_run, list_runs
 from ..schemas import MAX_STEP, RunPublic, RunsPublic, RunStatus, RunUpsert
-from .deps import EngineDep, SettingsDep, model_response
+from .deps import EngineDep, RunIdPath, SettingsDep, model_response
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
-RunIdPath = Annotated[str, Path(pattern=RUN_ID_PATTERN, description="client-chosen run id",
-                                examples=["resnet50-7f3a"])]
 
 
 @router.put(

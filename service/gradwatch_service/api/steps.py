@@ -15,8 +15,7 @@ from ..ingest import append_steps
 from ..queries import UnknownLayer, get_run_row, list_incidents, read_series, read_steps
 from ..schemas import MAX_STEP, SERIES_FIELDS, Incident, IngestResult, SeriesPublic, StepBatch, StepsPublic
 from ..steps_table import StepColumns
-from .deps import EngineDep, SettingsDep, model_response
-from .runs import RunIdPath
+from .deps import DetectorDep, EngineDep, IngestSlotsDep, RunIdPath, SettingsDep, model_response
 
 router = APIRouter(prefix="/v1/runs/{run_id}", tags=["steps"])
 
@@ -40,11 +39,10 @@ _BATCH_EXAMPLE = StepBatch.model_config["json_schema_extra"]["examples"][0]  # t
         BINARY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary",
                                          "description": "columns of little-endian numbers (docs/wire.md)"}}}}},
 )
-async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
+async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, settings: SettingsDep,
+                     detector: DetectorDep, ingest_slots: IngestSlotsDep) -> Response:
     raw = await read_body(request, settings.max_body_bytes, binary=True)
     binary = content_type_of(request) == BINARY_CONTENT_TYPE
-    detector = request.app.state.detector
-    ingest_slots = request.app.state.ingest_slots
 
     def ingest() -> IngestResult:
         batch: StepBatch | StepColumns
