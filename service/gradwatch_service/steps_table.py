@@ -146,11 +146,12 @@ class StepColumns:
 
     def detector_steps(self) -> list[dict[str, Any]]:
         """The steps as `gradwatch.detect.advance` reads them: the per-layer lists go in as they are, with one
-        `layer_names` list for the whole batch (which makes the detector's names check a pointer comparison)."""
+        `layer_names` list for the whole batch (which makes the detector's names check a pointer comparison).
+        With no layer names every per-layer list is empty: the detectors get none (nothing to judge)."""
         n = len(self.steps)
         measured = [self.values.get(name) or repeat(None, n) for name in SCALAR_FIELDS]
-        layer_lists = [column.lists() if (column := self.layer_columns.get(name)) is not None else repeat(None, n)
-                       for name in LAYER_FIELDS]
+        layer_lists = [column.lists() if (column := self.layer_columns.get(name)) is not None and self.layers
+                       else repeat(None, n) for name in LAYER_FIELDS]
         skipped: Iterable[bool] = repeat(False, n) if self.skipped is None else map(bool, self.skipped)
         names = self.layers
         return [{"step": t, "loss": loss, "grad_norm": g, "lr": lr, "update_norm": u, "skipped": sk,

@@ -7,6 +7,7 @@ import math
 import pytest
 from sqlalchemy import Engine, select, text
 
+from gradwatch.detect import DetectorConfig
 from gradwatch_service.db import read_connection, write_transaction
 from gradwatch_service.errors import InvalidInput, RunNotFound, StepConflict
 from gradwatch_service.ingest import append_steps, upsert_run
@@ -185,3 +186,15 @@ def test_a_wrong_array_length_is_invalid_before_any_step_is_compared(engine: Eng
     assert _append(engine, run_id, {"steps": [{"step": 0, "layer_grad_norms": [1.0, 2.0]}]}) == (1, 0)
     with pytest.raises(InvalidInput, match="has [13] values but there are 2 layers"):
         _append(engine, run_id, {"layers": ["b", "a"], "steps": steps})
+
+
+def test_a_batch_with_no_layers_and_empty_arrays_is_judged_without_error(engine: Engine) -> None:
+    """Empty per-layer arrays for an empty layer list mean "no per-layer values", for the detectors too."""
+    run_id = _create(engine)
+    batch = StepBatch.model_validate({"layers": [], "steps": [{"step": 0, "loss": 1.0, "layer_grad_norms": []}]})
+    with write_transaction(engine) as conn:
+        out = append_steps(conn, run_id, batch, DetectorConfig())
+    assert (out.accepted, out.raised_incidents) == (1, [])
+    with read_connection(engine) as conn:
+        (got,) = read_steps(conn, get_run_row(conn, run_id).id, start=None, end=None, limit=10)
+    assert got.layer_grad_norms == [] and got.loss == 1.0
