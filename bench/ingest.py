@@ -114,10 +114,10 @@ def end_to_end(url: str, n_clients: int, n_steps: int, batch_size: int, server: 
 
 def raw_insert(database_url: str, n_clients: int, n_steps: int, batch_size: int) -> float:
     """The same rows into the same table through the same driver: executemany, one commit per batch."""
-    from gradwatch_service.codec import pack_floats
+    from gradwatch.wire import pack_floats
     from gradwatch_service.db import make_engine
-    from gradwatch_service.ingest import _COPY_TYPES, STEP_COLUMNS, _insert_sql
     from gradwatch_service.migrate import upgrade
+    from gradwatch_service.steps_table import COPY_TYPES, STEP_COLUMNS, insert_sql
 
     engine = make_engine(database_url)
     upgrade(engine)
@@ -135,7 +135,7 @@ def raw_insert(database_url: str, n_clients: int, n_steps: int, batch_size: int)
         for b in batches(make_steps(n_steps, k), batch_size):
             work.append([(run_pks[k], s["step"], s["time"], s["loss"], s["grad_norm"], s["lr"], s["update_norm"], 0,
                           s["layer_grad_norms"], None, None, None) for s in b])
-    sql = _insert_sql(engine.dialect.name)
+    sql = insert_sql(engine.dialect.name)
     raw = engine.raw_connection()
     driver = raw.driver_connection
     t0 = time.perf_counter()
@@ -147,7 +147,7 @@ def raw_insert(database_url: str, n_clients: int, n_steps: int, batch_size: int)
             driver.execute("COMMIT")
         else:  # the fastest way in through psycopg, and the one the service uses: binary COPY
             with driver.cursor().copy(f"COPY steps ({', '.join(STEP_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as cp:
-                cp.set_types(_COPY_TYPES)
+                cp.set_types(list(COPY_TYPES))
                 for r in rows:
                     cp.write_row(r)
             driver.commit()

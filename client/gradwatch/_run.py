@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import collections
 import logging
-import math
 import os
 import re
 import sys
@@ -29,7 +28,7 @@ from ._options import Options
 from ._spool import Spool, hostname
 from ._step import DeviceScalar, StepRecord
 from ._worker import DeliveryStats, Worker
-from .wire import encode_value, to_float
+from .wire import jsonable, to_float
 
 __all__ = ["DeliveryReport", "Run", "init"]
 
@@ -98,12 +97,12 @@ def init(
         "project": project or os.environ.get("GRADWATCH_PROJECT") or "default",
         "status": "running",
         "meta": {"host": hostname(), "pid": os.getpid(), "python": sys.version.split()[0],
-                 "client": f"gradwatch-python/{VERSION}", **_jsonable(dict(meta or {}))},
+                 "client": f"gradwatch-python/{VERSION}", **jsonable(dict(meta or {}))},
     }
     if name:
         body["name"] = name
     if config:
-        body["config"] = _jsonable(dict(config))
+        body["config"] = jsonable(dict(config))
     if rank is not None:
         body["meta"]["rank"] = rank
     run = Run(run_id, opts, body)
@@ -451,19 +450,6 @@ def _float(x: Any) -> Any:
     if value is None:
         raise TypeError("None is not a value")
     return value
-
-
-def _jsonable(value: Any) -> Any:
-    """Config and meta as JSON: non-finite floats as their wire names, unknown objects as their str()."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else encode_value(value)
-    return str(value)
 
 
 def _new_run_id() -> str:

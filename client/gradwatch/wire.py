@@ -1,8 +1,10 @@
-"""The wire encoding of measured values, shared by the client and the service.
+"""The contract between the client and the service (docs/wire.md): names, identifiers and value encodings.
 
-Non-finite floats are the signal this product exists for, so they travel as the JSON strings
-"NaN", "Infinity" and "-Infinity" (the protobuf JSON convention); a bare NaN token is not JSON. Step batches
-also travel as binary columns of float64 (below), where NaN and ±Infinity are themselves.
+Everything both sides must agree on lives here, once: the run-id pattern, run statuses, the step's field names,
+the version and user agent, how values are written. Non-finite floats are the signal this product exists for,
+so they travel as the JSON strings "NaN", "Infinity" and "-Infinity" (the protobuf JSON convention); a bare NaN
+token is not JSON. Step batches also travel as binary columns of float64 (below), where NaN and ±Infinity are
+themselves.
 """
 
 from __future__ import annotations
@@ -12,23 +14,47 @@ import math
 import struct
 import sys
 from array import array
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, get_args
 
 __all__ = [
     "BINARY_CONTENT_TYPE",
+    "BINARY_FIELDS",
     "BinaryBodyError",
+    "LAYER_FIELDS",
     "MISSING_BITS",
     "MISSING_BYTES",
     "NONFINITE_STRINGS",
+    "RUN_ID_PATTERN",
+    "RUN_STATUSES",
+    "RunStatus",
+    "SCALAR_FIELDS",
+    "STEP_COLUMN_FIELDS",
+    "USER_AGENT",
+    "VERSION",
     "decode_binary_batch",
     "decode_value",
     "encode_binary_batch",
     "encode_value",
-    "float_column",
     "int_column",
+    "jsonable",
+    "pack_floats",
     "split_binary_batch",
     "to_float",
+    "unpack_floats",
 ]
+
+VERSION = "0.1.0"
+USER_AGENT = f"gradwatch-python/{VERSION}"
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+"""A client-chosen run id: 1-128 characters, a letter or digit first; it appears in URLs unescaped."""
+RunStatus = Literal["running", "finished", "failed", "crashed", "stopped"]
+RUN_STATUSES: tuple[RunStatus, ...] = get_args(RunStatus)
+
+SCALAR_FIELDS = ("loss", "grad_norm", "lr", "update_norm")
+"""A step's measured values, one each (`time`, `step`, `skipped` and `scalars` are not measurements)."""
+LAYER_FIELDS = ("layer_grad_norms", "layer_weight_norms", "layer_update_norms")
+"""A step's per-layer measured values, aligned with the batch's (or the run's) layer names."""
 
 NONFINITE_STRINGS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
@@ -55,6 +81,20 @@ def decode_value(x: Any) -> float | None:
     raise ValueError(f"not a number: {x!r} (non-finite values are \"NaN\", \"Infinity\", \"-Infinity\")")
 
 
+def jsonable(value: Any) -> Any:
+    """Free-form JSON (config, meta, scalars) as it may go on the wire and into a JSON column: non-finite floats
+    as their wire names, keys as strings, tuples as lists, anything else that is not JSON as its str()."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else encode_value(value)
+    if value is None or isinstance(value, (str, int)):  # bool is an int
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return str(value)
+
+
 def to_float(x: Any) -> float | None:
     """Python floats, ints, numpy scalars and 0-d tensors to a float, without importing numpy or torch."""
     if x is None:
@@ -77,11 +117,9 @@ BINARY_MAGIC = b"GWS1"
 MISSING_BITS = 0x7FF8_0000_DEAD_0001
 """In a binary float64 column, this NaN bit pattern means *not measured* (JSON null); every other bit pattern,
 any other NaN included, is the value itself. SQLite's per-layer blobs use the same sentinel."""
-STEP_COLUMN_FIELDS = ("time", "loss", "grad_norm", "lr", "update_norm")
-"""float64, one per step"""
-LAYER_COLUMN_FIELDS = ("layer_grad_norms", "layer_weight_norms", "layer_update_norms")
-"""float64, one per step and layer, step-major"""
-BINARY_FIELDS = ("step", *STEP_COLUMN_FIELDS, *LAYER_COLUMN_FIELDS, "skipped")
+STEP_COLUMN_FIELDS = ("time", *SCALAR_FIELDS)
+"""float64, one per step; the LAYER_FIELDS are float64, one per step and layer, step-major"""
+BINARY_FIELDS = ("step", *STEP_COLUMN_FIELDS, *LAYER_FIELDS, "skipped")
 
 _MISSING = struct.unpack("<d", struct.pack("<Q", MISSING_BITS))[0]
 MISSING_BYTES = struct.pack("<Q", MISSING_BITS)
@@ -97,7 +135,13 @@ class BinaryBodyError(ValueError):
         self.loc = loc
 
 
-def _column(values: list[Any], code: str) -> bytes:
+def pack_floats(values: Sequence[Any]) -> bytes:
+    """Floats (or wire values) as a little-endian float64 column, None as the not-measured sentinel: a binary
+    batch's section, and the blob SQLite stores a per-layer array as."""
+    return _column(values, "d")
+
+
+def _column(values: Sequence[Any], code: str) -> bytes:
     """float64 (code "d") or int64 ("q") values as little-endian bytes; None is the not-measured sentinel."""
     try:
         a = array(code, values)
@@ -120,8 +164,8 @@ def encode_binary_batch(body: dict[str, Any]) -> bytes:
         column = [s.get(name) for s in steps]
         if any(v is not None for v in column):
             fields.append(name)
-            parts.append(_column(column, "d"))
-    for name in LAYER_COLUMN_FIELDS:
+            parts.append(pack_floats(column))
+    for name in LAYER_FIELDS:
         rows = [s.get(name) for s in steps]
         if any(rows):
             if any(r is not None and len(r) != n_layers for r in rows):
@@ -130,7 +174,7 @@ def encode_binary_batch(body: dict[str, Any]) -> bytes:
             flat: list[Any] = []
             for r in rows:
                 flat.extend(r if r is not None else (None,) * n_layers)
-            parts.append(_column(flat, "d"))
+            parts.append(pack_floats(flat))
     if any(s.get("skipped") for s in steps):
         fields.append("skipped")
         parts.append(bytes(1 if s.get("skipped") else 0 for s in steps))
@@ -179,7 +223,7 @@ def split_binary_batch(raw: bytes, max_steps: int | None = None) -> tuple[dict[s
     offset = 8 + head_len
     view = memoryview(raw)
     for name in fields:
-        if name in LAYER_COLUMN_FIELDS:
+        if name in LAYER_FIELDS:
             if n_layers is None:
                 raise BinaryBodyError(["body", "header", "layers"], f"section {name!r} needs the header's layers")
             size = 8 * n * n_layers
@@ -199,8 +243,8 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def float_column(section: memoryview | bytes) -> list[float | None]:
-    """A float64 section as floats, the not-measured sentinel as None."""
+def unpack_floats(section: memoryview | bytes) -> list[float | None]:
+    """A float64 column (a section, a stored blob) as floats, the not-measured sentinel as None."""
     a = array("d")
     a.frombytes(section)
     if not _LITTLE:
@@ -220,6 +264,7 @@ def float_column(section: memoryview | bytes) -> list[float | None]:
 
 
 def int_column(section: memoryview | bytes) -> list[int]:
+    """An int64 section (the steps) as ints."""
     a = array("q")
     a.frombytes(section)
     if not _LITTLE:
@@ -235,11 +280,11 @@ def decode_binary_batch(raw: bytes) -> dict[str, Any]:
     steps: list[dict[str, Any]] = [{"step": s} for s in int_column(sections["step"])]
     for name, section in sections.items():
         if name in STEP_COLUMN_FIELDS:
-            for s, v in zip(steps, float_column(section), strict=True):
+            for s, v in zip(steps, unpack_floats(section), strict=True):
                 if v is not None:
                     s[name] = encode_value(v)
-        elif name in LAYER_COLUMN_FIELDS:
-            flat = [encode_value(v) for v in float_column(section)]
+        elif name in LAYER_FIELDS:
+            flat = [encode_value(v) for v in unpack_floats(section)]
             for i, s in enumerate(steps):
                 row = flat[i * n_layers: (i + 1) * n_layers]
                 if any(v is not None for v in row):  # a row of sentinels only: the step has no such field

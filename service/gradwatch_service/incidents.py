@@ -22,9 +22,8 @@ from gradwatch.wire import decode_value, encode_value
 from .db import now_utc
 from .models import incidents
 from .outbox import enqueue_incident_event
-from .schemas import StepIn
 
-__all__ = ["DetectionOutcome", "advance_detection", "detector_step", "load_state"]
+__all__ = ["DetectionOutcome", "advance_detection", "load_state"]
 
 STATE_DOC_VERSION = 1
 
@@ -44,16 +43,6 @@ def load_state(doc: Any) -> dict[str, Any]:
             "seq": {}, "next_seq": 1}
 
 
-def detector_step(s: StepIn, layer_names: list[str]) -> dict[str, Any]:
-    """A validated step as `detect.advance` reads it: the per-layer arrays go in as they are, aligned with the
-    batch's layer names (no per-step dicts to build; pass one `layer_names` list for the whole batch, which
-    makes the detector's names check a pointer comparison). A binary batch builds these straight from its
-    columns (`StepColumns.detector_steps`)."""
-    return {"step": s.step, "loss": s.loss, "grad_norm": s.grad_norm, "lr": s.lr, "update_norm": s.update_norm,
-            "skipped": s.skipped, "layer_names": layer_names, "layer_grad_norms": s.layer_grad_norms,
-            "layer_weight_norms": s.layer_weight_norms, "layer_update_norms": s.layer_update_norms}
-
-
 def _evidence(inc: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     return {"step": s["step"], "signature": inc["signature"], "severity": inc["severity"], "layer": inc.get("layer"),
             "value": inc.get("value"), "baseline": inc.get("baseline"), "message": inc.get("message"),
@@ -62,8 +51,8 @@ def _evidence(inc: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
 
 def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: Sequence[dict[str, Any]],
                       config: detect.DetectorConfig) -> DetectionOutcome:
-    """Judge the batch's new, in-order steps (as `detect.advance` reads them: `detector_step`); write incident
-    changes. The caller stores the returned state."""
+    """Judge the batch's new, in-order steps (as `detect.advance` reads them: `StepColumns.detector_steps`);
+    write incident changes. The caller stores the returned state."""
     doc = load_state(state_doc)
     state, inc_state, seq_of = doc["detector"], doc["incidents"], doc["seq"]
     last = state.get("last_step")

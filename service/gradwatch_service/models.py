@@ -30,7 +30,9 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from .codec import pack_floats, sqlite_real_in, sqlite_real_out, unpack_floats
+from gradwatch.wire import pack_floats, unpack_floats
+
+from .codec import sqlite_real_in, sqlite_real_out
 
 __all__ = ["metadata", "projects", "runs", "steps", "incidents", "webhook_subscriptions",
            "webhook_deliveries", "webhook_attempts", "Real", "FloatArray", "JsonDoc"]

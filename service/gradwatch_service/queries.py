@@ -8,6 +8,8 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
+from gradwatch.wire import LAYER_FIELDS
+
 from .codec import decode_scalars
 from .downsample import downsample_minmax
 from .models import FLAG_LATE, FLAG_SKIPPED, incidents, projects, runs, steps
@@ -18,7 +20,6 @@ __all__ = ["get_run", "list_runs", "read_steps", "read_series", "list_incidents"
 _RUN_COLUMNS = (runs.c.id, runs.c.run_id, projects.c.name.label("project"), runs.c.name, runs.c.status,
                 runs.c.config, runs.c.meta, runs.c.layer_names, runs.c.last_step, runs.c.n_steps,
                 runs.c.created_at, runs.c.updated_at)
-_LAYER_FIELDS = ("layer_grad_norms", "layer_weight_norms", "layer_update_norms")
 
 
 class UnknownLayer(LookupError):
@@ -101,7 +102,7 @@ def read_series(conn: Connection, run_pk: int, run_layers: Sequence[str], *, fie
     step_list = [r[0] for r in rows]
     out: list[Series] = []
     for j, f in enumerate(fields, start=1):
-        if f in _LAYER_FIELDS:
+        if f in LAYER_FIELDS:
             for name in wanted_layers:
                 i = position[name]
                 values = [None if r[j] is None or i >= len(r[j]) else r[j][i] for r in rows]

@@ -12,18 +12,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
+from gradwatch.wire import LAYER_FIELDS, NONFINITE_STRINGS, SCALAR_FIELDS, RunStatus
+
 MAX_STEP = 2**62
 """Steps, offsets and limits stay below this: it fits SQLite's and PostgreSQL's 64-bit integers."""
-RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
-RunStatus = Literal["running", "finished", "failed", "crashed", "stopped"]
-RunId = Annotated[str, StringConstraints(pattern=RUN_ID_PATTERN)]
 ProjectName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 LayerName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 Value = Annotated[
     float,
     WithJsonSchema({
-        "anyOf": [{"type": "number"}, {"type": "string", "enum": ["NaN", "Infinity", "-Infinity"]}],
+        "anyOf": [{"type": "number"}, {"type": "string", "enum": list(NONFINITE_STRINGS)}],
         "description": 'a number, or "NaN", "Infinity", "-Infinity" for the non-finite values',
     }),
 ]
@@ -122,15 +121,12 @@ class StepIn(WireModel):
     skipped: bool = False
 
 
-BinaryField = Literal["step", "time", "loss", "grad_norm", "lr", "update_norm", "layer_grad_norms",
-                      "layer_weight_norms", "layer_update_norms", "skipped"]
-
-
 class BinaryBatchHeader(WireModel):
     """The JSON header of a binary step batch (docs/wire.md); the columns follow it."""
 
     n: int = Field(ge=0, description="steps in the batch")
-    fields: list[BinaryField] = Field(description="the sections that follow, in order; 'step' is required")
+    fields: list[str] = Field(description="the sections that follow, in order; 'step' is required (the framing "
+                                          "check, gradwatch.wire.split_binary_batch, knows their names)")
     batch_id: Annotated[str, StringConstraints(max_length=128)] | None = None
     layers: list[LayerName] | None = Field(default=None, max_length=100_000)
     scalars: list[dict[Annotated[str, StringConstraints(min_length=1, max_length=128)], Value | None] | None] \
@@ -296,15 +292,7 @@ class StepsPublic(WireModel):
     )
 
 
-SERIES_FIELDS = (
-    "loss",
-    "grad_norm",
-    "lr",
-    "update_norm",
-    "layer_grad_norms",
-    "layer_weight_norms",
-    "layer_update_norms",
-)
+SERIES_FIELDS = (*SCALAR_FIELDS, *LAYER_FIELDS)
 
 
 class Series(WireModel):

@@ -9,6 +9,8 @@ from typing import Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gradwatch.detect import DetectorConfig
+
 DEFAULT_DATA_DIR = Path(".gradwatch")
 
 
@@ -71,8 +73,6 @@ class Settings(BaseSettings):
     @field_validator("detector")
     @classmethod
     def _known_detector_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from gradwatch.detect import DetectorConfig
-
         try:
             DetectorConfig(**v)
         except TypeError as exc:  # an unknown field: say which ones exist
@@ -80,10 +80,8 @@ class Settings(BaseSettings):
             raise ValueError(f"{exc}; DetectorConfig fields are: {known}") from None
         return v
 
-    def detector_config(self) -> Any:
+    def detector_config(self) -> DetectorConfig | None:
         """The DetectorConfig ingest uses, or None when detection is off."""
-        from gradwatch.detect import DetectorConfig
-
         return DetectorConfig(**self.detector) if self.detection else None
 
     def public_url(self) -> str:

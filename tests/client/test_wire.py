@@ -1,7 +1,10 @@
-"""gradwatch.wire's binary step batches, encoded and decoded in process (the HTTP side: test_api_binary.py)."""
+"""gradwatch.wire, the contract, in process: binary step batches, float64 columns, free-form JSON, run ids (the
+HTTP side: tests/service/test_api_binary.py)."""
 
 from __future__ import annotations
 
+import math
+import re
 import struct
 
 import pytest
@@ -9,12 +12,15 @@ import pytest
 from gradwatch.wire import (
     BINARY_MAGIC,
     MISSING_BITS,
+    RUN_ID_PATTERN,
     BinaryBodyError,
     decode_binary_batch,
     encode_binary_batch,
+    jsonable,
+    pack_floats,
     split_binary_batch,
+    unpack_floats,
 )
-from gradwatch_service.codec import MISSING_BITS as STORED_MISSING_BITS
 
 
 def test_a_batch_survives_encoding_with_every_kind_of_value() -> None:
@@ -36,8 +42,39 @@ def test_only_the_columns_some_step_carries_are_sent() -> None:
     assert struct.unpack("<2Q", sections["loss"])[1] == MISSING_BITS
 
 
-def test_the_wire_sentinel_is_the_stored_one() -> None:
-    assert MISSING_BITS == STORED_MISSING_BITS  # SQLite's layer blobs are slices of the body
+def _same(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
+
+
+def test_a_float_column_keeps_nan_infinity_signed_zero_and_not_measured_apart() -> None:
+    values = [1.0, math.nan, math.inf, -math.inf, None, -0.0, 2.5e-310]
+    column = pack_floats(values)
+    assert len(column) == 8 * len(values)
+    assert column[32:40] == struct.pack("<Q", MISSING_BITS)
+    back = unpack_floats(column)
+    assert all(_same(a, b) for a, b in zip(back, values, strict=True)), back
+
+
+def test_only_the_aligned_sentinel_is_not_measured() -> None:
+    other_nan = struct.pack("<Q", MISSING_BITS ^ 1)  # a NaN with another payload is a value
+    sentinel = struct.pack("<Q", MISSING_BITS)
+    straddling = struct.pack("<d", 1.0)[:4] + sentinel + struct.pack("<d", 2.0)[4:]  # the bytes, not aligned
+    back = unpack_floats(other_nan + sentinel + straddling)
+    assert math.isnan(back[0]) and back[1] is None  # type: ignore[arg-type]
+    assert None not in back[2:] and len(back) == 4
+
+
+def test_jsonable_names_nonfinite_floats_and_stringifies_what_json_cannot_hold() -> None:
+    assert jsonable({"lr": math.inf, 3: (math.nan, -math.inf, 1), "ok": [True, None, "x"], "obj": object}) == {
+        "lr": "Infinity", "3": ["NaN", "-Infinity", 1], "ok": [True, None, "x"], "obj": str(object)}
+
+
+@pytest.mark.parametrize(("run_id", "ok"), [("r1", True), ("a" * 128, True), ("A.b_c:d-9", True), ("", False),
+                                            ("-r", False), ("a" * 129, False), ("a b", False), ("a/b", False)])
+def test_run_ids_are_url_safe_and_bounded(run_id: str, ok: bool) -> None:
+    assert bool(re.fullmatch(RUN_ID_PATTERN, run_id)) is ok
 
 
 def test_rows_must_match_the_layers() -> None:

@@ -128,16 +128,18 @@ def test_schema_errors_are_422_naming_the_field(http: httpx.Client, body: bytes,
 
 def test_layer_count_mismatch_is_422_naming_the_step(http: httpx.Client) -> None:
     run_id = _run(http, layers=["a", "b"])
-    r = _post(http, run_id, {"steps": [{"step": 3, "layer_grad_norms": [1, 2, 3]}]})
+    r = _post(http, run_id, {"steps": [{"step": 3, "layer_grad_norms": [1, 2]},
+                                       {"step": 4, "layer_grad_norms": [1, 2, 3]}]})
     assert r.status_code == 422
-    assert r.json()["detail"][0]["loc"] == ["body", "steps", "step 3", "layer_grad_norms"]
+    assert r.json()["detail"][0]["loc"] == ["body", "steps", 1, "layer_grad_norms"]  # as pydantic names a step
+    assert http.get(f"/v1/runs/{run_id}").json()["n_steps"] == 0
 
 
 def test_unknown_run_is_404(http: httpx.Client) -> None:
     r = _post(http, "never-created", {"steps": [{"step": 0}]})
     assert r.status_code == 404 and "PUT" in r.json()["detail"]
     assert http.get("/v1/runs/never-created").status_code == 404
-    assert http.put("/v1/runs/bad id!", json={}).status_code in (404, 422)
+    assert http.put("/v1/runs/bad id!", json={}).status_code == 422  # the run-id pattern (gradwatch.wire)
 
 
 def test_concurrent_batches_and_resends_store_each_step_once(http: httpx.Client, server: ServerProcess) -> None:

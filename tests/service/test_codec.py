@@ -1,14 +1,14 @@
-"""Value encodings: wire strings and the SQLite float blob keep NaN, ±Infinity and "not measured" apart."""
+"""Value encodings: wire strings and SQLite's 'NaN' text keep NaN, ±Infinity and "not measured" apart (the
+float64 column SQLite stores per-layer arrays in is gradwatch.wire's: tests/client/test_wire.py)."""
 
 from __future__ import annotations
 
 import math
-import struct
 
 import pytest
 
 from gradwatch.wire import decode_value, encode_value
-from gradwatch_service.codec import pack_floats, sqlite_real_in, sqlite_real_out, unpack_floats
+from gradwatch_service.codec import sqlite_real_in, sqlite_real_out
 from gradwatch_service.downsample import downsample_minmax
 
 
@@ -31,16 +31,6 @@ def test_wire_names_nonfinite_values_as_the_protobuf_json_strings() -> None:
 def test_wire_rejects_what_is_not_a_value(bad: object) -> None:
     with pytest.raises(ValueError):
         decode_value(bad)
-
-
-def test_blob_keeps_nan_infinity_and_missing_apart() -> None:
-    values = [1.0, math.nan, math.inf, -math.inf, None, -0.0, 2.5e-310]
-    blob = pack_floats(values)
-    assert len(blob) == 8 * len(values)
-    back = unpack_floats(blob)
-    assert all(same(a, b) for a, b in zip(back, values, strict=True))
-    assert back[4] is None and math.isnan(back[1])
-    assert struct.unpack("<d", blob[40:48])[0] == -0.0 and math.copysign(1, back[5]) == -1
 
 
 def test_sqlite_scalar_encoding_keeps_nan_out_of_null() -> None:

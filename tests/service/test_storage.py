@@ -7,8 +7,10 @@ import math
 import pytest
 from sqlalchemy import Engine, select, text
 
+from gradwatch.detect import DetectorConfig
 from gradwatch_service.db import read_connection, write_transaction
-from gradwatch_service.ingest import BatchInvalid, RunNotFound, StepConflict, append_steps, upsert_run
+from gradwatch_service.errors import InvalidInput, RunNotFound, StepConflict
+from gradwatch_service.ingest import append_steps, upsert_run
 from gradwatch_service.models import steps
 from gradwatch_service.queries import get_run, get_run_row, read_series, read_steps
 from gradwatch_service.schemas import RunUpsert, StepBatch
@@ -117,11 +119,11 @@ def test_batch_layers_in_another_order_map_onto_the_run(engine: Engine) -> None:
 
 def test_inconsistent_batches_are_rejected(engine: Engine) -> None:
     run_id = _create(engine, layers=["a", "b"])
-    with pytest.raises(BatchInvalid, match="has 1 values but there are 2 layers"):
+    with pytest.raises(InvalidInput, match="has 1 values but there are 2 layers"):
         _append(engine, run_id, {"layers": ["a", "b"], "steps": [{"step": 0, "layer_grad_norms": [1.0]}]})
-    with pytest.raises(BatchInvalid, match="run has 2 layers"):
+    with pytest.raises(InvalidInput, match="run has 2 layers"):
         _append(engine, run_id, {"steps": [{"step": 0, "layer_grad_norms": [1.0, 2.0, 3.0]}]})
-    with pytest.raises(BatchInvalid, match="unique"):
+    with pytest.raises(InvalidInput, match="unique"):
         _append(engine, run_id, {"layers": ["a", "a"], "steps": []})
     with pytest.raises(RunNotFound):
         _append(engine, "no-such-run", {"steps": [{"step": 0}]})
@@ -132,7 +134,7 @@ def test_put_is_idempotent_and_layers_only_grow(engine: Engine) -> None:
     with write_transaction(engine) as conn:
         assert upsert_run(conn, run_id, RunUpsert(layers=["a", "b"], status="finished")) is False
         assert upsert_run(conn, run_id, RunUpsert(layers=["a"])) is False
-        with pytest.raises(BatchInvalid):
+        with pytest.raises(InvalidInput):
             upsert_run(conn, run_id, RunUpsert(layers=["b", "a"]))
     with read_connection(engine) as conn:
         run = get_run(conn, run_id)
@@ -171,3 +173,28 @@ def test_dashboards_can_query_one_layer_with_plain_sql_on_postgres(engine: Engin
         rows = conn.execute(sql, {"run": run_id, "layer": "head.weight"}).all()
     assert [r.step for r in rows] == [0, 1, 2, 3]
     assert rows[0].value == 1.0 and math.isnan(rows[1].value)
+
+
+@pytest.mark.parametrize("steps", [
+    [{"step": 0, "layer_grad_norms": [1.0]}, {"step": 0, "layer_grad_norms": [1.0]}],  # repeated in the batch
+    [{"step": 0, "layer_grad_norms": [1.0, 2.0, 3.0]}],  # resends a stored step
+])
+def test_a_wrong_array_length_is_invalid_before_any_step_is_compared(engine: Engine, steps: list[dict]) -> None:
+    """Layers in another order than the run's mean an index map; a wrong length must be a InvalidInput (422) before
+    that map is applied to compare a repeated or stored step, not a ValueError (500) from inside the comparison."""
+    run_id = _create(engine, layers=["a", "b"])
+    assert _append(engine, run_id, {"steps": [{"step": 0, "layer_grad_norms": [1.0, 2.0]}]}) == (1, 0)
+    with pytest.raises(InvalidInput, match="has [13] values but there are 2 layers"):
+        _append(engine, run_id, {"layers": ["b", "a"], "steps": steps})
+
+
+def test_a_batch_with_no_layers_and_empty_arrays_is_judged_without_error(engine: Engine) -> None:
+    """Empty per-layer arrays for an empty layer list mean "no per-layer values", for the detectors too."""
+    run_id = _create(engine)
+    batch = StepBatch.model_validate({"layers": [], "steps": [{"step": 0, "loss": 1.0, "layer_grad_norms": []}]})
+    with write_transaction(engine) as conn:
+        out = append_steps(conn, run_id, batch, DetectorConfig())
+    assert (out.accepted, out.raised_incidents) == (1, [])
+    with read_connection(engine) as conn:
+        (got,) = read_steps(conn, get_run_row(conn, run_id).id, start=None, end=None, limit=10)
+    assert got.layer_grad_norms == [] and got.loss == 1.0

@@ -10,8 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from ..db import read_connection
 from ..queries import get_run_row, list_incidents
 from ..schemas import MAX_STEP, IncidentsPublic
-from .deps import EngineDep, model_response
-from .runs import RunIdPath
+from .deps import EngineDep, RunIdPath, model_response
 
 router = APIRouter(tags=["incidents"])
 

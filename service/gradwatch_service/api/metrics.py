@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from ..metrics import serving_registry
 from ..run_state import RunStateCollector
+from .deps import app_state
 
 router = APIRouter(tags=["metrics"])
 
@@ -21,9 +22,7 @@ def metrics(request: Request) -> Response:
 
 
 def _registry(request: Request) -> CollectorRegistry:
-    state = request.app.state
-    registry: CollectorRegistry | None = getattr(state, "metrics_registry", None)
-    if registry is None:  # a race here builds two, and one is kept: harmless
-        registry = serving_registry(RunStateCollector(state.engine, state.settings))
-        state.metrics_registry = registry
-    return registry
+    state = app_state(request)
+    if state.metrics_registry is None:  # a race here builds two, and one is kept: harmless
+        state.metrics_registry = serving_registry(RunStateCollector(state.engine, state.settings))
+    return state.metrics_registry

@@ -5,19 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..body import parse_body, read_body
 from ..db import read_connection, write_transaction
-from ..ingest import BatchInvalid, upsert_run
+from ..ingest import upsert_run
 from ..queries import get_run, list_runs
-from ..schemas import MAX_STEP, RUN_ID_PATTERN, RunPublic, RunsPublic, RunStatus, RunUpsert
-from .deps import EngineDep, SettingsDep, model_response
+from ..schemas import MAX_STEP, RunPublic, RunsPublic, RunStatus, RunUpsert
+from .deps import EngineDep, RunIdPath, SettingsDep, model_response
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
-RunIdPath = Annotated[str, Path(pattern=RUN_ID_PATTERN, description="client-chosen run id",
-                                examples=["resnet50-7f3a"])]
 
 
 @router.put(
@@ -41,10 +39,7 @@ async def put_run(run_id: RunIdPath, request: Request, engine: EngineDep, settin
         assert run is not None
         return created, run
 
-    try:
-        created, run = await run_in_threadpool(write)
-    except BatchInvalid as exc:
-        raise HTTPException(422, [{"loc": exc.loc, "msg": str(exc), "type": "value_error"}]) from None
+    created, run = await run_in_threadpool(write)  # InvalidInput: a 422 (api/errors.py)
     return model_response(run, 201 if created else 200)
 
 

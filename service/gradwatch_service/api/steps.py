@@ -5,17 +5,17 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
-from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from ..binary_batch import parse_binary_batch
 from ..body import BINARY_CONTENT_TYPE, content_type_of, parse_body, read_body
-from ..columns import StepColumns, parse_binary_batch
 from ..db import read_connection, write_transaction
-from ..ingest import BatchInvalid, RunNotFound, StepConflict, append_steps
+from ..errors import InvalidInput
+from ..ingest import append_steps
 from ..queries import UnknownLayer, get_run_row, list_incidents, read_series, read_steps
 from ..schemas import MAX_STEP, SERIES_FIELDS, Incident, IngestResult, SeriesPublic, StepBatch, StepsPublic
-from .deps import EngineDep, SettingsDep, model_response
-from .runs import RunIdPath
+from ..steps_table import StepColumns
+from .deps import DetectorDep, EngineDep, IngestSlotsDep, RunIdPath, SettingsDep, model_response
 
 router = APIRouter(prefix="/v1/runs/{run_id}", tags=["steps"])
 
@@ -39,10 +39,10 @@ _BATCH_EXAMPLE = StepBatch.model_config["json_schema_extra"]["examples"][0]  # t
         BINARY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary",
                                          "description": "columns of little-endian numbers (docs/wire.md)"}}}}},
 )
-async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
+async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, settings: SettingsDep,
+                     detector: DetectorDep, ingest_slots: IngestSlotsDep) -> Response:
     raw = await read_body(request, settings.max_body_bytes, binary=True)
     binary = content_type_of(request) == BINARY_CONTENT_TYPE
-    detector = request.app.state.detector
 
     def ingest() -> IngestResult:
         batch: StepBatch | StepColumns
@@ -51,8 +51,8 @@ async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, set
         else:
             batch = parse_body(StepBatch, raw)
             if len(batch.steps) > settings.max_batch_steps:
-                raise BatchInvalid(["body", "steps"], f"{len(batch.steps)} steps in one batch; at most "
-                                                      f"{settings.max_batch_steps} (send several batches)")
+                raise InvalidInput(["body", "steps"], f"{len(batch.steps)} steps in one batch; at most "
+                                                     f"{settings.max_batch_steps} (send several batches)")
         with write_transaction(engine) as conn:
             outcome = append_steps(conn, run_id, batch, detector)
             open_now, _ = list_incidents(conn, run_pk=outcome.run_pk, status="open")
@@ -62,15 +62,8 @@ async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, set
         return IngestResult(run_id=run_id, accepted=outcome.accepted, duplicates=outcome.duplicates,
                             last_step=outcome.last_step, open_incidents=open_now, raised_incidents=raised)
 
-    try:
-        async with request.app.state.ingest_slots:
-            result = await run_in_threadpool(ingest)
-    except RunNotFound as exc:
-        raise HTTPException(404, str(exc)) from None
-    except StepConflict as exc:
-        return JSONResponse({"detail": {"message": str(exc), "steps": exc.steps}}, status_code=409)
-    except BatchInvalid as exc:
-        raise HTTPException(422, [{"loc": exc.loc, "msg": str(exc), "type": "value_error"}]) from None
+    async with ingest_slots:  # RunNotFound, StepConflict, InvalidInput: answered by api/errors.py
+        result = await run_in_threadpool(ingest)
     return model_response(result)
 
 

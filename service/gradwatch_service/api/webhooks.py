@@ -33,7 +33,7 @@ from ..webhook_schemas import (
     SubscriptionsPublic,
     SubscriptionUpdate,
 )
-from .deps import EngineDep, SettingsDep, model_response
+from .deps import EngineDep, SettingsDep, app_state, model_response
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
@@ -169,7 +169,7 @@ async def post_resend(sub_id: SubId, delivery_id: Annotated[int, Path(ge=1, le=2
         raise HTTPException(404, f"delivery {delivery_id} of subscription {sub_id} does not exist")
     if before == "pending":
         raise HTTPException(409, f"delivery {delivery_id} is still pending: it will be retried on its own")
-    worker = getattr(request.app.state, "webhook_worker", None)
+    worker = app_state(request).webhook_worker
     if worker is not None:
         worker.wake()
     return model_response(delivery)

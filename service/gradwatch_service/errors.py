@@ -1,0 +1,49 @@
+"""What can go wrong with a request's content, said without HTTP: the `api/` layer answers each with its status
+(`api/errors.py`), so storage and parsing code never import the web framework."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+__all__ = ["InvalidInput", "RunNotFound", "StepConflict"]
+
+
+class InvalidInput(ValueError):
+    """Input that parsed but cannot be taken (a per-layer array of the wrong length, a binary body's framing, a
+    layer list that reorders the run's): a 422 whose `errors` name where, in FastAPI's own shape."""
+
+    def __init__(self, loc: Sequence[str | int], message: str) -> None:
+        super().__init__(message)
+        self.errors: list[dict[str, Any]] = [{"loc": list(loc), "msg": message, "type": "value_error"}]
+
+    @classmethod
+    def from_pydantic(cls, exc: ValidationError, loc: Sequence[str | int]) -> InvalidInput:
+        """pydantic's errors, each located under `loc` (e.g. ["body", "header"])."""
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        first = errors[0]
+        out = cls([*loc, *first["loc"]], first["msg"])
+        out.errors = [{"loc": [*loc, *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in errors]
+        return out
+
+
+class RunNotFound(LookupError):
+    """A 404: steps for a run nobody created (PUT it first)."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id!r} does not exist: create it with PUT /v1/runs/{run_id} first")
+        self.run_id = run_id
+
+
+class StepConflict(ValueError):
+    """A 409: stored steps resent with different values; nothing of the batch was stored."""
+
+    def __init__(self, run_id: str, conflicting: Sequence[int]) -> None:
+        shown = ", ".join(map(str, conflicting[:20])) + (" …" if len(conflicting) > 20 else "")
+        super().__init__(
+            f"{len(conflicting)} step(s) of run {run_id!r} were already stored with different values "
+            f"(steps {shown}); nothing of this batch was stored"
+        )
+        self.steps = list(conflicting)

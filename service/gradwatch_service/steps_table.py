@@ -1,0 +1,234 @@
+"""The steps table: its columns, how a batch's new steps become its rows, and how those rows get in.
+
+Both wires end in one form, `StepColumns`: a binary batch is parsed into it (binary_batch.py), and ingest turns
+a JSON batch's new steps into it once they are checked and in the run's layer order. `StepColumns.rows` is the
+one row builder and `StepColumns.detector_steps` the one source of the steps the detectors read. What differs
+per database sits in two helpers, `_stored_values` and `_stored_arrays` (see codec for why), and in
+`insert_rows` (executemany on SQLite, binary COPY on PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import time as _time
+from collections.abc import Collection, Iterable, Sequence
+from itertools import repeat
+from typing import Any
+
+from sqlalchemy import Connection, Row, select
+
+from gradwatch.wire import LAYER_FIELDS, MISSING_BYTES, SCALAR_FIELDS, STEP_COLUMN_FIELDS, pack_floats, unpack_floats
+
+from .codec import encode_scalars
+from .models import FLAG_LATE, FLAG_SKIPPED, steps
+from .schemas import StepBatch, StepIn
+
+__all__ = ["COPY_TYPES", "STEP_COLUMNS", "LayerColumn", "StepColumns", "insert_rows", "insert_sql", "stored_steps"]
+
+STEP_COLUMNS = ("run_pk", "step", "time", *SCALAR_FIELDS, "flags", *LAYER_FIELDS, "scalars")
+"""The order of a row's values, as `StepColumns.rows` builds them."""
+COPY_TYPES = ("int8", "int8", "float8", *("float8",) * len(SCALAR_FIELDS), "int2", *("float8[]",) * len(LAYER_FIELDS),
+              "jsonb")
+"""PostgreSQL's types of STEP_COLUMNS, for binary COPY."""
+
+LayerRow = list[float | None]
+
+
+class LayerColumn:
+    """One per-layer field of a batch's steps, kept in the form it arrived in: the binary wire's step-major
+    float64 section (SQLite's blobs are slices of it) or one list per step (JSON)."""
+
+    def __init__(self, n_steps: int, n_layers: int, section: bytes | None = None,
+                 lists: list[LayerRow | None] | None = None) -> None:
+        self.n_steps = n_steps
+        self.n_layers = n_layers
+        self.section = section
+        self._lists = lists
+
+    def lists(self) -> list[LayerRow | None]:
+        """One list per step; None for a step without the field (in a section: a row of sentinels only)."""
+        if self._lists is None:
+            assert self.section is not None
+            width = self.n_layers
+            if width == 0:
+                self._lists = [None] * self.n_steps
+            else:
+                flat = unpack_floats(self.section)
+                rows = [flat[i: i + width] for i in range(0, len(flat), width)]
+                self._lists = [None if row.count(None) == width else row for row in rows] \
+                    if MISSING_BYTES in self.section else list(rows)
+        return self._lists
+
+    def blobs(self) -> Sequence[bytes | None]:
+        """One little-endian float64 blob per step, as SQLite stores it."""
+        if self.section is None:
+            return [None if row is None else pack_floats(row) for row in self.lists()]
+        if self.n_layers == 0:
+            return [None] * self.n_steps
+        width = 8 * self.n_layers
+        section = self.section
+        blobs: list[bytes | None] = [section[i: i + width] for i in range(0, len(section), width)]
+        if MISSING_BYTES in section:
+            empty = MISSING_BYTES * self.n_layers
+            blobs = [None if b == empty else b for b in blobs]
+        return blobs
+
+
+class StepColumns:
+    """A batch's steps as columns, the form both wires hand to storage and detection.
+
+    `values` holds the STEP_COLUMN_FIELDS (time and the measured scalars) the batch carries, `layer_columns` its
+    per-layer fields, aligned with `layers` (the layer names); a field that is absent is absent for every step.
+    """
+
+    def __init__(self, *, batch_id: str | None, layers: list[str] | None, steps: list[int],
+                 values: dict[str, list[float | None]], layer_columns: dict[str, LayerColumn],
+                 skipped: Sequence[int] | None, scalars: Sequence[dict[str, float | None] | None] | None) -> None:
+        self.batch_id = batch_id
+        self.layers = layers
+        self.steps = steps
+        self.values = values
+        self.layer_columns = layer_columns
+        self.skipped = skipped
+        self.scalars = scalars
+
+    @classmethod
+    def from_steps(cls, new_steps: Sequence[StepIn], layer_arrays: dict[str, list[LayerRow | None]],
+                   layer_names: list[str]) -> StepColumns:
+        """JSON steps whose per-layer arrays the caller checked and put in the run's order (`layer_arrays`, one
+        entry per step, aligned with `layer_names`)."""
+        n = len(new_steps)
+        values = {name: [getattr(s, name) for s in new_steps] for name in STEP_COLUMN_FIELDS}
+        layer_columns = {name: LayerColumn(n, len(layer_names), lists=arrays) for name, arrays in layer_arrays.items()
+                         if any(a is not None for a in arrays)}
+        skipped = [int(s.skipped) for s in new_steps]
+        scalars = [s.scalars for s in new_steps]
+        return cls(batch_id=None, layers=layer_names, steps=[s.step for s in new_steps], values=values,
+                   layer_columns=layer_columns, skipped=skipped if any(skipped) else None,
+                   scalars=scalars if any(s is not None for s in scalars) else None)
+
+    def is_plain_append(self, last_step: int | None) -> bool:
+        """Unique, ascending steps, all after the run's last one: nothing to compare, nothing late."""
+        steps = self.steps
+        if not steps or (last_step is not None and steps[0] <= last_step):
+            return False
+        return all(a < b for a, b in zip(steps, steps[1:], strict=False))
+
+    def rows(self, run_pk: int, sqlite: bool, late: Collection[int] = ()) -> list[tuple[Any, ...]]:
+        """The steps as rows of STEP_COLUMNS; `late` steps are flagged. The hot path of ingest: whole columns at
+        a time, no per-step Python beyond the final zip."""
+        n = len(self.steps)
+        times = self.values.get("time")
+        time_col: Iterable[float | None]
+        if times is None:
+            time_col = repeat(_time.time(), n)
+        elif None in times:
+            now = _time.time()
+            time_col = [now if t is None else t for t in times]
+        else:
+            time_col = times
+        measured: list[Iterable[Any]] = []
+        for name in SCALAR_FIELDS:
+            col = self.values.get(name)
+            measured.append(repeat(None, n) if col is None else _stored_values(col, sqlite))
+        flags: Iterable[int] = repeat(0, n)
+        if self.skipped is not None or late:
+            skipped = self.skipped if self.skipped is not None else repeat(0, n)
+            flags = [(FLAG_SKIPPED if sk else 0) | (FLAG_LATE if t in late else 0)
+                     for t, sk in zip(self.steps, skipped, strict=False)]
+        arrays: list[Iterable[Any]] = []
+        for name in LAYER_FIELDS:
+            column = self.layer_columns.get(name)
+            arrays.append(repeat(None, n) if column is None else _stored_arrays(column, sqlite))
+        scalars: Iterable[Any] = repeat(None, n)
+        if self.scalars is not None:
+            scalars = [None if s is None else encode_scalars(s, sqlite) for s in self.scalars]
+        return list(zip(repeat(run_pk, n), self.steps, time_col, *measured, flags, *arrays, scalars, strict=False))
+
+    def detector_steps(self) -> list[dict[str, Any]]:
+        """The steps as `gradwatch.detect.advance` reads them: the per-layer lists go in as they are, with one
+        `layer_names` list for the whole batch (which makes the detector's names check a pointer comparison); a
+        dict display, not dict(zip(...)) over the wire's field names: twice as fast, 1 ms a 1,000-step batch.
+        With no layer names every per-layer list is empty: the detectors get none (nothing to judge)."""
+        n = len(self.steps)
+        measured = [self.values.get(name) or repeat(None, n) for name in SCALAR_FIELDS]
+        layer_lists = [column.lists() if (column := self.layer_columns.get(name)) is not None and self.layers
+                       else repeat(None, n) for name in LAYER_FIELDS]
+        skipped: Iterable[bool] = repeat(False, n) if self.skipped is None else map(bool, self.skipped)
+        names = self.layers
+        return [{"step": t, "loss": loss, "grad_norm": g, "lr": lr, "update_norm": u, "skipped": sk,
+                 "layer_names": names, "layer_grad_norms": lg, "layer_weight_norms": lw, "layer_update_norms": lu}
+                for t, loss, g, lr, u, sk, lg, lw, lu in zip(self.steps, *measured, skipped, *layer_lists,
+                                                              strict=False)]
+
+    def to_batch(self) -> StepBatch:
+        """The same batch as JSON would have carried it, for ingest's general path (resends, repeats,
+        out-of-order steps, another layer order)."""
+        steps: list[dict[str, Any]] = [{"step": s} for s in self.steps]
+        for name, col in self.values.items():
+            for d, v in zip(steps, col, strict=True):
+                if v is not None:
+                    d[name] = v
+        for name, column in self.layer_columns.items():
+            for d, row in zip(steps, column.lists(), strict=True):
+                if row is not None:
+                    d[name] = row
+        if self.skipped is not None:
+            for d, b in zip(steps, self.skipped, strict=True):
+                d["skipped"] = bool(b)
+        if self.scalars is not None:
+            for d, scalars in zip(steps, self.scalars, strict=True):
+                if scalars is not None:
+                    d["scalars"] = scalars
+        return StepBatch.model_validate({"batch_id": self.batch_id, "layers": self.layers, "steps": steps})
+
+
+def _stored_values(column: list[float | None], sqlite: bool) -> list[Any]:
+    """A measured scalar column as bound: SQLite would store a NaN parameter as NULL ("not measured"), so there
+    NaN goes in as the text 'NaN'."""
+    return [v if v == v else "NaN" for v in column] if sqlite else column
+
+
+def _stored_arrays(column: LayerColumn, sqlite: bool) -> Sequence[Any]:
+    """A per-layer column as bound: float64 blobs on SQLite, `double precision[]` (lists) on PostgreSQL."""
+    return column.blobs() if sqlite else column.lists()
+
+
+def stored_steps(conn: Connection, run_pk: int, wanted: Iterable[int]) -> dict[int, Row[Any]]:
+    """The stored rows of the wanted steps that exist, by step (decoded by the table's column types)."""
+    ordered = sorted(wanted)
+    found: dict[int, Row[Any]] = {}
+    for i in range(0, len(ordered), 500):
+        q = select(steps).where(steps.c.run_pk == run_pk, steps.c.step.in_(ordered[i: i + 500]))
+        for row in conn.execute(q):
+            found[row.step] = row
+    return found
+
+
+def insert_sql(dialect: str) -> str:
+    """The parameterised INSERT of STEP_COLUMNS in the driver's own placeholder style."""
+    cols = ", ".join(STEP_COLUMNS)
+    if dialect == "sqlite":
+        return f"INSERT INTO steps ({cols}) VALUES ({', '.join('?' * len(STEP_COLUMNS))})"
+    marks = [f"%s::{t}" if t.endswith("[]") or t == "jsonb" else "%s" for t in COPY_TYPES]
+    return f"INSERT INTO steps ({cols}) VALUES ({', '.join(marks)})"
+
+
+def insert_rows(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Insert step rows: executemany on SQLite, binary COPY on PostgreSQL (five times executemany's rate).
+
+    COPY cannot skip conflicting rows, which is fine: the caller has already removed stored steps under the run's
+    row lock, so no other transaction can insert these steps meanwhile.
+    """
+    if conn.dialect.name != "postgresql":
+        conn.exec_driver_sql(insert_sql(conn.dialect.name), rows)
+        return
+    from psycopg.types.json import Jsonb  # the postgres extra: only here when PostgreSQL is in use
+
+    scalars_at = STEP_COLUMNS.index("scalars")
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    with cursor.copy(f"COPY steps ({', '.join(STEP_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(list(COPY_TYPES))
+        for row in rows:
+            if row[scalars_at] is not None:
+                row = (*row[:scalars_at], Jsonb(row[scalars_at]))
+            copy.write_row(row)
