@@ -10,7 +10,7 @@ Steps older than the state's last step arrived late: they are stored (flagged) b
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, and_, insert, select, update
@@ -33,6 +33,8 @@ class DetectionOutcome:
     state_doc: dict[str, Any]
     raised: list[int]
     """seq of every incident this batch opened or escalated, still open or not: the job hears of each"""
+    opened: list[tuple[str, str]] = field(default_factory=list)
+    """(signature, severity) of each incident this batch opened"""
 
 
 def load_state(doc: Any) -> dict[str, Any]:
@@ -58,6 +60,7 @@ def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: 
     last = state.get("last_step")
     now = now_utc()
     raised: list[int] = []
+    opened_now: list[tuple[str, str]] = []
     touched: dict[str, int] = {}  # signature -> last step it fired in this batch
     for s in new_steps:
         t = s["step"]
@@ -92,6 +95,7 @@ def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: 
                 message=inc["message"], evidence={"opened": _evidence(inc, s)}, opened_at=now, updated_at=now))
             enqueue_incident_event(conn, run_pk, seq)
             raised.append(seq)
+            opened_now.append((sig, inc["severity"]))
         for inc in resolved:
             seq = seq_of.pop(inc["signature"], None)
             if seq is None:
@@ -106,7 +110,7 @@ def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: 
             conn.execute(update(incidents).where(and_(incidents.c.run_pk == run_pk, incidents.c.seq == seq_of[sig]))
                          .values(last_step=step, updated_at=now))
     doc["detector"], doc["incidents"] = state, inc_state
-    return DetectionOutcome(state_doc=doc, raised=sorted(set(raised)))
+    return DetectionOutcome(state_doc=doc, raised=sorted(set(raised)), opened=opened_now)
 
 
 def _stored_evidence(conn: Connection, run_pk: int, seq: int) -> Any:

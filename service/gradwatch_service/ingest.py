@@ -15,6 +15,7 @@ turned into the JSON model first and takes these same steps.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,12 @@ class BatchOutcome:
     duplicates: int
     last_step: int | None
     raised_incidents: list[int] = field(default_factory=list)
+    measured_values: int = 0
+    """values the new steps carried (scalars and per-layer norms), for the ingest metrics"""
+    detector_seconds: float | None = None
+    """how long the detectors took over the batch; None when they did not run"""
+    opened_incidents: list[tuple[str, str]] = field(default_factory=list)
+    """(signature, severity) of every incident the batch opened (escalations not counted)"""
 
 
 # ---------------------------------------------------------------------------------------------------- runs
@@ -258,19 +265,20 @@ def _store(conn: Connection, run: LockedRun, new: StepColumns, layers: list[str]
     step, step count, detector state, layer names."""
     run_pk = run.id
     changes: dict[str, Any] = {"updated_at": now_utc()}
-    raised: list[int] = []
-    last_step = run.last_step
+    outcome = BatchOutcome(run_pk=run_pk, accepted=len(new.steps), duplicates=duplicates, last_step=run.last_step)
     if new.steps:
         insert_rows(conn, new.rows(run_pk, conn.dialect.name == "sqlite", late))
-        last_step = max(new.steps[-1], last_step if last_step is not None else -1)
-        changes.update(last_step=last_step, n_steps=run.n_steps + len(new.steps))
+        outcome.last_step = max(new.steps[-1], run.last_step if run.last_step is not None else -1)
+        outcome.measured_values = new.measured_values()
+        changes.update(last_step=outcome.last_step, n_steps=run.n_steps + len(new.steps))
         if detector is not None:
+            started = time.perf_counter()
             judged = advance_detection(conn, run_pk, run.detector_state, new.detector_steps(), detector)
+            outcome.detector_seconds = time.perf_counter() - started
             changes["detector_state"] = judged.state_doc
-            raised = judged.raised
+            outcome.raised_incidents, outcome.opened_incidents = judged.raised, judged.opened
     if layers != list(run.layer_names):
         changes["layer_names"] = layers
     if new.steps or "layer_names" in changes:
         conn.execute(update(runs).where(runs.c.id == run_pk).values(**changes))
-    return BatchOutcome(run_pk=run_pk, accepted=len(new.steps), duplicates=duplicates, last_step=last_step,
-                        raised_incidents=raised)
+    return outcome

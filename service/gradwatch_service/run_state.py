@@ -15,12 +15,13 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Connection, Engine, func, select
 
 from .db import now_utc, read_connection
 from .models import incidents, projects, runs, steps
+from .outbox import delivery_counts, outbox_depth
 from .settings import Settings
 
 __all__ = ["RunStateCollector", "read_run_state"]
@@ -86,7 +87,21 @@ def read_run_state(conn: Connection, *, active_seconds: float, max_runs: int) ->
     left_out = GaugeMetricFamily("gradwatch_runs_not_exported",
                                  "Active runs left out of the run metrics by GRADWATCH_METRICS_MAX_RUNS",
                                  value=float(max(0, n_active - len(rows))))
-    return [running, loss, grad_norm, last_step, last_time, open_incidents, active_family, left_out]
+    return [running, loss, grad_norm, last_step, last_time, open_incidents, active_family, left_out,
+            *_webhook_state(conn)]
+
+
+def _webhook_state(conn: Connection) -> list[Metric]:
+    """The outbox and the delivery log, from the database like run state: every replica reports the same
+    numbers, so the rules take max() of the depth, and rate ratios of the outcomes."""
+    depth = GaugeMetricFamily("gradwatch_webhook_outbox_depth",
+                              "Webhook deliveries waiting to be sent or retried", value=float(outbox_depth(conn)))
+    deliveries = CounterMetricFamily("gradwatch_webhook_deliveries",
+                                     "Webhook delivery attempts by outcome: delivered, failed (will be retried), "
+                                     "dead (retries used up)", labels=["outcome"])
+    for outcome, n in sorted(delivery_counts(conn).items()):
+        deliveries.add_metric([outcome], float(n))
+    return [depth, deliveries]
 
 
 class RunStateCollector(Collector):

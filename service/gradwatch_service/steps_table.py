@@ -106,6 +106,17 @@ class StepColumns:
                    layer_columns=layer_columns, skipped=skipped if any(skipped) else None,
                    scalars=scalars if any(s is not None for s in scalars) else None)
 
+    def measured_values(self) -> int:
+        """How many measured values the batch carries (scalars and per-layer norms; time and "not measured" are
+        not counted): what `gradwatch_ingested_values_total` adds up. Whole columns at a time."""
+        total = sum(len(col) - col.count(None) for name in SCALAR_FIELDS if (col := self.values.get(name)))
+        for column in self.layer_columns.values():
+            if column.section is not None:
+                total += len(column.section) // 8 - column.section.count(MISSING_BYTES)
+            else:
+                total += sum(len(row) - row.count(None) for row in column.lists() if row is not None)
+        return total
+
     def is_plain_append(self, last_step: int | None) -> bool:
         """Unique, ascending steps, all after the run's last one: nothing to compare, nothing late."""
         steps = self.steps

@@ -15,12 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import REGISTRY
 from sqlalchemy import Engine, text
 
-from gradwatch_service.metrics import (
-    count_database_errors,
-    count_incident_opened,
-    observe_detector_seconds,
-    record_batch,
-)
+from gradwatch_service.metrics import count_database_errors
 
 from ..support.databases import new_database_url, new_run_id
 from ..support.prometheus import require_binary
@@ -108,20 +103,32 @@ def test_database_errors_are_counted_by_class(engine: Engine) -> None:
     assert REGISTRY.get_sample_value("gradwatch_database_errors_total", {"kind": kind}) == before + 1
 
 
-def test_ingest_metrics_count_what_ingest_reports() -> None:
-    def sample(name: str, **labels: str) -> float:
-        return REGISTRY.get_sample_value(name, labels) or 0.0
+def test_a_committed_batch_is_counted_by_steps_values_detector_time_and_incidents(http: httpx.Client) -> None:
+    run_id = new_run_id("counted")
+    assert http.put(f"/v1/runs/{run_id}", json={"layers": ["a", "b"]}).status_code == 201
+    counted = ("gradwatch_ingested_steps_total", "gradwatch_ingested_values_total",
+               "gradwatch_ingest_batch_steps_count", "gradwatch_detector_duration_seconds_count")
+    opened = {"signature": "nonfinite", "severity": "critical"}
+    before = scrape(http)
+    steps = [{"step": 0, "loss": 2.0, "grad_norm": 1.0, "layer_grad_norms": [0.5, 0.25]},
+             {"step": 1, "loss": 2.0, "layer_grad_norms": [0.5, None]},  # None is "not measured"
+             {"step": 2, "loss": "NaN", "grad_norm": 1.0}]  # NaN is a measured value
+    assert http.post(f"/v1/runs/{run_id}/steps", json={"steps": steps}).status_code == 200
+    assert http.post(f"/v1/runs/{run_id}/steps", json={"steps": steps}).json()["duplicates"] == 3  # not counted
+    after = scrape(http)
 
-    before = [sample("gradwatch_ingested_steps_total"), sample("gradwatch_ingested_values_total"),
-              sample("gradwatch_ingest_batch_steps_count"), sample("gradwatch_detector_duration_seconds_count"),
-              sample("gradwatch_incidents_opened_total", signature="nonfinite", severity="critical")]
-    record_batch(steps=3, values=12)
-    observe_detector_seconds(0.002)
-    count_incident_opened("nonfinite", "critical")
-    after = [sample("gradwatch_ingested_steps_total"), sample("gradwatch_ingested_values_total"),
-             sample("gradwatch_ingest_batch_steps_count"), sample("gradwatch_detector_duration_seconds_count"),
-             sample("gradwatch_incidents_opened_total", signature="nonfinite", severity="critical")]
-    assert [a - b for a, b in zip(after, before, strict=True)] == [3, 12, 1, 1, 1]
+    def delta(name: str, **labels: str) -> float:
+        return (value(after, name, **labels) or 0) - (value(before, name, **labels) or 0)
+
+    assert [delta(name) for name in counted] == [3, 8, 1, 1]  # 5 scalars + 3 layer norms; one batch judged
+    assert delta("gradwatch_incidents_opened_total", **opened) == 1
+
+
+def test_the_webhook_outbox_and_delivery_log_are_exported(http: httpx.Client) -> None:
+    samples = scrape(http)
+    assert value(samples, "gradwatch_webhook_outbox_depth") == 0  # no subscription on the session server
+    assert {value(samples, "gradwatch_webhook_deliveries_total", outcome=o) for o in ("delivered", "failed", "dead")} \
+        == {0}
 
 
 @pytest.fixture

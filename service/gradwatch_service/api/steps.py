@@ -11,7 +11,8 @@ from ..binary_batch import parse_binary_batch
 from ..body import BINARY_CONTENT_TYPE, content_type_of, parse_body, read_body
 from ..db import read_connection, write_transaction
 from ..errors import InvalidInput
-from ..ingest import append_steps
+from ..ingest import BatchOutcome, append_steps
+from ..metrics import count_incident_opened, observe_detector_seconds, record_batch
 from ..queries import UnknownLayer, get_run_row, list_incidents, read_series, read_steps
 from ..schemas import MAX_STEP, SERIES_FIELDS, Incident, IngestResult, SeriesPublic, StepBatch, StepsPublic
 from ..steps_table import StepColumns
@@ -59,6 +60,7 @@ async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, set
             raised: list[Incident] = []
             if outcome.raised_incidents:
                 raised, _ = list_incidents(conn, run_pk=outcome.run_pk, seqs=outcome.raised_incidents)
+        _count_ingested(outcome)  # committed: a batch rolled back is not counted
         return IngestResult(run_id=run_id, accepted=outcome.accepted, duplicates=outcome.duplicates,
                             last_step=outcome.last_step, open_incidents=open_now, raised_incidents=raised)
 
@@ -132,3 +134,13 @@ async def get_series(
     if out is None:
         raise HTTPException(404, f"run {run_id!r} does not exist")
     return model_response(out)
+
+
+def _count_ingested(outcome: BatchOutcome) -> None:
+    """The ingest metrics of one committed batch."""
+    if outcome.accepted:
+        record_batch(steps=outcome.accepted, values=outcome.measured_values)
+    if outcome.detector_seconds is not None:
+        observe_detector_seconds(outcome.detector_seconds)
+    for signature, severity in outcome.opened_incidents:
+        count_incident_opened(signature, severity)
