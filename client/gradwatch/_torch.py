@@ -3,9 +3,11 @@
 Cost is the point. Norms come from fused multi-tensor kernels (`torch._foreach_norm`, grouped by device and
 dtype exactly as `torch.nn.utils.clip_grad_norm_` groups them), all of a step's results are packed into one
 small tensor copied to pinned host memory without blocking, and that copy is read at a later step once the
-device has finished it (on CPU: at the next step), so the training loop never waits on the device for
-monitoring. Where the user clips with `gradwatch.clip_grad_norm_`, the clipping pass's per-tensor norms are
-reused, so clipping plus monitoring reads the gradients once, like clipping alone.
+device has finished it, so the training loop never waits on the device for monitoring (on CPU there is no
+device to wait for: a step's norms are recorded in its own step hook, so the step is complete when the
+user logs its loss, and local detection can judge it there). Where the user clips with
+`gradwatch.clip_grad_norm_`, the clipping pass's per-tensor norms are reused, so clipping plus monitoring
+reads the gradients once, like clipping alone.
 
 Step numbers are optimizer steps counted by the watch from `start_step` (default 0), including steps that
 AMP's GradScaler skipped; log your loss with the same count and the two merge into one step.
@@ -28,7 +30,7 @@ from torch.utils._foreach_utils import (
     _has_foreach_support,
 )
 
-from ._run import Run, _float
+from ._sink import StepSink
 
 __all__ = ["Watch", "clip_grad_norm_", "tensor_norms", "watch"]
 
@@ -89,7 +91,7 @@ def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0, er
             try:
                 w._take_clip_norms(by_param, total)
             except Exception as exc:
-                w.run._client_error(exc, "instrumentation_error")
+                w.run.instrumentation_error(exc)
     torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach)
     return total
 
@@ -102,7 +104,7 @@ def _guarded(method: Callable[..., None]) -> Callable[..., None]:
         try:
             method(self, *args, **kwargs)
         except Exception as exc:
-            self.run._client_error(exc, "instrumentation_error")
+            self.run.instrumentation_error(exc)
 
     return hook
 
@@ -110,7 +112,7 @@ def _guarded(method: Callable[..., None]) -> Callable[..., None]:
 class Watch:
     """Hooks on one optimizer (and optionally its GradScaler) that log a model's norms to a run."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: Run, *,
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: StepSink, *,
                  scaler: Any = None, start_step: int = 0, weight_every: int = 20, update_every: int = 20,
                  dense_steps: int = 20):
         self.run = run
@@ -143,7 +145,7 @@ class Watch:
         self._handles.append(optimizer.register_step_post_hook(self._after_step))
         if scaler is not None:
             self._wrap_scaler(scaler)
-        run._add_flush_hook(self.collect)
+        run.add_flush_hook(self.collect)
         _watches.add(self)
 
     def remove(self) -> None:
@@ -210,8 +212,11 @@ class Watch:
             layout["update"] = len(updates)
         lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
         packed = self._pack(parts) if parts else None
-        self._pending.append((self.step, present, layout, packed, lr))
-        self.run._hold(self.step)
+        if isinstance(packed, tuple) or self._pending:
+            self._pending.append((self.step, present, layout, packed, lr))
+            self.run.hold(self.step)
+        else:  # on the host already: recorded now, so the step is complete when the user logs its loss
+            self._log_result(self.step, present, layout, packed, lr, held=False)
         self.step += 1
 
     def _due(self, every: int) -> bool:
@@ -256,7 +261,8 @@ class Watch:
                 return
             self._log_result(*self._pending.popleft())
 
-    def _log_result(self, step: int, present: list[int], layout: dict[str, Any], packed: Any, lr: Any) -> None:
+    def _log_result(self, step: int, present: list[int], layout: dict[str, Any], packed: Any, lr: Any,
+                    held: bool = True) -> None:
         values: list[float] = []
         if isinstance(packed, tuple):
             host, event = packed
@@ -282,9 +288,10 @@ class Watch:
             fields["update_norms"] = dict(zip(self.names, values[pos:pos + n], strict=True))
             fields["update_norm"] = values[pos + n]
         if lr is not None:
-            fields["lr"] = _float(lr)
-        self.run._log_measured(step, fields)
-        self.run._release(step)
+            fields["lr"] = lr
+        self.run.log_measured(step, fields)
+        if held:
+            self.run.release(step)
 
     # -- AMP ---------------------------------------------------------------------------------------------
     @_guarded
@@ -292,7 +299,7 @@ class Watch:
         self.collect(wait=False)
         self._clip = None
         self._snapshot = None
-        self.run._log_measured(self.step, {"skipped": True})
+        self.run.log_measured(self.step, {"skipped": True})
         self.step += 1
 
     def _wrap_scaler(self, scaler: Any) -> None:
@@ -310,7 +317,7 @@ class Watch:
         scaler.step = step
 
 
-def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: Run, *, scaler: Any = None,
+def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: StepSink, *, scaler: Any = None,
           start_step: int = 0, weight_every: int = 20, update_every: int = 20, dense_steps: int = 20) -> Watch:
     """Log per-layer gradient norms (before clipping), weight norms and update norms for every step.
 

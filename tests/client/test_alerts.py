@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 import gradwatch
 
 from ..support.fakes import Recorder, closed_port
@@ -49,10 +51,11 @@ def test_an_alert_seen_locally_and_from_the_service_is_reported_once(tmp_path: P
                              batch_age=0.05)
         for step in range(5):
             run.log(step, loss=1.0, grad_norm=1.0)
-        for step in range(5, 9):
-            run.log(step, loss=float("nan"), grad_norm=float("nan"))
+        with pytest.warns(RuntimeWarning, match="nonfinite"):  # on_critical="warn", at the step itself
+            for step in range(5, 9):
+                run.log(step, loss=float("nan"), grad_norm=float("nan"))
         run.finish()
-    assert [a["signature"] for a in alerts] == ["nonfinite"]
+    assert [(a["signature"], a["source"]) for a in alerts] == [("nonfinite", "local")]
 
 
 def test_an_alarm_that_opened_and_resolved_inside_one_batch_still_reaches_on_alert(

@@ -250,3 +250,31 @@ def test_a_failing_hook_never_breaks_the_step(recorder: Recorder, tmp_path: Path
     with pytest.raises(gradwatch.GradwatchError):
         opt.step()
     strict.finish()
+
+
+def test_logging_a_loss_that_requires_grad_warns_nothing(recorder: Recorder, tmp_path: Path) -> None:
+    """torch warns "Converting a tensor with requires_grad=True to a scalar" (a UserWarning, from
+    `Tensor.__float__`) when such a tensor is read without `detach()`: the client must not print that into
+    every job's log. Recorded from every thread, the sender's included."""
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = gradwatch.init(url=recorder.url, spool_dir=tmp_path, local_detection=True, **FAST)
+    gradwatch.watch(model, opt, run)
+    logged = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(4):
+            x, y = batch(step)
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            assert loss.requires_grad
+            run.log(step, loss=loss, loss_again=loss.reshape(1))
+            run.log_layers(step, update_norms={"0.weight": loss})
+            logged.append(loss.item())
+        run.finish()
+    assert [str(w.message) for w in caught] == []
+    stored = recorder.stored(run.run_id)
+    assert [stored[s]["loss"] for s in range(4)] == logged
+    assert [stored[s]["scalars"]["loss_again"] for s in range(4)] == logged
