@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -21,19 +20,12 @@ def test_local_detection_alerts_and_stops_with_the_service_down(tmp_path: Path) 
     alerts: list[dict] = []
     run = gradwatch.init(url=closed_port_url(), spool_dir=tmp_path, local_detection=True, on_critical="stop",
                          on_alert=alerts.append, batch_age=0.05, flush_timeout=1.0)
-    step = 0
     for step in range(40):
         run.log(step, loss=1.0 / (step + 1), grad_norm=1.0 + 0.01 * (step % 3))
+    assert not run.should_stop
     run.log(40, loss=float("nan"), grad_norm=float("inf"))
-    run.log(41, loss=float("nan"), grad_norm=float("inf"))
-    run.log(42, loss=float("nan"), grad_norm=float("inf"))
-    deadline = time.monotonic() + 5
-    while not run.should_stop and time.monotonic() < deadline:
-        step += 1
-        run.log(43 + step, loss=float("nan"))
-        time.sleep(0.02)
+    assert run.should_stop  # in the log() of the step itself, with no service to answer
     report = run.finish(timeout=0.5)
-    assert run.should_stop
     signatures = {a["signature"] for a in alerts}
     assert "nonfinite" in signatures
     nonfinite = next(a for a in alerts if a["signature"] == "nonfinite")

@@ -14,7 +14,6 @@ from gradwatch.wire import (
     encode_binary_batch,
     split_binary_batch,
 )
-from gradwatch_service.codec import MISSING_BITS as STORED_MISSING_BITS
 
 
 def test_a_batch_survives_encoding_with_every_kind_of_value() -> None:
@@ -34,10 +33,6 @@ def test_only_the_columns_some_step_carries_are_sent() -> None:
     header, sections = split_binary_batch(encode_binary_batch({"steps": [{"step": 1, "loss": 0.5}, {"step": 2}]}))
     assert header == {"n": 2, "fields": ["step", "loss"]}
     assert struct.unpack("<2Q", sections["loss"])[1] == MISSING_BITS
-
-
-def test_the_wire_sentinel_is_the_stored_one() -> None:
-    assert MISSING_BITS == STORED_MISSING_BITS  # SQLite's layer blobs are slices of the body
 
 
 def test_rows_must_match_the_layers() -> None:
