@@ -330,7 +330,7 @@ class Run:
                         self._sealed_max = max(self._sealed_max, max(r.step for r in sealed))
             record.merge(values, by_user)
             record.logged = record.logged or by_user
-            opened = self._judge_locked(sealed) if self._detector is not None else []
+            opened = self._judge_locked(sealed)
         for r in sealed:
             self._worker.submit(r)
         if opened:
@@ -347,7 +347,7 @@ class Run:
             sealed = [self._open.pop(k) for k in sorted(keys)]
             if sealed:
                 self._sealed_max = max(self._sealed_max, max(r.step for r in sealed))
-            opened = self._judge_locked(sealed) if self._detector is not None else []
+            opened = self._judge_locked(sealed)
         for r in sealed:
             self._worker.submit(r)
         if opened:
@@ -361,17 +361,20 @@ class Run:
         detector = self._detector
         if detector is None:
             return []
-        opened: list[dict[str, Any]] = []
-        for record in sorted(sealed, key=lambda r: r.step):
-            if not record.judged:
-                opened += detector.judge(record)
+        ready = [r for r in sorted(sealed, key=lambda r: r.step) if not r.judged]
         for step in sorted(self._open):
             record = self._open[step]
             if record.judged:
                 continue
             if not record.logged or step in self._held or not record.on_host():
                 break
-            opened += detector.judge(record)
+            ready.append(record)
+        opened: list[dict[str, Any]] = []
+        for record in ready:
+            try:
+                opened += detector.judge(record)
+            except Exception:  # a bug in detection must cost neither the step nor the training loop
+                logger.exception("gradwatch: local detection failed on step %s", record.step)
         return opened
 
     def _seal_stale(self) -> None:
@@ -457,8 +460,8 @@ class _LocalDetector:
     def judge(self, record: StepRecord) -> list[dict[str, Any]]:
         """The incidents opened (or escalated) at this step, shaped like the service's. A value still on
         its way from a device is waited for here; `Run._judge_locked` avoids that for open steps."""
-        record.materialize()
         record.judged = True
+        record.materialize()
         self._state, events = self._detect.advance(self._state, record.as_detector_input(), self._config)
         self._incidents, opened, _resolved = self._detect.track_incidents(
             self._incidents, events, record.step, self._config)

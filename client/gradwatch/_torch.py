@@ -394,6 +394,7 @@ class Watch:
         self.collect(wait=False)
         self._clip = None
         self._snapshot = None
+        self._sample_parts = []
         self.run.log_measured(self.step, {"skipped": True})
         self.step += 1
 

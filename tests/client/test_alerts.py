@@ -63,3 +63,19 @@ def test_an_alarm_that_opened_and_resolved_inside_one_batch_still_reaches_on_ale
     assert report.lost == {} and report.delivered == 80
     (alert,) = [a for a in alerts if a["signature"] == "nonfinite"]
     assert (alert["severity"], alert["opened_step"], alert["status"]) == ("critical", 40, "resolved")
+
+
+def test_a_failing_detector_costs_neither_steps_nor_the_loop(tmp_path: Path, monkeypatch) -> None:
+    from gradwatch import detect
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("bug in a detector")
+
+    monkeypatch.setattr(detect, "advance", broken)
+    with Recorder() as rec:
+        run = gradwatch.init(url=rec.url, spool_dir=tmp_path, on_critical="stop", batch_age=0.05)
+        for step in range(10):
+            run.log(step, loss=float("nan"))
+        report = run.finish()
+        assert sorted(rec.stored(run.run_id)) == list(range(10))
+    assert report.lost == {} and not run.should_stop
