@@ -248,9 +248,12 @@ class Watch:
         layout = {"grad": len(parts), "total": total is not None}
         if total is not None:
             parts.append(total)
-        sampled = self._snapshot is not None or self._due(self.weight_every)
+        weights_due = self._due(self.weight_every)
+        sampled = self._snapshot is not None or weights_due
+        on_cadence = (weights_due and self.weight_every is None) or (
+            self._snapshot is not None and self.update_every is None)
         started = self._timer() if sampled else None
-        if self._due(self.weight_every):
+        if weights_due:
             weights, _ = tensor_norms([p.detach() for p in self.params])
             parts += weights
             layout["weight"] = len(weights)
@@ -265,7 +268,8 @@ class Watch:
         if sampled:
             self._timed(started)
             self._sample_done()
-            self._last_auto = self.step
+            if on_cadence:
+                self._last_auto = self.step
             self._hook_at = None  # the next interval includes this sample: not a plain step
         lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
         packed = self._pack(parts) if parts else None
