@@ -159,7 +159,8 @@ class Watch:
         self.weight_every = None if weight_every is None else max(0, weight_every)
         self.update_every = None if update_every is None else max(0, update_every)
         self.cadence = Cadence()
-        self._last_auto = start_step - 1  # the last step sampled (the period counts from there)
+        self.last_sample = start_step - 1
+        """The last step whose weight and update norms were sampled on the cadence (the period counts from it)."""
         self._dense_until = start_step + max(0, dense_steps)
         self._hook_at: float | None = None  # when the previous step hook ran (for an unsampled step)
         self._sample_parts: list[Any] = []  # this step's sample work: seconds, or CUDA (start, end) events
@@ -269,7 +270,7 @@ class Watch:
             self._timed(started)
             self._sample_done()
             if on_cadence:
-                self._last_auto = self.step
+                self.last_sample = self.step
             self._hook_at = None  # the next interval includes this sample: not a plain step
         lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
         packed = self._pack(parts) if parts else None
@@ -288,7 +289,7 @@ class Watch:
         if self.step < self._dense_until:
             return True
         if every is None:
-            return self.step - self._last_auto >= self.cadence.period
+            return self.step - self.last_sample >= self.cadence.period
         return self.step % every == 0
 
     def _timer(self) -> Any:
