@@ -50,7 +50,9 @@ DEVICE = torch.device("cpu")
 DENSE_STEPS = inspect.signature(torch_watch).parameters["dense_steps"].default  # measured on every step
 
 SINK = r"""
-import http.server, json, sys
+import http.server, json, os, sys, threading
+# Gone with the benchmark, even one killed by a timeout: its end of the pipe closes.
+threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def log_message(self, *a): pass
@@ -84,14 +86,14 @@ def build() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch
 
 @contextlib.contextmanager
 def sink_server() -> Iterator[str]:
-    proc = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline())
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.kill()
-        proc.wait()
+    with subprocess.Popen([sys.executable, "-c", SINK], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            port = int(proc.stdout.readline())
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.kill()
 
 
 @contextlib.contextmanager
