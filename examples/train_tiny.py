@@ -35,8 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--on-critical", choices=["warn", "stop", "raise"], default="warn",
                         help="what to do when a critical incident opens (stop: leave the loop)")
-    parser.add_argument("--local-detection", action="store_true",
-                        help="also run the detectors in-process, so alerts work with the service down")
+    parser.add_argument("--local-detection", action="store_true", default=None,
+                        help="also run the detectors in-process with --on-critical warn (stop and raise always "
+                             "do, to act at the step that raised the critical)")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to sleep per step (a slower job)")
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args(argv)

@@ -21,6 +21,8 @@ from typing import Any as _Any
 from ._errors import CriticalIncident, GradwatchError
 from ._options import Options
 from ._run import DeliveryReport, Run, init
+from ._sink import StepSink as _StepSink
+from .wire import VERSION as _VERSION
 
 __all__ = [
     "CriticalIncident",
@@ -33,10 +35,10 @@ __all__ = [
     "watch",
 ]
 
-__version__ = "0.1.0"
+__version__ = _VERSION
 
 
-def watch(model: _Any, optimizer: _Any, run: Run, **kwargs: _Any) -> _Any:
+def watch(model: _Any, optimizer: _Any, run: _StepSink, **kwargs: _Any) -> _Any:
     """Instrument a PyTorch model and optimizer: per-layer gradient, weight and update norms for every step.
 
     See `gradwatch._torch.watch` for the options (scaler, start_step, weight_every, update_every,

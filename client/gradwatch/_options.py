@@ -66,8 +66,12 @@ class Options:
     all_ranks: bool = False
     """Under torch.distributed every rank sends, each as its own run; by default only rank 0 does."""
     on_alert: Callable[[dict[str, Any]], object] | None = None
-    """Called from the sender thread with each newly seen incident; its exceptions are logged, not raised."""
+    """Called with each newly seen incident (from the sender thread for the service's, from the training
+    thread for the local detectors'); its exceptions are logged, not raised."""
     on_critical: OnCritical = "warn"
-    """What the next `log()` does after a critical incident opens: warn once, raise, or set `should_stop`."""
-    local_detection: bool = False
-    """Run the detectors in the sender thread on each sealed step, so alerts work with the service down."""
+    """What `log()` does once a critical incident opened: warn once, raise, or set `should_stop`."""
+    local_detection: bool | None = None
+    """Run the detectors in the client, in the training thread, on each step as soon as its values are in:
+    alerts work with the service down, and `on_critical` acts in the `log()` of the step that raised the
+    critical instead of when the service's answer comes back (up to `batch_age` later). None (the default):
+    on exactly when `on_critical` is "stop" or "raise", where acting a batch late means training on into NaN."""

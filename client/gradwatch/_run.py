@@ -26,17 +26,16 @@ from typing import Any
 from ._errors import CriticalIncident, GradwatchError
 from ._options import Options
 from ._spool import Spool, hostname
-from ._step import DeviceScalar, StepRecord
+from ._step import StepRecord, host_value
+from ._transport import HttpTransport
 from ._worker import DeliveryStats, Worker
-from .wire import jsonable, to_float
+from .wire import RUN_ID_PATTERN, RUN_STATUSES, USER_AGENT, jsonable
 
 __all__ = ["DeliveryReport", "Run", "init"]
 
 logger = logging.getLogger("gradwatch")
 
-RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-RUN_STATUSES = ("running", "finished", "failed", "crashed", "stopped")
-VERSION = "0.1.0"
+_RUN_ID = re.compile(RUN_ID_PATTERN)
 
 _live_runs: weakref.WeakSet[Run] = weakref.WeakSet()
 _atexit_registered = False
@@ -90,14 +89,14 @@ def init(
     if rank is not None and opts.all_ranks:
         run_id = f"{run_id}-rank{rank}"
         name = f"{name or run_id} [rank {rank}]"
-    if not RUN_ID_PATTERN.match(run_id):
+    if not _RUN_ID.match(run_id):
         raise ValueError(f"run_id must be 1-128 characters of [A-Za-z0-9._:-] starting with a letter or digit, "
                          f"got {run_id!r}")
     body: dict[str, Any] = {
         "project": project or os.environ.get("GRADWATCH_PROJECT") or "default",
         "status": "running",
         "meta": {"host": hostname(), "pid": os.getpid(), "python": sys.version.split()[0],
-                 "client": f"gradwatch-python/{VERSION}", **jsonable(dict(meta or {}))},
+                 "client": USER_AGENT, **jsonable(dict(meta or {}))},
     }
     if name:
         body["name"] = name
@@ -120,7 +119,7 @@ class Run:
         self.project: str = body.get("project", "default")
         self.name: str | None = body.get("name")
         self.should_stop = False
-        """Set when a critical incident opened and `on_critical="stop"`: leave the loop at a good place."""
+        """Set by `log()` when a critical incident opened and `on_critical="stop"`: leave the loop now."""
         self._enabled = enabled
         self._finished = False
         self._report: DeliveryReport | None = None
@@ -131,22 +130,22 @@ class Run:
         self._sealed_max = -1
         self._flush_hooks: list[Callable[[], None]] = []
         self._seen_incidents: set[Any] = set()
+        self._seen_lock = threading.Lock()  # incidents arrive from the training thread and the sender
         self._criticals: collections.deque[dict[str, Any]] = collections.deque()
         self._warned_critical = False
         self._client_errors = 0
         self.stats = DeliveryStats()
-        self._detector: Any = None
+        self._detector: _LocalDetector | None = None
         if not enabled:
             return
-        if options.local_detection:
+        local = options.local_detection
+        if local if local is not None else options.on_critical in ("stop", "raise"):
             self._detector = _LocalDetector()
         spool = Spool(options.spool_dir / run_id, options.spool_max_bytes)
-        self._worker = Worker(
-            run_id, body, options, spool, self.stats,
-            on_incidents=self._incidents_seen,
-            on_sealed=self._detect_locally if self._detector is not None else None,
-            on_tick=self._seal_stale,
-        )
+        transport = HttpTransport(options.url, options.token, options.timeout, options.compress,
+                                  binary=options.wire == "binary")
+        self._worker = Worker(run_id, body, options, spool, self.stats, transport,
+                              on_incidents=self._incidents_seen, on_tick=self._seal_stale)
 
     # -- logging -----------------------------------------------------------------------------------------
     def log(
@@ -161,23 +160,25 @@ class Run:
     ) -> None:
         """Record values for an optimizer step. Floats, numpy scalars and 0-d tensors; NaN and ±Inf are kept.
 
-        Calls for the same step merge; a step is sent once a later step is logged (or on flush/finish)."""
+        Calls for the same step merge; a step is sent once a later step is logged (or on flush/finish). With
+        local detection the step is judged in this call when its values are all in (docs/client.md,
+        "Alerts and closing the loop"), so `on_critical` acts before it returns."""
         if not self._enabled or self._finished or self._pid != os.getpid():
             return
         try:
             values: dict[str, Any] = {}
             if loss is not None:
-                values["loss"] = _float(loss)
+                values["loss"] = host_value(loss)
             if grad_norm is not None:
-                values["grad_norm"] = _float(grad_norm)
+                values["grad_norm"] = host_value(grad_norm)
             if lr is not None:
-                values["lr"] = _float(lr)
+                values["lr"] = host_value(lr)
             if update_norm is not None:
-                values["update_norm"] = _float(update_norm)
+                values["update_norm"] = host_value(update_norm)
             if skipped is not None:
                 values["skipped"] = bool(skipped)
             if scalars:
-                values["scalars"] = {str(k): _float(v) for k, v in scalars.items()}
+                values["scalars"] = {str(k): host_value(v) for k, v in scalars.items()}
             self._merge(step, values, True)
         except Exception as exc:
             self._client_error(exc)
@@ -197,23 +198,43 @@ class Run:
         try:
             values: dict[str, Any] = {}
             if grad_norms:
-                values["grad_norms"] = {str(k): _float(v) for k, v in grad_norms.items()}
+                values["grad_norms"] = {str(k): host_value(v) for k, v in grad_norms.items()}
             if weight_norms:
-                values["weight_norms"] = {str(k): _float(v) for k, v in weight_norms.items()}
+                values["weight_norms"] = {str(k): host_value(v) for k, v in weight_norms.items()}
             if update_norms:
-                values["update_norms"] = {str(k): _float(v) for k, v in update_norms.items()}
+                values["update_norms"] = {str(k): host_value(v) for k, v in update_norms.items()}
             self._merge(step, values, True)
         except Exception as exc:
             self._client_error(exc)
 
-    def _log_measured(self, step: int, values: Mapping[str, Any]) -> None:
-        """For instrumentation (watch): fills only what the user has not logged himself."""
+    # -- the instrumentation seam (`gradwatch._sink.StepSink`) --------------------------------------------
+    def log_measured(self, step: int, values: Mapping[str, Any]) -> None:
+        """For instrumentation: fills only what the user has not logged himself."""
         if not self._enabled or self._finished or self._pid != os.getpid():
             return
         try:
-            self._merge(step, values, False)
+            self._merge(step, {k: v if isinstance(v, Mapping) or k == "skipped" else host_value(v)
+                               for k, v in values.items()}, False)
         except Exception as exc:
             self._client_error(exc)
+
+    def hold(self, step: int) -> None:
+        """Keep `step` open: instrumentation will add to it (read back from the device later)."""
+        with self._lock:
+            self._held.add(step)
+
+    def release(self, step: int) -> None:
+        with self._lock:
+            self._held.discard(step)
+            opened = self._judge_locked([])
+        if opened:
+            self._incidents_seen(opened)
+
+    def add_flush_hook(self, hook: Callable[[], None]) -> None:
+        self._flush_hooks.append(hook)
+
+    def instrumentation_error(self, exc: Exception) -> None:
+        self._client_error(exc, "instrumentation_error")
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:
@@ -283,7 +304,9 @@ class Run:
         return self._enabled and self._pid == os.getpid()
 
     # -- step records ------------------------------------------------------------------------------------
-    def _merge(self, step: int, values: Mapping[str, Any], overwrite: bool) -> None:
+    def _merge(self, step: int, values: Mapping[str, Any], by_user: bool) -> None:
+        """Fold values into the step's record (`by_user`: they win over measured ones), seal the records
+        two or more steps behind it, and judge what is complete."""
         step = int(step)
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
@@ -302,9 +325,13 @@ class Run:
                         sealed.append(self._open.pop(k))
                     if sealed:
                         self._sealed_max = max(self._sealed_max, max(r.step for r in sealed))
-            record.merge(values, overwrite)
+            record.merge(values, by_user)
+            record.logged = record.logged or by_user
+            opened = self._judge_locked(sealed)
         for r in sealed:
             self._worker.submit(r)
+        if opened:
+            self._incidents_seen(opened)
 
     def _seal(self, all_open: bool = False, older_than: float | None = None) -> None:
         with self._lock:
@@ -317,24 +344,39 @@ class Run:
             sealed = [self._open.pop(k) for k in sorted(keys)]
             if sealed:
                 self._sealed_max = max(self._sealed_max, max(r.step for r in sealed))
+            opened = self._judge_locked(sealed)
         for r in sealed:
             self._worker.submit(r)
+        if opened:
+            self._incidents_seen(opened)
+
+    def _judge_locked(self, sealed: list[StepRecord]) -> list[dict[str, Any]]:
+        """Caller holds `_lock`. Run the local detectors, in step order, over every record being sealed now
+        that they have not seen, then over each open record that is complete: logged by the user, not held
+        by instrumentation, and with no value still on its way from a device. Incidents opened are returned
+        (to be reported outside the lock)."""
+        detector = self._detector
+        if detector is None:
+            return []
+        ready = [r for r in sorted(sealed, key=lambda r: r.step) if not r.judged]
+        for step in sorted(self._open):
+            record = self._open[step]
+            if record.judged:
+                continue
+            if not record.logged or step in self._held or not record.on_host():
+                break
+            ready.append(record)
+        opened: list[dict[str, Any]] = []
+        for record in ready:
+            try:
+                opened += detector.judge(record)
+            except Exception:  # a bug in detection must cost neither the step nor the training loop
+                logger.exception("gradwatch: local detection failed on step %s", record.step)
+        return opened
 
     def _seal_stale(self) -> None:
         if self._open and not self._finished:
             self._seal(older_than=self.options.seal_after)
-
-    def _hold(self, step: int) -> None:
-        """Keep `step` open: instrumentation will add to it (read back a step late)."""
-        with self._lock:
-            self._held.add(step)
-
-    def _release(self, step: int) -> None:
-        with self._lock:
-            self._held.discard(step)
-
-    def _add_flush_hook(self, hook: Callable[[], None]) -> None:
-        self._flush_hooks.append(hook)
 
     def _run_flush_hooks(self) -> None:
         for hook in list(self._flush_hooks):
@@ -345,14 +387,16 @@ class Run:
 
     # -- incidents ---------------------------------------------------------------------------------------
     def _incidents_seen(self, incidents: list[dict[str, Any]]) -> None:
-        """Sender thread: each incident not seen before goes to on_alert, and critical ones to the loop."""
+        """Incidents from the service (sender thread) or the local detectors (training thread): each one not
+        seen before goes to on_alert, and critical ones to the loop (acted on in `log()`)."""
         for incident in incidents:
             if not isinstance(incident, dict):
                 continue
             key = _incident_key(incident)
-            if key in self._seen_incidents:
-                continue
-            self._seen_incidents.add(key)
+            with self._seen_lock:
+                if key in self._seen_incidents:
+                    continue
+                self._seen_incidents.add(key)
             if self.options.on_alert is not None:
                 try:
                     self.options.on_alert(incident)
@@ -372,11 +416,6 @@ class Run:
             self._warned_critical = True
             warnings.warn(f"gradwatch: {CriticalIncident(incident)} in run {self.run_id}", RuntimeWarning,
                           stacklevel=3)
-
-    def _detect_locally(self, record: StepRecord) -> None:
-        events = self._detector.advance(record)
-        if events:
-            self._incidents_seen(events)
 
     # -- errors and reports ------------------------------------------------------------------------------
     def _client_error(self, exc: Exception, reason: str = "invalid_value") -> None:
@@ -403,53 +442,43 @@ class Run:
 
 
 class _LocalDetector:
-    """The service's detectors (`gradwatch.detect`), run in the sender thread on each sealed step so that
-    alerts work while the service is down. Imported on first use: the detectors are optional at run time."""
+    """The service's detectors (`gradwatch.detect`), run in the client on each step as soon as it is complete,
+    so that alerts work while the service is down and a job that asked to stop stops at the step that raised
+    the critical. Imported on first use: `import gradwatch` stays cheap."""
 
     def __init__(self) -> None:
-        from . import detect
+        from . import detect, incidents
 
         self._detect = detect
+        self._track = incidents.track_incidents
         self._config = detect.DetectorConfig()
         self._state = detect.new_state()
-        self._incidents = detect.new_incident_state()
+        self._incidents = incidents.new_incident_state()
 
-    def advance(self, record: StepRecord) -> list[dict[str, Any]]:
-        """The incidents opened (or escalated) at this step, shaped like the service's."""
+    def judge(self, record: StepRecord) -> list[dict[str, Any]]:
+        """The incidents opened (or escalated) at this step, shaped like the service's. A value still on
+        its way from a device is waited for here; `Run._judge_locked` avoids that for open steps."""
+        record.judged = True
+        record.materialize()
         self._state, events = self._detect.advance(self._state, record.as_detector_input(), self._config)
-        self._incidents, opened, _resolved = self._detect.track_incidents(
-            self._incidents, events, record.step, self._config)
+        self._incidents, opened, _resolved = self._track(self._incidents, events, record.step, self._config)
         return [{**incident, "source": "local"} for incident in opened]
 
 
 def _incident_key(incident: dict[str, Any]) -> Any:
     """The same incident from the service and from the local detectors has the same key; an escalation
-    (warning to critical) is a new one."""
+    (warning to critical) is a new one. The opening step is the service's `opened_step` and the local
+    detectors' `opened_at` (the service's `opened_at` is a time, not a step)."""
     signature = incident.get("signature")
     if signature is None:
         return ("id", incident.get("id"))
-    opened = next((incident[k] for k in ("opened_at", "opened_step", "step") if incident.get(k) is not None), None)
+    opened = next((v for v in (incident.get("opened_step"), incident.get("opened_at"), incident.get("step"))
+                   if type(v) is int), None)
     if opened is None:
         return ("id", incident.get("id"), signature, incident.get("severity"))
     return (signature, opened, incident.get("severity"))
 
 
-def _float(x: Any) -> Any:
-    """A logged value as a float, except a 0-d tensor on an accelerator: that is read later by the sender
-    thread, because reading it here would make the training loop wait for the device."""
-    if type(x) is float:
-        return x
-    device = getattr(x, "device", None)
-    if device is not None and getattr(x, "ndim", None) == 0:
-        kind = getattr(device, "type", "cpu")
-        if kind == "cuda":
-            return DeviceScalar.of(x)
-        if kind != "cpu":
-            return x.detach()
-    value = to_float(x)
-    if value is None:
-        raise TypeError("None is not a value")
-    return value
 
 
 def _new_run_id() -> str:

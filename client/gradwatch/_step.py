@@ -13,18 +13,12 @@ from time import monotonic
 from time import time as unix_time
 from typing import Any
 
-from .wire import encode_value, to_float
+from .wire import LAYER_FIELDS, SCALAR_FIELDS, encode_value, to_float
 
-__all__ = ["LAYER_FIELDS", "DeviceScalar", "StepRecord", "encode_step", "resolve"]
+__all__ = ["LAYER_ATTRIBUTES", "DeviceScalar", "StepRecord", "encode_step", "host_value", "resolve"]
 
-# wire field -> StepRecord attribute holding {layer: value}
-LAYER_FIELDS = {
-    "layer_grad_norms": "grad_norms",
-    "layer_weight_norms": "weight_norms",
-    "layer_update_norms": "update_norms",
-}
-
-SCALAR_FIELDS = ("loss", "grad_norm", "lr", "update_norm")
+LAYER_ATTRIBUTES = dict(zip(LAYER_FIELDS, ("grad_norms", "weight_norms", "update_norms"), strict=True))
+"""wire field -> the StepRecord attribute holding its {layer: value}"""
 
 
 @dataclass
@@ -41,6 +35,10 @@ class StepRecord:
     weight_norms: dict[str, float | None] = field(default_factory=dict)
     update_norms: dict[str, float | None] = field(default_factory=dict)
     scalars: dict[str, float | None] = field(default_factory=dict)
+    logged: bool = False
+    """The user logged to this step (not only instrumentation): what local detection waits for."""
+    judged: bool = False
+    """The local detectors have seen this step (each step is judged once, in step order)."""
 
     def merge(self, values: Mapping[str, Any], overwrite: bool = True) -> None:
         """Fold already-converted values in; `overwrite=False` fills only what is still missing."""
@@ -64,13 +62,24 @@ class StepRecord:
             value = getattr(self, name)
             if value is not None and type(value) is not float:
                 setattr(self, name, resolve(value))
-        for key, value in self.scalars.items():
-            if type(value) is not float:
-                self.scalars[key] = resolve(value)
+        for values in (self.scalars, self.grad_norms, self.weight_norms, self.update_norms):
+            for key, value in values.items():
+                if type(value) is not float:
+                    values[key] = resolve(value)
+
+    def on_host(self) -> bool:
+        """Whether every value can be read without waiting for a device (a non-blocking check)."""
+        for name in SCALAR_FIELDS:
+            value = getattr(self, name)
+            if type(value) is DeviceScalar and not value.event.query():
+                return False
+        return all(type(v) is not DeviceScalar or v.event.query()
+                   for values in (self.scalars, self.grad_norms, self.weight_norms, self.update_norms)
+                   for v in values.values())
 
     def layer_names(self) -> list[str]:
         names: dict[str, None] = {}
-        for attr in LAYER_FIELDS.values():
+        for attr in LAYER_ATTRIBUTES.values():
             names.update(dict.fromkeys(getattr(self, attr)))
         return list(names)
 
@@ -125,6 +134,27 @@ class DeviceScalar:
         return value
 
 
+def host_value(x: Any) -> Any:
+    """A logged value as a float, except a 0-d tensor on an accelerator: that is read later (see `resolve`),
+    because reading it here would make the training loop wait for the device. A tensor is detached first: a
+    loss still attached to its graph makes torch warn on every read ("Converting a tensor with
+    requires_grad=True to a scalar ...")."""
+    if type(x) is float:
+        return x
+    detach = getattr(x, "detach", None)
+    if detach is not None and getattr(x, "ndim", None) == 0:
+        x = detach()
+        kind = x.device.type
+        if kind == "cuda":
+            return DeviceScalar.of(x)
+        if kind != "cpu":
+            return x
+    value = to_float(x)
+    if value is None:
+        raise TypeError("None is not a value")
+    return value
+
+
 def resolve(value: Any) -> float | None:
     """A stored value as a float. Accelerator tensors are kept as they were logged and read here, in the
     sender thread, so that `run.log(step, loss=loss)` never makes the training thread wait for the device."""
@@ -142,7 +172,7 @@ def encode_step(record: StepRecord, layers: list[str]) -> dict[str, Any]:
         value = getattr(record, name)
         if value is not None:
             out[name] = encode_value(resolve(value))
-    for wire_name, attr in LAYER_FIELDS.items():
+    for wire_name, attr in LAYER_ATTRIBUTES.items():
         values: dict[str, float | None] = getattr(record, attr)
         if values:
             # The sender's hottest loop (layers x steps): finite floats (x - x == 0) pass through untouched.

@@ -3,9 +3,11 @@
 Cost is the point. Norms come from fused multi-tensor kernels (`torch._foreach_norm`, grouped by device and
 dtype exactly as `torch.nn.utils.clip_grad_norm_` groups them), all of a step's results are packed into one
 small tensor copied to pinned host memory without blocking, and that copy is read at a later step once the
-device has finished it (on CPU: at the next step), so the training loop never waits on the device for
-monitoring. Where the user clips with `gradwatch.clip_grad_norm_`, the clipping pass's per-tensor norms are
-reused, so clipping plus monitoring reads the gradients once, like clipping alone.
+device has finished it, so the training loop never waits on the device for monitoring (on CPU there is no
+device to wait for: a step's norms are recorded in its own step hook, so the step is complete when the
+user logs its loss, and local detection can judge it there). Where the user clips with
+`gradwatch.clip_grad_norm_`, the clipping pass's per-tensor norms are reused, so clipping plus monitoring
+reads the gradients once, like clipping alone.
 
 Step numbers are optimizer steps counted by the watch from `start_step` (default 0), including steps that
 AMP's GradScaler skipped; log your loss with the same count and the two merge into one step.
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
+import time
 import types
 import warnings
 import weakref
@@ -28,12 +32,48 @@ from torch.utils._foreach_utils import (
     _has_foreach_support,
 )
 
-from ._run import Run, _float
+from ._sink import StepSink
 
-__all__ = ["Watch", "clip_grad_norm_", "tensor_norms", "watch"]
+__all__ = ["Cadence", "Watch", "clip_grad_norm_", "tensor_norms", "watch"]
 
 _watches: weakref.WeakSet[Watch] = weakref.WeakSet()
 MAX_IN_FLIGHT = 4  # steps whose norms may still be on their way from the device
+
+
+class Cadence:
+    """How far apart weight and update norms are sampled when `weight_every`/`update_every` are left to the
+    watch (None). A sample reads the weights four or five times (a copy before the step, the weight norms, the
+    difference and its norms after it): 10-15 % of a CPU step, so a fixed period makes the overhead depend on
+    the model and the machine. The period is instead the shortest (at least `shortest`, at most `longest`)
+    that keeps samples under `budget` of the training time, from running averages of what one sample costs
+    and what a step without one takes."""
+
+    def __init__(self, shortest: int = 20, longest: int = 500, budget: float = 0.0025) -> None:
+        self.shortest = shortest
+        self.longest = longest
+        self.budget = budget
+        self.period = shortest
+        self._step_s: float | None = None
+        self._sample_s: float | None = None
+
+    def step_took(self, seconds: float) -> None:
+        """A step without a sample, from one step hook to the next."""
+        self._step_s = _average(self._step_s, seconds)
+        self._update()
+
+    def sample_took(self, seconds: float) -> None:
+        """The extra work of one sample."""
+        self._sample_s = _average(self._sample_s, seconds)
+        self._update()
+
+    def _update(self) -> None:
+        if self._step_s and self._sample_s is not None:
+            wanted = math.ceil(self._sample_s / (self.budget * self._step_s))
+            self.period = min(self.longest, max(self.shortest, wanted))
+
+
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else 0.8 * old + 0.2 * new
 
 
 def tensor_norms(tensors: list[torch.Tensor], norm_type: float = 2.0,
@@ -89,7 +129,7 @@ def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0, er
             try:
                 w._take_clip_norms(by_param, total)
             except Exception as exc:
-                w.run._client_error(exc, "instrumentation_error")
+                w.run.instrumentation_error(exc)
     torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach)
     return total
 
@@ -102,7 +142,7 @@ def _guarded(method: Callable[..., None]) -> Callable[..., None]:
         try:
             method(self, *args, **kwargs)
         except Exception as exc:
-            self.run._client_error(exc, "instrumentation_error")
+            self.run.instrumentation_error(exc)
 
     return hook
 
@@ -110,15 +150,21 @@ def _guarded(method: Callable[..., None]) -> Callable[..., None]:
 class Watch:
     """Hooks on one optimizer (and optionally its GradScaler) that log a model's norms to a run."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: Run, *,
-                 scaler: Any = None, start_step: int = 0, weight_every: int = 20, update_every: int = 20,
-                 dense_steps: int = 20):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: StepSink, *,
+                 scaler: Any = None, start_step: int = 0, weight_every: int | None = None,
+                 update_every: int | None = None, dense_steps: int = 20):
         self.run = run
         self.optimizer = optimizer
         self.step = start_step
-        self.weight_every = max(0, weight_every)
-        self.update_every = max(0, update_every)
+        self.weight_every = None if weight_every is None else max(0, weight_every)
+        self.update_every = None if update_every is None else max(0, update_every)
+        self.cadence = Cadence()
+        self.last_sample = start_step - 1
+        """The last step whose weight and update norms were sampled on the cadence (the period counts from it)."""
         self._dense_until = start_step + max(0, dense_steps)
+        self._hook_at: float | None = None  # when the previous step hook ran (for an unsampled step)
+        self._sample_parts: list[Any] = []  # this step's sample work: seconds, or CUDA (start, end) events
+        self._timing: list[list[Any]] = []  # earlier samples' events, read once the device has passed them
         seen: set[int] = set()
         self.names: list[str] = []
         self.params: list[torch.nn.Parameter] = []
@@ -143,7 +189,7 @@ class Watch:
         self._handles.append(optimizer.register_step_post_hook(self._after_step))
         if scaler is not None:
             self._wrap_scaler(scaler)
-        run._add_flush_hook(self.collect)
+        run.add_flush_hook(self.collect)
         _watches.add(self)
 
     def remove(self) -> None:
@@ -167,7 +213,12 @@ class Watch:
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self.run.finished:  # the run is over; the model may train on (or be watched by a new run)
             return
+        now = time.perf_counter()
+        if self._hook_at is not None:
+            self.cadence.step_took(now - self._hook_at)
+        self._hook_at = now
         self.collect(wait=False)
+        self._read_timing()
         present = [i for i, p in enumerate(self.params) if p.grad is not None]
         clip, self._clip = self._clip, None
         norms: list[torch.Tensor] = []
@@ -183,7 +234,9 @@ class Watch:
                 total = tensor_norms(norms)[1]
         self._grad = (present, total, norms)
         if self._due(self.update_every):
+            started = self._timer()
             self._snapshot = self._copy_weights()
+            self._timed(started)
 
     @_guarded
     @torch.no_grad()
@@ -196,7 +249,12 @@ class Watch:
         layout = {"grad": len(parts), "total": total is not None}
         if total is not None:
             parts.append(total)
-        if self._due(self.weight_every):
+        weights_due = self._due(self.weight_every)
+        sampled = self._snapshot is not None or weights_due
+        on_cadence = (weights_due and self.weight_every is None) or (
+            self._snapshot is not None and self.update_every is None)
+        started = self._timer() if sampled else None
+        if weights_due:
             weights, _ = tensor_norms([p.detach() for p in self.params])
             parts += weights
             layout["weight"] = len(weights)
@@ -208,15 +266,62 @@ class Watch:
             parts += updates
             parts.append(update_total)
             layout["update"] = len(updates)
+        if sampled:
+            self._timed(started)
+            self._sample_done()
+            if on_cadence:
+                self.last_sample = self.step
+            self._hook_at = None  # the next interval includes this sample: not a plain step
         lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
         packed = self._pack(parts) if parts else None
-        self._pending.append((self.step, present, layout, packed, lr))
-        self.run._hold(self.step)
+        if isinstance(packed, tuple) or self._pending:
+            self._pending.append((self.step, present, layout, packed, lr))
+            self.run.hold(self.step)
+        else:  # on the host already: recorded now, so the step is complete when the user logs its loss
+            self._log_result(self.step, present, layout, packed, lr, held=False)
         self.step += 1
 
-    def _due(self, every: int) -> bool:
-        """Whether this step measures what is sampled `every` steps: always during the first `dense_steps`."""
-        return every > 0 and (self.step < self._dense_until or self.step % every == 0)
+    def _due(self, every: int | None) -> bool:
+        """Whether this step measures what is sampled `every` steps (None: on the cadence's period): always
+        during the first `dense_steps`."""
+        if every == 0:
+            return False
+        if self.step < self._dense_until:
+            return True
+        if every is None:
+            return self.step - self.last_sample >= self.cadence.period
+        return self.step % every == 0
+
+    def _timer(self) -> Any:
+        """A mark before sample work: the host clock on CPU, an event on the device's stream elsewhere (the
+        host only queues the work there; its cost is the device's)."""
+        device = self.params[0].device if self.params else None
+        if device is None or device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(device))
+        return event
+
+    def _timed(self, started: Any) -> None:
+        """Add the work since `started` to this step's sample (a copy before the step, norms after it)."""
+        if isinstance(started, float):
+            self._sample_parts.append(time.perf_counter() - started)
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(torch.cuda.current_stream(self.params[0].device))
+        self._sample_parts.append((started, end))
+
+    def _sample_done(self) -> None:
+        parts, self._sample_parts = self._sample_parts, []
+        if parts and all(isinstance(p, float) for p in parts):
+            self.cadence.sample_took(sum(parts))
+        elif parts:
+            self._timing.append(parts)
+
+    def _read_timing(self) -> None:
+        """Sample costs measured on the device, once its events have passed (never waits)."""
+        while self._timing and all(end.query() for _, end in self._timing[0]):
+            self.cadence.sample_took(sum(start.elapsed_time(end) for start, end in self._timing.pop(0)) / 1e3)
 
     def _copy_weights(self) -> list[torch.Tensor]:
         """The weights before the step, for update norms. On CPU into buffers kept between steps: fresh 15 MB
@@ -256,7 +361,8 @@ class Watch:
                 return
             self._log_result(*self._pending.popleft())
 
-    def _log_result(self, step: int, present: list[int], layout: dict[str, Any], packed: Any, lr: Any) -> None:
+    def _log_result(self, step: int, present: list[int], layout: dict[str, Any], packed: Any, lr: Any,
+                    held: bool = True) -> None:
         values: list[float] = []
         if isinstance(packed, tuple):
             host, event = packed
@@ -282,9 +388,10 @@ class Watch:
             fields["update_norms"] = dict(zip(self.names, values[pos:pos + n], strict=True))
             fields["update_norm"] = values[pos + n]
         if lr is not None:
-            fields["lr"] = _float(lr)
-        self.run._log_measured(step, fields)
-        self.run._release(step)
+            fields["lr"] = lr
+        self.run.log_measured(step, fields)
+        if held:
+            self.run.release(step)
 
     # -- AMP ---------------------------------------------------------------------------------------------
     @_guarded
@@ -292,7 +399,8 @@ class Watch:
         self.collect(wait=False)
         self._clip = None
         self._snapshot = None
-        self.run._log_measured(self.step, {"skipped": True})
+        self._sample_parts = []
+        self.run.log_measured(self.step, {"skipped": True})
         self.step += 1
 
     def _wrap_scaler(self, scaler: Any) -> None:
@@ -310,17 +418,20 @@ class Watch:
         scaler.step = step
 
 
-def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: Run, *, scaler: Any = None,
-          start_step: int = 0, weight_every: int = 20, update_every: int = 20, dense_steps: int = 20) -> Watch:
+def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: StepSink, *, scaler: Any = None,
+          start_step: int = 0, weight_every: int | None = None, update_every: int | None = None,
+          dense_steps: int = 20) -> Watch:
     """Log per-layer gradient norms (before clipping), weight norms and update norms for every step.
 
     scaler: the `torch.amp.GradScaler` in use, so that steps it skips are recorded as skipped.
     start_step: the number of the next optimizer step (to line up with the steps you `log`).
-    weight_every / update_every: measure weight / update norms every N steps (default 20; 0: never). Each is a
-    pass over the weights, and an update norm also needs a copy of the weights from before the step (on CPU
-    a buffer the size of the model, kept), together about 10 % of a CPU step when done on every step (see
-    docs/client.md); every 20 steps brings that to about 0.5 % while the update-to-weight ratio is still
-    judged many times an epoch. Gradient norms, the explosion signal, are measured on every step.
+    weight_every / update_every: measure weight / update norms every N steps (0: never). Each is a pass over
+    the weights, and an update norm also needs a copy of the weights from before the step (on CPU a buffer the
+    size of the model, kept): together 10-15 % of a CPU step when done on every step (docs/client.md). The
+    default (None) samples both together, at least 20 steps apart and further where one sample would cost
+    more than 0.25 % of the training time (`Cadence`: measured, at most 500 steps apart), so the
+    update-to-weight ratio is still judged many times an epoch. Gradient norms, the explosion signal, are
+    measured on every step.
     dense_steps: measure weight and update norms (where their `*_every` is not 0) on every one of the first N
     steps watched (default 20). A run that blows up in its first updates shows it only there, and the
     detectors' first-update rules and update-ratio band need consecutive samples (docs/detection.md)."""

@@ -16,16 +16,17 @@ import json
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .wire import BINARY_CONTENT_TYPE, encode_binary_batch
+from .wire import BINARY_CONTENT_TYPE, USER_AGENT
 
 if TYPE_CHECKING:
     import http.client
 
-__all__ = ["HttpTransport", "Response", "TransportError", "parse_retry_after"]
+    from ._batch import StepBatch
 
-USER_AGENT = "gradwatch-python/0.1"
+__all__ = ["HttpTransport", "Response", "Transport", "TransportError", "parse_retry_after"]
+
 
 
 class TransportError(Exception):
@@ -61,6 +62,19 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+class Transport(Protocol):
+    """What the sender needs of the way to the service. Raises `TransportError` when no response came."""
+
+    def request(self, method: str, path: str, payload: Any = None) -> Response:
+        """A JSON request (a run's PUT)."""
+
+    def post_steps(self, path: str, batch: StepBatch) -> Response:
+        """A step batch, in whatever form the service takes."""
+
+    def close(self) -> None:
+        """Let go of any connection."""
+
+
 class HttpTransport:
     """Sends JSON (gzipped when `compress`) or, for step batches with `binary`, binary columns, and returns the
     parsed JSON response. Not thread-safe: the sender thread owns it (and `gradwatch sync`, which runs in one
@@ -82,19 +96,22 @@ class HttpTransport:
         self.binary = binary
         self._conn: http.client.HTTPConnection | None = None
 
-    def request(self, method: str, path: str, payload: Any = None, step_batch: bool = False) -> Response:
-        """`step_batch`: the payload is a JSON-shaped step batch, sent binary where the service takes it."""
-        if step_batch and self.binary:
+    def request(self, method: str, path: str, payload: Any = None) -> Response:
+        return self._request(method, path, payload)
+
+    def post_steps(self, path: str, batch: StepBatch) -> Response:
+        """Binary where the service takes it, else JSON."""
+        if self.binary:
             try:
-                encoded = encode_binary_batch(payload)
+                encoded = batch.binary()
             except (ValueError, TypeError, OverflowError):
                 encoded = None  # not numbers, or a step past int64: JSON carries it and the service says why
             if encoded is not None:
-                response = self._request(method, path, payload, binary=encoded)
+                response = self._request("POST", path, None, binary=encoded)
                 if response.status != 415:
                     return response
                 self.binary = False  # an older service: JSON from now on
-        return self._request(method, path, payload)
+        return self._request("POST", path, batch.body())
 
     def _request(self, method: str, path: str, payload: Any, binary: bytes | None = None) -> Response:
         import gzip

@@ -19,10 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._batch import StepBatch
 from ._options import Options
 from ._spool import Spool, SpoolFull, hostname
-from ._step import StepRecord, encode_step
-from ._transport import HttpTransport, Response, TransportError
+from ._step import StepRecord
+from ._transport import Response, Transport, TransportError
 
 __all__ = ["DeliveryStats", "Worker"]
 
@@ -61,7 +62,7 @@ class _RunUpdate:
 
 
 class Worker:
-    """Owns the queue, the sender thread, the transport and the run's spool."""
+    """Owns the queue, the sender thread and the run's spool; talks to the service through `transport`."""
 
     def __init__(
         self,
@@ -70,8 +71,8 @@ class Worker:
         options: Options,
         spool: Spool,
         stats: DeliveryStats,
+        transport: Transport,
         on_incidents: Callable[[list[dict[str, Any]]], None] | None = None,
-        on_sealed: Callable[[StepRecord], None] | None = None,
         on_tick: Callable[[], None] | None = None,
     ):
         self.run_id = run_id
@@ -80,7 +81,6 @@ class Worker:
         self.stats = stats
         self._run_body = dict(run_body)
         self._on_incidents = on_incidents
-        self._on_sealed = on_sealed
         self._on_tick = on_tick
         # Sealed steps: a plain deque (append and popleft are atomic), bounded by max_queue in submit(), with
         # no per-step notification: the sender wakes every TICK, or at once for a full batch or a control item.
@@ -88,8 +88,7 @@ class Worker:
         self._controls: collections.deque[object] = collections.deque()
         self._wake = threading.Event()
         self._last_tick = 0.0
-        self._transport = HttpTransport(options.url, options.token, options.timeout, options.compress,
-                                        binary=options.wire == "binary")
+        self._transport = transport
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         self._start_lock = threading.Lock()
@@ -98,7 +97,7 @@ class Worker:
         self._pending: list[StepRecord] = []
         self._pending_since = 0.0
         self._overflow: list[StepRecord] = []
-        self._inflight: dict[str, Any] | None = None
+        self._inflight: StepBatch | None = None
         self._layers: list[str] = []
         self._layer_set: set[str] = set()
         # Owned by the sender thread:
@@ -160,10 +159,10 @@ class Worker:
         Used when `flush` ran out of time (a hung service): the thread may still be blocked in a request, so
         that request's batch is spooled too; if it did arrive, the resend is a harmless duplicate."""
         self._abandoned = True
-        bodies: list[dict[str, Any]] = []
+        batches: list[StepBatch] = []
         with self._state_lock:
             if self._inflight is not None:
-                bodies.append(self._inflight)
+                batches.append(self._inflight)
                 self._inflight = None
             records, self._pending = self._pending, []
             records += self._overflow
@@ -178,10 +177,10 @@ class Worker:
                 elif isinstance(item, _Flush):
                     item.done.set()
             for start in range(0, len(records), self.options.batch_size):
-                bodies.append(self._encode(records[start:start + self.options.batch_size]))
-        for body in bodies:
-            self._spool_body(body)
-        self._write_meta(force=bool(bodies) or self._run_dirty or not self._run_created)
+                batches.append(self._encode(records[start:start + self.options.batch_size]))
+        for batch in batches:
+            self._spool_body(batch)
+        self._write_meta(force=bool(batches) or self._run_dirty or not self._run_created)
 
     def deliver_spool(self) -> bool:
         """Send this run's spool and its latest run body now, in the caller's thread (for `gradwatch sync`,
@@ -274,7 +273,6 @@ class Worker:
                     self._pending_since = time.monotonic()
                 self._pending.append(record)
                 full = len(self._pending) >= self.options.batch_size
-            self._sealed(record)
             if full:
                 self._ship()
 
@@ -287,13 +285,6 @@ class Worker:
             wait = min(wait, self._retry_at - now)
         return max(0.001, wait)
 
-    def _sealed(self, record: StepRecord) -> None:
-        if self._on_sealed is not None:
-            try:
-                self._on_sealed(record)
-            except Exception:
-                logger.exception("gradwatch: local detection failed on step %s", record.step)
-
     # -- shipping ----------------------------------------------------------------------------------------
     def _ship(self) -> None:
         with self._state_lock:
@@ -303,19 +294,19 @@ class Worker:
                 self._overflow = []
             if not records:
                 return
-            body = self._encode(records)
+            batch = self._encode(records)
             direct = not (self._spool_pending or self._auth_failed or time.monotonic() < self._retry_at)
             if direct:
-                self._inflight = body
+                self._inflight = batch
         if not direct:
-            self._spool_body(body)
+            self._spool_body(batch)
             return
-        delivered = self._post(body)
+        delivered = self._post(batch)
         with self._state_lock:
-            still_mine = self._inflight is body
+            still_mine = self._inflight is batch
             self._inflight = None
         if not delivered and still_mine and not self._abandoned:
-            self._spool_body(body)
+            self._spool_body(batch)
 
     def _ship_all(self) -> None:
         while self._pending or self._overflow:
@@ -336,13 +327,13 @@ class Worker:
     def _post_spooled(self, body: dict[str, Any]) -> bool:
         if self._abandoned:
             return False
-        delivered = self._post(body)
+        delivered = self._post(StepBatch.from_body(body))
         if delivered:
             with self.stats.lock:
                 self.stats.spooled -= len(body.get("steps", ()))
         return delivered
 
-    def _encode(self, records: list[StepRecord]) -> dict[str, Any]:
+    def _encode(self, records: list[StepRecord]) -> StepBatch:
         """Caller holds _state_lock. The run's layer list only ever grows, as the service requires."""
         for record in records:
             record.materialize()
@@ -350,23 +341,18 @@ class Worker:
                 if name not in self._layer_set:
                     self._layer_set.add(name)
                     self._layers.append(name)
-        layers = list(self._layers)
-        return {
-            "batch_id": os.urandom(16).hex(),
-            "layers": layers,
-            "steps": [encode_step(r, layers) for r in records],
-        }
+        return StepBatch.of(records, self._layers)
 
     def _spool_records(self, records: list[StepRecord]) -> None:
         with self._state_lock:
-            body = self._encode(records)
-        self._spool_body(body)
+            batch = self._encode(records)
+        self._spool_body(batch)
 
-    def _spool_body(self, body: dict[str, Any]) -> None:
-        n = len(body.get("steps", ()))
+    def _spool_body(self, batch: StepBatch) -> None:
+        n = len(batch)
         try:
             first = not self.spool.directory.exists()
-            self.spool.append(body)
+            self.spool.append(batch.body())
             if first:
                 self._write_meta(force=True)
         except SpoolFull:
@@ -407,16 +393,16 @@ class Worker:
         self._rejected(response, "PUT run", 0)
         return False
 
-    def _post(self, body: dict[str, Any], _attempt: int = 0) -> bool:
+    def _post(self, batch: StepBatch, _attempt: int = 0) -> bool:
         """True when the batch is settled (stored, or lost and counted); False to retry it later."""
         if not self._run_created and not self._put_run():
             return False
         try:
-            response = self._transport.request("POST", self._run_path + "/steps", body, step_batch=True)
+            response = self._transport.post_steps(self._run_path + "/steps", batch)
         except TransportError as exc:
             self._failed(None, exc)
             return False
-        n = len(body.get("steps", ()))
+        n = len(batch)
         if response.status == 200:
             self._failures = 0
             self._auth_failed = False
@@ -431,36 +417,30 @@ class Worker:
             return True
         if response.status == 404 and _attempt == 0:
             self._run_created = False
-            return self._post(body, 1)
+            return self._post(batch, 1)
         if response.status == 409:
-            return self._conflict(body, response)
+            return self._conflict(batch, response)
         if response.status == 413 and n > 1:
-            half = n // 2
-            parts = [body["steps"][:half], body["steps"][half:]]
-            return all(
-                [self._post({**body, "batch_id": f"{body['batch_id']}.{i}", "steps": steps})
-                 for i, steps in enumerate(parts)]
-            )
+            return all([self._post(half) for half in batch.split()])
         outcome = self._rejected(response, "POST steps", n)
         return outcome if outcome is not None else False
 
-    def _conflict(self, body: dict[str, Any], response: Response) -> bool:
+    def _conflict(self, batch: StepBatch, response: Response) -> bool:
         """Nothing of a 409 batch was stored: count the conflicting steps, resend the rest."""
         detail = response.body.get("detail") if isinstance(response.body, dict) else None
         conflicting = detail.get("steps") if isinstance(detail, dict) else None
-        steps = body.get("steps", [])
         if not isinstance(conflicting, list) or not conflicting:
-            self.stats.count_lost("conflict", len(steps))
-            logger.error("gradwatch: the service refused %d steps as conflicting: %s", len(steps), detail)
+            self.stats.count_lost("conflict", len(batch))
+            logger.error("gradwatch: the service refused %d steps as conflicting: %s", len(batch), detail)
             return True
         bad = set(conflicting)
-        keep = [s for s in steps if s.get("step") not in bad]
-        self.stats.count_lost("conflict", len(steps) - len(keep))
+        keep = batch.without(bad)
+        self.stats.count_lost("conflict", len(batch) - len(keep))
         logger.error("gradwatch: steps %s were already stored with different values; not resent",
                      sorted(bad)[:10])
-        if not keep:
+        if not len(keep):
             return True
-        return self._post({**body, "batch_id": body["batch_id"] + ".r", "steps": keep})
+        return self._post(keep)
 
     def _rejected(self, response: Response, what: str, n: int) -> bool | None:
         """A non-success status: None/False means retry later, True means settled (lost and counted)."""

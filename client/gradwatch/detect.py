@@ -35,7 +35,7 @@ from itertools import compress
 from operator import gt as _gt
 from typing import Any, ClassVar
 
-from gradwatch.incidents import RESOLVE_AFTER_STEPS, new_incident_state, track_incidents
+from gradwatch.incidents import RESOLVE_AFTER_STEPS
 from gradwatch.wire import encode_value
 
 __all__ = [
@@ -43,9 +43,7 @@ __all__ = [
     "DetectorConfig",
     "Event",
     "advance",
-    "new_incident_state",  # re-exported from gradwatch.incidents for callers that still import it from here
     "new_state",
-    "track_incidents",  # likewise
 ]
 
 SIGNATURES = ("nonfinite", "grad_spike", "grad_growth", "loss_divergence", "update_ratio")

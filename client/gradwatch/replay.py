@@ -25,13 +25,11 @@ from typing import IO, Any
 
 from gradwatch.detect import DetectorConfig, Event, advance, new_state
 from gradwatch.incidents import new_incident_state, track_incidents
-from gradwatch.wire import decode_value, encode_value
+from gradwatch.wire import LAYER_FIELDS, SCALAR_FIELDS, decode_value, encode_value
 
 __all__ = ["add_arguments", "config_with", "decode_step", "read_trace", "replay_run", "run", "trace_paths"]
 
 TRACE_SUFFIXES = (".jsonl", ".jsonl.gz")
-_SCALARS = ("loss", "grad_norm", "update_norm", "lr")
-_LAYER_MAPS = ("layer_grad_norms", "layer_weight_norms", "layer_update_norms")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,11 +135,11 @@ def decode_step(raw: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"expected a step line, got kind {raw.get('kind')!r}")
     if not isinstance(raw.get("step"), int):
         raise ValueError("a step line needs an integer 'step'")
-    for key in _SCALARS:
+    for key in SCALAR_FIELDS:
         v = raw.get(key)
         if v is not None and v.__class__ is not float:
             raw[key] = decode_value(v)
-    for key in _LAYER_MAPS:
+    for key in LAYER_FIELDS:
         m = raw.get(key)
         if m and not all(v.__class__ is float for v in m.values()):
             raw[key] = {name: decode_value(v) for name, v in m.items()}

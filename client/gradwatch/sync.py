@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ._options import Options, default_spool_dir
 from ._spool import META_FILE, Spool, owner_alive, spooled_runs
+from ._transport import HttpTransport
 from ._worker import DeliveryStats, Worker
 
 __all__ = ["SyncResult", "add_arguments", "run", "sync_run"]
@@ -84,8 +85,12 @@ def sync_run(directory: Path, url: str | None = None, token: str | None = None, 
     pending = spool.pending_steps()
     options = Options(url=url or meta["url"], token=token, spool_dir=directory.parent, timeout=timeout)
     stats = DeliveryStats()
-    worker = Worker(run_id, body, options, spool, stats)
-    result.ok = worker.deliver_spool()
+    transport = HttpTransport(options.url, token, timeout, options.compress, binary=options.wire == "binary")
+    worker = Worker(run_id, body, options, spool, stats, transport)
+    try:
+        result.ok = worker.deliver_spool()
+    finally:
+        transport.close()
     result.left = spool.pending_steps()
     result.lost = sum(stats.lost.values())
     result.sent = pending - result.left - result.lost

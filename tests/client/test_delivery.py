@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import gradwatch
+from gradwatch._batch import StepBatch
 from gradwatch._transport import HttpTransport
 from gradwatch.sync import sync_run
 from gradwatch.wire import BINARY_CONTENT_TYPE
@@ -78,9 +79,8 @@ def test_a_service_refusing_binary_gets_json_from_then_on(recorder: Recorder, tm
 
 def test_a_batch_the_binary_form_cannot_carry_goes_as_json(recorder: Recorder) -> None:
     transport = HttpTransport(recorder.url)
-    transport.request("POST", "/v1/runs/r/steps", {"steps": [{"step": 2**64}]}, step_batch=True)
-    transport.request("POST", "/v1/runs/r/steps", {"steps": [{"step": 1, "loss": "lots"}]}, step_batch=True)
-    transport.request("POST", "/v1/runs/r/steps", {"steps": [{"step": 1, "loss": 0.5}]}, step_batch=True)
+    for steps in ([{"step": 2**64}], [{"step": 1, "loss": "lots"}], [{"step": 1, "loss": 0.5}]):
+        transport.post_steps("/v1/runs/r/steps", StepBatch.from_body({"batch_id": "b", "steps": steps}))
     transport.close()
     types = [r["headers"].get("Content-Type") for r in recorder.posts()]
     assert types == ["application/json", "application/json", BINARY_CONTENT_TYPE]  # and binary again after
@@ -125,19 +125,6 @@ def test_retry_after_is_honoured(recorder: Recorder, tmp_path: Path) -> None:
     assert report.delivered == 7 and sorted(recorder.stored(run.run_id)) == list(range(7))
     # The resends of that batch are the same body, batch_id included, so the service can de-duplicate them.
     assert posts[0]["body"] == posts[1]["body"] == posts[2]["body"]
-
-
-def test_unknown_run_is_put_again(recorder: Recorder, tmp_path: Path) -> None:
-    run = start(recorder.url, tmp_path)
-    run.log(0, loss=1.0)
-    run.flush()
-    with recorder.lock:
-        recorder.runs.clear()  # the service lost the run (a wiped database)
-    run.log(1, loss=1.0)
-    run.finish()
-    methods = [r["method"] for r in recorder.requests]
-    assert methods.count("PUT") >= 3
-    assert 1 in recorder.stored(run.run_id)
 
 
 def test_conflicting_steps_are_counted_and_the_rest_delivered(recorder: Recorder, tmp_path: Path) -> None:

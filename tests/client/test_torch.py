@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import gradwatch  # noqa: E402
+from gradwatch._torch import Cadence  # noqa: E402
 from gradwatch.wire import decode_value  # noqa: E402
 
 from ..support.fakes import Recorder  # noqa: E402
@@ -83,7 +84,7 @@ def test_weights_and_updates_are_measured_on_every_first_step_then_every_n(
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     run = gradwatch.init(url=recorder.url, spool_dir=tmp_path, **FAST)
-    gradwatch.watch(model, opt, run, start_step=5, dense_steps=dense_steps)  # weight_every=update_every=20
+    gradwatch.watch(model, opt, run, start_step=5, dense_steps=dense_steps, weight_every=20, update_every=20)
     for step in range(5, 50):
         x, y = batch(step)
         opt.zero_grad()
@@ -99,6 +100,50 @@ def test_weights_and_updates_are_measured_on_every_first_step_then_every_n(
     expected = sorted({t for t in range(5, 50) if t < 5 + dense_steps or t % 20 == 0})
     assert with_weights == with_updates == expected
     assert all("layer_grad_norms" in stored[t] for t in stored)
+
+
+@pytest.mark.parametrize("budget", [0.0025, 1e-6])
+def test_the_default_cadence_spaces_samples_by_their_measured_cost(
+        recorder: Recorder, tmp_path: Path, budget: float) -> None:
+    """Left to the watch, weight and update norms are sampled together, at least 20 steps apart, and further
+    apart when a sample costs more than its budget of the training time (0.25 % by default)."""
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    run = gradwatch.init(url=recorder.url, spool_dir=tmp_path, **FAST)
+    w = gradwatch.watch(model, opt, run, dense_steps=3)
+    w.cadence.budget = budget
+    for step in range(120):
+        x, y = batch(step % 7)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        run.log(step, loss=1.0)
+    run.finish()
+    stored = recorder.stored(run.run_id)
+    with_weights = [t for t in sorted(stored) if "layer_weight_norms" in stored[t]]
+    with_updates = [t for t in sorted(stored) if "update_norm" in stored[t]]
+    assert with_weights == with_updates and with_weights[:3] == [0, 1, 2]
+    gaps = [b - a for a, b in zip(with_weights[2:], with_weights[3:], strict=False)]
+    if budget == 0.0025:
+        assert gaps and all(g >= 20 for g in gaps)
+    else:  # no sample of a tiny model costs a millionth of its step: as far apart as allowed, 500 steps
+        assert gaps == [] and w.cadence.period == 500
+
+
+def test_cadence_keeps_samples_within_their_budget() -> None:
+    cadence = Cadence(shortest=20, longest=500, budget=0.0025)
+    assert cadence.period == 20
+    cadence.step_took(0.100)
+    cadence.sample_took(0.010)  # a sample costs 10 % of a step: 40 steps apart keep it at 0.25 %
+    assert cadence.period == 40
+    cadence.sample_took(0.0001)
+    assert 20 < cadence.period < 40  # running averages: one cheap sample does not undo an expensive one
+    for _ in range(50):
+        cadence.sample_took(0.0001)
+    assert cadence.period == 20  # never closer than the shortest
+    for _ in range(50):
+        cadence.sample_took(10.0)
+    assert cadence.period == 500  # nor further than the longest
 
 
 def test_without_clipping_total_equals_get_total_norm(recorder: Recorder, tmp_path: Path) -> None:
@@ -174,12 +219,21 @@ def test_amp_skipped_steps_are_recorded_as_skipped(recorder: Recorder, tmp_path:
     assert all(stored[i].get("skipped") is not True and "grad_norm" in stored[i] for i in (0, 1, 3))
 
 
-def test_watch_on_a_disabled_run_costs_nothing(tmp_path: Path) -> None:
+def test_watch_on_a_disabled_run_costs_nothing(recorder: Recorder, tmp_path: Path) -> None:
+    """Ranks other than 0 get a disabled run: no hooks on their optimizer, nothing sent, nothing spooled."""
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    run = gradwatch.Run("r", gradwatch.Options(spool_dir=tmp_path), {}, enabled=False)
-    w = gradwatch.watch(model, opt, run)
-    assert w._handles == []
+    run = gradwatch.Run("r", gradwatch.Options(url=recorder.url, spool_dir=tmp_path), {}, enabled=False)
+    gradwatch.watch(model, opt, run)
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    for step in range(3):
+        x, y = batch(step)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        gradwatch.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        run.log(step, loss=1.0)
+    assert run.finish().steps == 0
+    assert recorder.requests == [] and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -250,3 +304,31 @@ def test_a_failing_hook_never_breaks_the_step(recorder: Recorder, tmp_path: Path
     with pytest.raises(gradwatch.GradwatchError):
         opt.step()
     strict.finish()
+
+
+def test_logging_a_loss_that_requires_grad_warns_nothing(recorder: Recorder, tmp_path: Path) -> None:
+    """torch warns "Converting a tensor with requires_grad=True to a scalar" (a UserWarning, from
+    `Tensor.__float__`) when such a tensor is read without `detach()`: the client must not print that into
+    every job's log. Recorded from every thread, the sender's included."""
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = gradwatch.init(url=recorder.url, spool_dir=tmp_path, local_detection=True, **FAST)
+    gradwatch.watch(model, opt, run)
+    logged = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(4):
+            x, y = batch(step)
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            assert loss.requires_grad
+            run.log(step, loss=loss, loss_again=loss.reshape(1))
+            run.log_layers(step, update_norms={"0.weight": loss})
+            logged.append(loss.item())
+        run.finish()
+    assert [str(w.message) for w in caught] == []
+    stored = recorder.stored(run.run_id)
+    assert [stored[s]["loss"] for s in range(4)] == logged
+    assert [stored[s]["scalars"]["loss_again"] for s in range(4)] == logged
