@@ -7,7 +7,7 @@ EXTRAS := server,postgres,torch,dev
 
 .PHONY: venv demo serve test check bench score clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 check: $(STAMP)
-	$(VENV)/bin/ruff check client service migrations tests bench examples tools
+	$(VENV)/bin/ruff check setup.py client service migrations tests bench examples tools
 	$(VENV)/bin/mypy client/gradwatch service/gradwatch_service
 
 bench: $(STAMP)
