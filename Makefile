@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS := server,postgres,torch,dev
 
-.PHONY: venv demo serve test check bench score clean
+.PHONY: venv demo serve test test-fast check bench score clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the pure core (client, detectors, wire): no server, no database, no torch; seconds, for every edit
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests/client -m "not service and not torch and not slow" $(PYTEST_ARGS)
 
 check: $(STAMP)
 	$(VENV)/bin/ruff check setup.py client service migrations tests bench examples tools
