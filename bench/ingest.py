@@ -12,6 +12,7 @@ Run: `python bench/ingest.py [--quick] [--json] [--wire binary|json|both] [--det
 from __future__ import annotations
 
 import argparse
+import array
 import gzip
 import http.client
 import json
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ServerProcess, emit, fresh_database, print_table, rss_mb  # noqa: E402
+from _common import BenchServer, emit, fresh_database, print_table, rss_mb  # noqa: E402
 
 from gradwatch.wire import BINARY_CONTENT_TYPE, encode_binary_batch  # noqa: E402
 
@@ -80,7 +81,7 @@ def client(url: str, run_id: str, n_steps: int, batch_size: int, seed: int, star
     done.put(time.perf_counter())
 
 
-def end_to_end(url: str, n_clients: int, n_steps: int, batch_size: int, server: ServerProcess,
+def end_to_end(url: str, n_clients: int, n_steps: int, batch_size: int, server: BenchServer,
                use_gzip: bool = True, wire: str = "binary", prefix: str = "bench") -> tuple[float, float]:
     ctx = mp.get_context("spawn")
     start, done = ctx.Barrier(n_clients + 1), ctx.Queue()
@@ -94,8 +95,7 @@ def end_to_end(url: str, n_clients: int, n_steps: int, batch_size: int, server: 
 
     def sample() -> None:
         while not stop.is_set():
-            assert server.proc is not None
-            peak[0] = max(peak[0], rss_mb(server.proc.pid))
+            peak[0] = max(peak[0], rss_mb(server.pid))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -112,15 +112,32 @@ def end_to_end(url: str, n_clients: int, n_steps: int, batch_size: int, server: 
     return n_clients * n_steps * VALUES_PER_STEP / (max(ends) - t0), peak[0]
 
 
+# the steps table's columns as PostgreSQL's binary COPY sees them; the raw rate inserts with the driver alone
+RAW_COPY_TYPES = {"run_pk": "int8", "step": "int8", "time": "float8", "loss": "float8", "grad_norm": "float8",
+                  "lr": "float8", "update_norm": "float8", "flags": "int2", "layer_grad_norms": "float8[]",
+                  "layer_weight_norms": "float8[]", "layer_update_norms": "float8[]", "scalars": "jsonb"}
+
+
+def float64_blob(values: list[float]) -> bytes:
+    """A per-layer array as SQLite stores it: little-endian float64, 8 bytes a value."""
+    packed = array.array("d", values)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
+
+
 def raw_insert(database_url: str, n_clients: int, n_steps: int, batch_size: int) -> float:
-    """The same rows into the same table through the same driver: executemany, one commit per batch."""
-    from gradwatch_service.codec import pack_floats
+    """The same rows into the same table through the same driver, nothing of gradwatch's in between: executemany
+    on SQLite, binary COPY on PostgreSQL (the fastest way in, and the service's), one commit per batch."""
     from gradwatch_service.db import make_engine
-    from gradwatch_service.ingest import _COPY_TYPES, STEP_COLUMNS, _insert_sql
     from gradwatch_service.migrate import upgrade
+    from gradwatch_service.models import steps as steps_table
 
     engine = make_engine(database_url)
     upgrade(engine)
+    columns = [c.name for c in steps_table.columns]
+    if set(columns) != set(RAW_COPY_TYPES):
+        raise SystemExit(f"the steps table's columns changed ({columns}): update RAW_COPY_TYPES")
     sqlite = engine.dialect.name == "sqlite"
     with engine.begin() as conn:
         conn.exec_driver_sql("INSERT INTO projects (name) VALUES ('raw')")
@@ -128,26 +145,27 @@ def raw_insert(database_url: str, n_clients: int, n_steps: int, batch_size: int)
             conn.exec_driver_sql(
                 "INSERT INTO runs (run_id, project_id, status, layer_names, n_steps, created_at, updated_at) "
                 f"VALUES ('raw-{k}', 1, 'running', '[]', 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)")
-    run_pks = [r[0] for r in engine.connect().exec_driver_sql("SELECT id FROM runs ORDER BY id").all()]
-    assert len(STEP_COLUMNS) == 12
-    work = []
+    with engine.connect() as conn:
+        run_pks = [r[0] for r in conn.exec_driver_sql("SELECT id FROM runs ORDER BY id").all()]
+    work: list[list[tuple[Any, ...]]] = []
     for k in range(n_clients):
         for b in batches(make_steps(n_steps, k), batch_size):
-            work.append([(run_pks[k], s["step"], s["time"], s["loss"], s["grad_norm"], s["lr"], s["update_norm"], 0,
-                          s["layer_grad_norms"], None, None, None) for s in b])
-    sql = _insert_sql(engine.dialect.name)
+            fields = [{**s, "run_pk": run_pks[k], "flags": 0} for s in b]
+            work.append([tuple(f.get(c) for c in columns) for f in fields])
+    g = columns.index("layer_grad_norms")  # the one per-layer array these rows carry
+    names = ", ".join(columns)
     raw = engine.raw_connection()
     driver = raw.driver_connection
     t0 = time.perf_counter()
-    for rows in work:  # the driver's own work: pack the arrays as the service does, insert, commit
+    for rows in work:  # the driver's own work: pack the arrays as SQLite stores them, insert, commit
         if sqlite:
-            rows = [r[:8] + (pack_floats(r[8]),) + r[9:] for r in rows]
+            rows = [r[:g] + (float64_blob(r[g]),) + r[g + 1:] for r in rows]
             driver.execute("BEGIN IMMEDIATE")
-            driver.executemany(sql, rows)
+            driver.executemany(f"INSERT INTO steps ({names}) VALUES ({', '.join('?' * len(columns))})", rows)
             driver.execute("COMMIT")
-        else:  # the fastest way in through psycopg, and the one the service uses: binary COPY
-            with driver.cursor().copy(f"COPY steps ({', '.join(STEP_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as cp:
-                cp.set_types(_COPY_TYPES)
+        else:
+            with driver.cursor().copy(f"COPY steps ({names}) FROM STDIN (FORMAT BINARY)") as cp:
+                cp.set_types([RAW_COPY_TYPES[c] for c in columns])
                 for r in rows:
                     cp.write_row(r)
             driver.commit()
@@ -166,8 +184,8 @@ def measure(backend: str, n_clients: int, n_steps: int, batch_size: int, workdir
     rss = 0.0
     for wire in wires:
         with fresh_database(backend, workdir) as url:
-            server = ServerProcess(url, log_path=workdir / f"server-{backend}.log", args=["--workers", str(workers)],
-                                   env=env)
+            server = BenchServer(url, log_path=workdir / f"server-{backend}.log", args=["--workers", str(workers)],
+                                 env=env)
             server.start()
             try:
                 e2e, peak = end_to_end(server.url, n_clients, n_steps, batch_size, server, use_gzip, wire)
