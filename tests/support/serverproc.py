@@ -29,6 +29,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _new_log_file() -> Path:
+    fd, path = tempfile.mkstemp(prefix="gradwatch-server-", suffix=".log")
+    os.close(fd)  # only the name is wanted: start() opens it for each run of the process
+    return Path(path)
+
+
 class ServerProcess:
     def __init__(self, database_url: str, port: int | None = None, env: dict[str, str] | None = None,
                  log_path: Path | None = None, args: list[str] | None = None, cwd: Path | None = None,
@@ -38,7 +44,7 @@ class ServerProcess:
         self.cwd = cwd
         self.port = port or free_port()
         self.env = {**os.environ, "GRADWATCH_DATABASE_URL": database_url, **(env or {})}
-        self.log_path = log_path or Path(tempfile.mkstemp(prefix="gradwatch-server-", suffix=".log")[1])
+        self.log_path = log_path or _new_log_file()
         self.args = list(args or [])
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
