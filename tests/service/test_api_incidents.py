@@ -105,7 +105,8 @@ def _offline_first_critical(path: Path) -> int | None:
 def test_a_real_diverging_trace_raises_the_same_alert_as_offline_replay(http: httpx.Client, batch_size: int) -> None:
     # the first late-diverging trace on which the offline detectors raise a critical alert at all
     for path in sorted(require_labelled_traces().dev.glob("*.jsonl")):
-        labels = json.loads(path.open().readline())["labels"]
+        with path.open() as trace:
+            labels = json.loads(trace.readline())["labels"]
         if labels["outcome"] == "diverged" and labels["diverged_at"] >= 10:
             expected = _offline_first_critical(path)
             if expected is not None:
