@@ -5,9 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS := server,postgres,torch,dev
 
-.PHONY: venv demo serve test check bench score clean prometheus-tools
+.PHONY: venv demo serve test test-fast check bench score clean prometheus-tools
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
@@ -24,6 +24,10 @@ serve: $(STAMP)
 test: $(STAMP) prometheus-tools
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# the pure core (client, detectors, wire): no server, no database, no torch; seconds, for every edit
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests/client -m "not service and not torch and not slow" $(PYTEST_ARGS)
+
 # Prometheus, promtool, Alertmanager and amtool for the alerting tests, from Debian's packages when missing (as
 # root). Without them those tests skip, except under CI=true, where they fail. The tests start their own
 # servers on free loopback ports, whatever service the packages may have started.
@@ -39,7 +43,7 @@ prometheus-tools:
 	fi
 
 check: $(STAMP)
-	$(VENV)/bin/ruff check client service migrations tests bench examples tools
+	$(VENV)/bin/ruff check setup.py client service migrations tests bench examples tools
 	$(VENV)/bin/mypy client/gradwatch service/gradwatch_service
 
 bench: $(STAMP)

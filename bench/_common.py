@@ -1,20 +1,23 @@
-"""Helpers shared by the benchmarks: databases to run against, a server process, output as table or JSON."""
+"""Helpers shared by the benchmarks: databases to run against, a service process, output as table or JSON.
+
+The benchmarks use gradwatch as a user would, through its public names and its command line, and nothing from
+tests/: they must keep measuring the product, whatever the tests' helpers become.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.support.serverproc import ServerProcess, free_port  # noqa: E402
-
-__all__ = ["ROOT", "ServerProcess", "free_port", "fresh_database", "print_table", "rss_mb", "emit"]
+__all__ = ["BenchServer", "fresh_database", "print_table", "rss_mb", "emit"]
 
 POSTGRES_ADMIN_URL = os.environ.get("GRADWATCH_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -23,7 +26,8 @@ class fresh_database:
     """A new, empty database: a SQLite file in `workdir`, or a PostgreSQL schema dropped on exit."""
 
     def __init__(self, backend: str, workdir: Path) -> None:
-        self.backend, self.workdir, self.schema = backend, workdir, None
+        self.backend, self.workdir = backend, workdir
+        self.schema: str | None = None
 
     def __enter__(self) -> str:
         from sqlalchemy import create_engine, text
@@ -46,6 +50,61 @@ class fresh_database:
             with eng.begin() as conn:
                 conn.execute(text(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE'))
             eng.dispose()
+
+
+class BenchServer:
+    """`gradwatch db upgrade`, then `gradwatch serve` on a free loopback port until `stop()` (SIGTERM)."""
+
+    def __init__(self, database_url: str, log_path: Path, args: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.env = {**os.environ, "GRADWATCH_DATABASE_URL": database_url, **(env or {})}
+        self.log_path, self.args = log_path, list(args or [])
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    def start(self, timeout: float = 60.0) -> None:
+        gradwatch = [sys.executable, "-m", "gradwatch_service"]
+        subprocess.run([*gradwatch, "db", "upgrade"], env=self.env, check=True, capture_output=True)
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([*gradwatch, "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                                          *self.args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gradwatch serve exited with {self.proc.returncode}: "
+                                   f"{self.log_path.read_text(errors='replace')[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"gradwatch serve did not answer on {self.url} within {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def rss_mb(pid: int) -> float:

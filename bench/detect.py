@@ -58,7 +58,7 @@ def us_per_step(n_layers: int, n_steps: int, repeats: int) -> float:
         started = time.perf_counter()
         for step in steps:
             state, events = advance(state, step, config)
-            incidents, _, _ = track_incidents(incidents, events, step["step"], config)  # type: ignore[arg-type]
+            incidents, _, _ = track_incidents(incidents, events, step["step"], config)
         best = min(best, time.perf_counter() - started)
     return 1e6 * best / n_steps
 

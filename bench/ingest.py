@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ServerProcess, emit, fresh_database, print_table, rss_mb  # noqa: E402
+from _common import BenchServer, emit, fresh_database, print_table, rss_mb  # noqa: E402
 
 from gradwatch.wire import BINARY_CONTENT_TYPE, encode_binary_batch  # noqa: E402
 
@@ -80,7 +80,7 @@ def client(url: str, run_id: str, n_steps: int, batch_size: int, seed: int, star
     done.put(time.perf_counter())
 
 
-def end_to_end(url: str, n_clients: int, n_steps: int, batch_size: int, server: ServerProcess,
+def end_to_end(url: str, n_clients: int, n_steps: int, batch_size: int, server: BenchServer,
                use_gzip: bool = True, wire: str = "binary", prefix: str = "bench") -> tuple[float, float]:
     ctx = mp.get_context("spawn")
     start, done = ctx.Barrier(n_clients + 1), ctx.Queue()
@@ -94,8 +94,7 @@ def end_to_end(url: str, n_clients: int, n_steps: int, batch_size: int, server: 
 
     def sample() -> None:
         while not stop.is_set():
-            assert server.proc is not None
-            peak[0] = max(peak[0], rss_mb(server.proc.pid))
+            peak[0] = max(peak[0], rss_mb(server.pid))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -166,8 +165,8 @@ def measure(backend: str, n_clients: int, n_steps: int, batch_size: int, workdir
     rss = 0.0
     for wire in wires:
         with fresh_database(backend, workdir) as url:
-            server = ServerProcess(url, log_path=workdir / f"server-{backend}.log", args=["--workers", str(workers)],
-                                   env=env)
+            server = BenchServer(url, log_path=workdir / f"server-{backend}.log", args=["--workers", str(workers)],
+                                 env=env)
             server.start()
             try:
                 e2e, peak = end_to_end(server.url, n_clients, n_steps, batch_size, server, use_gzip, wire)

@@ -17,6 +17,15 @@ from gradwatch_service.migrate import upgrade
 from .support.databases import BACKENDS, SERVER_MAX_BODY_BYTES, new_database_url
 from .support.serverproc import ServerProcess
 
+# a test that asks for any of these needs the service or its database, so `make test-fast` leaves it out
+SERVICE_FIXTURES = frozenset({"database_url", "server", "live_server"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.service)
+
 
 @pytest.fixture(params=BACKENDS)
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:

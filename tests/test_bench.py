@@ -5,6 +5,7 @@ No timing is asserted here (timings belong in docs/benchmarks.md); only that eve
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -22,6 +23,33 @@ def _run(script: str, *args: str) -> dict[str, float]:
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _non_public_imports(script: Path) -> list[str]:
+    """What a benchmark imports from gradwatch's private modules or names, or from the tests."""
+    found = []
+    for node in ast.walk(ast.parse(script.read_text(), str(script))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            modules, names = [node.module], [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            modules, names = [a.name for a in node.names], []
+        else:
+            continue
+        for module in modules:
+            parts = module.split(".")
+            if parts[0] == "tests" or (parts[0] in ("gradwatch", "gradwatch_service")
+                                       and any(p.startswith("_") for p in parts[1:] + names)):
+                found.append(f"{script.name}:{node.lineno}: {module} {names}")
+    return found
+
+
+@pytest.mark.parametrize("script", [
+    *sorted(p.name for p in BENCH.glob("*.py") if p.name != "client_overhead.py"),
+    pytest.param("client_overhead.py", marks=pytest.mark.xfail(
+        strict=True, reason="imports gradwatch._torch (tensor_norms, watch's dense_steps): no public name yet")),
+])
+def test_benchmarks_use_only_public_names_and_nothing_from_the_tests(script: str) -> None:
+    assert _non_public_imports(BENCH / script) == []
 
 
 @pytest.mark.slow

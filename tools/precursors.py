@@ -162,7 +162,7 @@ def polyak_every_plain_step_rule(r: dict[str, Any]) -> int | None:
     def flag(u: Any, w: Any, g: Any, loss: Any, lr: Any) -> bool:
         if None in (_log(u), _log(w), _log(g), _log(loss), _log(lr)):
             return False
-        return u <= 1.05 * lr * g and u * g >= 4 * loss and u / w >= 0.1
+        return bool(u <= 1.05 * lr * g and u * g >= 4 * loss and u / w >= 0.1)
     return first_streak((flag(*v) for v in zip(r["u"], r["w"], r["g"], r["loss"], r["lr"], strict=True)), 1)
 
 
@@ -174,7 +174,8 @@ def scored(traces: str, alert_lines: list[str]) -> dict[str, Any]:
                               "--alerts", f.name, "--json"], check=True, capture_output=True, text=True)
     finally:
         os.unlink(f.name)
-    return json.loads(out.stdout)["results"][0]["all"]
+    result: dict[str, Any] = json.loads(out.stdout)["results"][0]["all"]
+    return result
 
 
 def joined_rules(runs: list[dict[str, Any]], traces: str, alerts: str) -> None:

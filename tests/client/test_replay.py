@@ -15,15 +15,10 @@ import pytest
 from gradwatch import cli
 from gradwatch.replay import read_trace
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared"
-DEV = SHARED / "traces" / "dev"
-SCORER = SHARED / "tools" / "score.py"
+from ..support.traces import require_labelled_traces
+
 # two real runs: one that blows up in its first update, one healthy run with warnings on the way
 REAL_RUNS = ("dev-085-cnn", "dev-001-mlp")
-
-needs_dev = pytest.mark.skipif(not (DEV.is_dir() and SCORER.is_file()),
-                               reason=f"labelled traces or scorer not found next to the repository ({SHARED})")
 
 
 def write_trace(path: Path, run_id: str, steps: list[dict[str, object]]) -> None:
@@ -87,12 +82,12 @@ def test_a_malformed_trace_is_an_error_naming_the_line(tmp_path: Path, capsys: p
     assert "bad.jsonl:2" in capsys.readouterr().err
 
 
-@needs_dev
 def test_replay_on_real_dev_traces_writes_lines_the_scorer_accepts(tmp_path: Path) -> None:
+    labelled = require_labelled_traces()
     traces = tmp_path / "traces"
     traces.mkdir()
     for run_id in REAL_RUNS:
-        shutil.copy(DEV / f"{run_id}.jsonl", traces / f"{run_id}.jsonl")
+        shutil.copy(labelled.dev / f"{run_id}.jsonl", traces / f"{run_id}.jsonl")
     out = tmp_path / "alerts.jsonl"
 
     alerts = replay(traces, out)
@@ -107,7 +102,7 @@ def test_replay_on_real_dev_traces_writes_lines_the_scorer_accepts(tmp_path: Pat
     assert first["dev-085-cnn"]["signature"] == "update_ratio"
     assert "dev-001-mlp" not in first  # healthy: warnings at most
 
-    result = subprocess.run([sys.executable, str(SCORER), str(traces), str(out), "--json"],
+    result = subprocess.run([sys.executable, str(labelled.scorer), str(traces), str(out), "--json"],
                             capture_output=True, text=True, check=True, timeout=60)
     scored = json.loads(result.stdout)["results"][0]["all"]
     assert scored["early_detected"] == 1

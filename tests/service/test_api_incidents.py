@@ -16,9 +16,9 @@ from gradwatch import detect
 from gradwatch.replay import read_trace, replay_run
 
 from ..support.databases import new_run_id
+from ..support.traces import require_labelled_traces
 
 ROOT = Path(__file__).resolve().parents[2]
-TRACES = Path(__file__).resolve().parents[3] / "shared" / "traces" / "dev"
 
 
 
@@ -106,12 +106,12 @@ def _offline_first_critical(path: Path) -> int | None:
     return None
 
 
-@pytest.mark.skipif(not TRACES.is_dir(), reason=f"labelled traces not found at {TRACES}")
 @pytest.mark.parametrize("batch_size", [7, 500])
 def test_a_real_diverging_trace_raises_the_same_alert_as_offline_replay(http: httpx.Client, batch_size: int) -> None:
     # the first late-diverging trace on which the offline detectors raise a critical alert at all
-    for path in sorted(TRACES.glob("*.jsonl")):
-        labels = json.loads(path.open().readline())["labels"]
+    for path in sorted(require_labelled_traces().dev.glob("*.jsonl")):
+        with path.open() as trace:
+            labels = json.loads(trace.readline())["labels"]
         if labels["outcome"] == "diverged" and labels["diverged_at"] >= 10:
             expected = _offline_first_critical(path)
             if expected is not None:

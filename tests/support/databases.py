@@ -2,7 +2,7 @@
 
 PostgreSQL comes from GRADWATCH_TEST_POSTGRES (default: the local server, database `test`); each test works in
 a schema of its own, dropped at the end. Where PostgreSQL is unreachable the tests skip, except with CI=true,
-where that is a failure.
+where that is a failure (tests/support/requirements.py).
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import os
 import uuid
 from pathlib import Path
 
-import pytest
 from sqlalchemy import create_engine, text
+
+from .requirements import unavailable
 
 __all__ = ["BACKENDS", "POSTGRES_ADMIN_URL", "SERVER_MAX_BODY_BYTES", "PostgresSchema", "new_database_url",
            "new_run_id", "require_postgres"]
@@ -41,10 +42,7 @@ def require_postgres() -> None:
         _PG_PROBLEM.append(_postgres_available())
     problem = _PG_PROBLEM[0]
     if problem:
-        msg = f"PostgreSQL unreachable at {POSTGRES_ADMIN_URL}: {problem}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg + " (CI=true: PostgreSQL tests must run)")
-        pytest.skip(msg)
+        unavailable(f"PostgreSQL unreachable at {POSTGRES_ADMIN_URL}", problem)
 
 
 class PostgresSchema:

@@ -2,6 +2,8 @@
 
 `start()` migrates the database (`gradwatch db upgrade`), starts `gradwatch serve` and waits for /healthz;
 `kill()` is SIGKILL (a crash), `stop()` a graceful SIGTERM. The same port and database can be started again.
+`gradwatch` is the command line that is `gradwatch`: the checkout's by default, an installed wheel's in the
+packaging test.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +29,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _new_log_file() -> Path:
+    fd, path = tempfile.mkstemp(prefix="gradwatch-server-", suffix=".log")
+    os.close(fd)  # only the name is wanted: start() opens it for each run of the process
+    return Path(path)
+
+
 class ServerProcess:
     def __init__(self, database_url: str, port: int | None = None, env: dict[str, str] | None = None,
-                 log_path: Path | None = None, args: list[str] | None = None) -> None:
+                 log_path: Path | None = None, args: list[str] | None = None, cwd: Path | None = None,
+                 gradwatch: Sequence[str] = (sys.executable, "-m", "gradwatch_service")) -> None:
         self.database_url = database_url
+        self.gradwatch = list(gradwatch)
+        self.cwd = cwd
         self.port = port or free_port()
         self.env = {**os.environ, "GRADWATCH_DATABASE_URL": database_url, **(env or {})}
-        self.log_path = log_path or Path(tempfile.mkstemp(prefix="gradwatch-server-", suffix=".log")[1])
+        self.log_path = log_path or _new_log_file()
         self.args = list(args or [])
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
@@ -42,7 +54,7 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def migrate(self) -> None:
-        subprocess.run([sys.executable, "-m", "gradwatch_service", "db", "upgrade"], env=self.env, check=True,
+        subprocess.run([*self.gradwatch, "db", "upgrade"], env=self.env, cwd=self.cwd, check=True,
                        capture_output=True)
 
     def start(self, wait: bool = True, migrate: bool = True, timeout: float = 30.0) -> ServerProcess:
@@ -50,9 +62,8 @@ class ServerProcess:
             self.migrate()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gradwatch_service", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             *self.args],
-            env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            [*self.gradwatch, "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
+            env=self.env, cwd=self.cwd, stdout=self._log, stderr=subprocess.STDOUT,
         )
         if wait:
             self.wait_ready(timeout)
