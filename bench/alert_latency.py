@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ServerProcess, emit, fresh_database, print_table  # noqa: E402
+from _common import BenchServer, emit, fresh_database, print_table  # noqa: E402
 
 HEALTHY_STEPS = 5
 
@@ -70,8 +70,8 @@ def measure(backend: str, n_runs: int, workdir: Path, arrivals: Arrivals) -> dic
 
     latencies, acks, after_ack = [], [], []
     with fresh_database(backend, workdir) as url:
-        server = ServerProcess(url, env={"GRADWATCH_WEBHOOK_ALLOW_PRIVATE_TARGETS": "true"},
-                               log_path=workdir / f"server-{backend}.log")
+        server = BenchServer(url, env={"GRADWATCH_WEBHOOK_ALLOW_PRIVATE_TARGETS": "true"},
+                             log_path=workdir / f"server-{backend}.log")
         server.start()
         try:
             with httpx.Client(base_url=server.url, timeout=30) as http:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gradwatch.detect import DetectorConfig, advance, new_state
+from gradwatch.detect import DetectorConfig, advance, held_signatures, new_state
 from gradwatch.incidents import new_incident_state, track_incidents
 
 
@@ -58,7 +58,7 @@ def us_per_step(n_layers: int, n_steps: int, repeats: int) -> float:
         started = time.perf_counter()
         for step in steps:
             state, events = advance(state, step, config)
-            incidents, _, _ = track_incidents(incidents, events, step["step"], config)
+            incidents, _, _ = track_incidents(incidents, events, step["step"], config, held_signatures(state))
         best = min(best, time.perf_counter() - started)
     return 1e6 * best / n_steps
 

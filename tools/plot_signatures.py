@@ -23,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from gradwatch.detect import DetectorConfig, advance, new_state  # noqa: E402
+from gradwatch.detect import DetectorConfig, advance, held_signatures, new_state  # noqa: E402
 from gradwatch.incidents import new_incident_state, track_incidents  # noqa: E402
 from gradwatch.replay import read_trace  # noqa: E402
 
@@ -54,7 +54,7 @@ def replay_with_bands(steps: list[dict[str, Any]], cfg: DetectorConfig) -> dict[
         g_mu, g_dev = state["g_mu"], max(state["g_dev"], cfg.band_dev_floor)
         r_mu, r_dev = state["r_mu"], max(state["r_dev"], cfg.band_dev_floor)
         state, events = advance(state, step, cfg)
-        incidents, new, _ = track_incidents(incidents, events, step["step"], cfg)
+        incidents, new, _ = track_incidents(incidents, events, step["step"], cfg, held_signatures(state))
         opened += [(step["step"], inc["signature"], inc["severity"]) for inc in new]
         weights = [v for v in (step.get("layer_weight_norms") or {}).values() if v is not None]
         w = math.hypot(*weights) if weights else math.nan

@@ -461,7 +461,8 @@ class _LocalDetector:
         record.judged = True
         record.materialize()
         self._state, events = self._detect.advance(self._state, record.as_detector_input(), self._config)
-        self._incidents, opened, _resolved = self._track(self._incidents, events, record.step, self._config)
+        self._incidents, opened, _resolved = self._track(self._incidents, events, record.step, self._config,
+                                                        self._detect.held_signatures(self._state))
         return [{**incident, "source": "local"} for incident in opened]
 
 

@@ -70,10 +70,10 @@ class StepRecord:
     def on_host(self) -> bool:
         """Whether every value can be read without waiting for a device (a non-blocking check)."""
         for name in SCALAR_FIELDS:
-            value = getattr(self, name)
-            if type(value) is DeviceScalar and not value.event.query():
+            value: Any = getattr(self, name)
+            if isinstance(value, DeviceScalar) and not value.event.query():
                 return False
-        return all(type(v) is not DeviceScalar or v.event.query()
+        return all(not isinstance(v, DeviceScalar) or v.event.query()
                    for values in (self.scalars, self.grad_norms, self.weight_norms, self.update_norms)
                    for v in values.values())
 

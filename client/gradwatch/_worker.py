@@ -187,12 +187,15 @@ class Worker:
         with no sender thread running). True when the spool is empty and the run body was accepted."""
         self._retry_at = 0.0
         self._run_dirty = True
-        if self.spool.has_pending():
-            self._spool_pending = True
-            self._drain(max_batches=None)
-        elif not self._put_run():
-            return False
-        return not self._spool_pending and not self._run_dirty
+        try:
+            if self.spool.has_pending():
+                self._spool_pending = True
+                self._drain(max_batches=None)
+            elif not self._put_run():
+                return False
+            return not self._spool_pending and not self._run_dirty
+        finally:
+            self._transport.close()
 
     @property
     def layers(self) -> list[str]:
@@ -219,15 +222,18 @@ class Worker:
         self._wake.set()
 
     def _loop(self) -> None:
-        while not self._abandoned:
-            self._wake.wait(self._wait_time())
-            self._wake.clear()
-            if self._abandoned:
-                return
-            try:
-                self._cycle()
-            except Exception:  # the sender must outlive any bug in one batch
-                logger.exception("gradwatch: sender error (continuing)")
+        try:
+            while not self._abandoned:
+                self._wake.wait(self._wait_time())
+                self._wake.clear()
+                if self._abandoned:
+                    return
+                try:
+                    self._cycle()
+                except Exception:  # the sender must outlive any bug in one batch
+                    logger.exception("gradwatch: sender error (continuing)")
+        finally:
+            self._transport.close()  # the keep-alive socket goes with the thread, not with the garbage collector
 
     def _cycle(self) -> None:
         now = time.monotonic()

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import compress
 from operator import gt as _gt
@@ -43,6 +43,7 @@ __all__ = [
     "DetectorConfig",
     "Event",
     "advance",
+    "held_signatures",
     "new_state",
 ]
 
@@ -203,6 +204,13 @@ class Event:
     message: str
 
 
+def held_signatures(state: dict[str, Any]) -> Collection[str]:
+    """The signatures fired and not yet back near the baseline they broke (`_hold`): their incidents stay open
+    (`gradwatch.incidents.track_incidents(..., held=...)`)."""
+    held: dict[str, Any] = state["held"]
+    return held.keys()
+
+
 def new_state() -> dict[str, Any]:
     """Detector state for a run that has not sent a step yet."""
     return {
@@ -335,7 +343,7 @@ def _root_cause(state: dict[str, Any], keys: Sequence[str] | None, values: Any,
     """The layer to blame: the one that broke out of its own band first and is still out; failing that (every
     layer is noisy enough to stay inside its band), the layer furthest above its band right now. Only called
     when an event fires, so the O(layers) fallback costs nothing on quiet steps."""
-    out = state["out"]
+    out: dict[str, int] = state["out"]
     if out:
         return min(out.items(), key=lambda kv: (kv[1], kv[0]))[0]
     if values is None or keys is None or list(keys) != state["layers"]:
@@ -681,7 +689,7 @@ def _grad_growth(state: dict[str, Any], events: list[Event], t: int, g: float, x
         _hold(state, "grad_growth", CRITICAL, mu + cfg.resolve_z * s, base, t)
         events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state, gk, gv, cfg),
                             f"the whole network climbs: the geometric mean of the layer grad norms is "
-                            f"{_exp(gm - state['m_mu']):.3g}x its band and the grad norm {g:.4g} "  # type: ignore[operator]
+                            f"{_exp(gm - state['m_mu']):.3g}x its band and the grad norm {g:.4g} "
                             f"{g / base:.3g}x its band, for {state['gw_n']} steps"))
 
 

@@ -14,6 +14,7 @@ the wire's spelling ("NaN", "Infinity"): they are the record that is persisted a
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from gradwatch.wire import encode_value
@@ -35,7 +36,7 @@ def new_incident_state() -> dict[str, Any]:
 
 
 def track_incidents(incident_state: dict[str, Any], events: list[Event], step: int,
-                    config: DetectorConfig | None = None
+                    config: DetectorConfig | None = None, held: Collection[str] = ()
                     ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """Turn a step's events into incident changes.
 
@@ -43,6 +44,10 @@ def track_incidents(incident_state: dict[str, Any], events: list[Event], step: i
     turns critical is reported again, with "escalated": true) and those resolved at this step. Incidents are
     plain JSON-safe dicts: signature, severity, opened_at, last_seen, layer, value, baseline, message
     (+ resolved_at once resolved).
+
+    `held` names the signatures the detector still holds (`detect.held_signatures`): their incidents do not
+    resolve however long they are quiet, because a signal measured only now and then (update norms, every
+    `update_every` steps) is quiet between samples without being back.
     """
     open_ = incident_state["open"]
     if not events and not open_:  # the common case: a quiet step with nothing open
@@ -66,6 +71,10 @@ def track_incidents(incident_state: dict[str, Any], events: list[Event], step: i
             if inc["layer"] is None:
                 inc["layer"] = ev.layer
             opened.append(dict(inc))
+    for signature in held:  # still out as far as anyone knows: seen, so its quiet period starts when it is back
+        inc = open_.get(signature)
+        if inc is not None:
+            inc["last_seen"] = step
     fired = {ev.signature for ev in events}
     quiet = [s for s, inc in open_.items() if s not in fired and step - inc["last_seen"] >= quiet_steps]
     for sig in quiet:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import IO, Any
 
-from gradwatch.detect import DetectorConfig, Event, advance, new_state
+from gradwatch.detect import DetectorConfig, Event, advance, held_signatures, new_state
 from gradwatch.incidents import new_incident_state, track_incidents
 from gradwatch.wire import LAYER_FIELDS, SCALAR_FIELDS, decode_value, encode_value
 
@@ -153,7 +153,7 @@ def replay_run(run_id: str, steps: Iterable[Mapping[str, Any]], config: Detector
     incidents = new_incident_state()
     for step in steps:
         state, events = advance(state, step, config)
-        incidents, opened, _ = track_incidents(incidents, events, step["step"], config)
+        incidents, opened, _ = track_incidents(incidents, events, step["step"], config, held_signatures(state))
         if every_event:
             for ev in events:
                 yield _event_line(run_id, ev)

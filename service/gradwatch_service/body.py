@@ -61,7 +61,7 @@ async def read_body(request: Request, max_bytes: int, binary: bool = False) -> b
 def gunzip_capped(data: bytes, max_bytes: int) -> bytes:
     inflater = _zlib.decompressobj(wbits=47)  # 32 + 15: gzip or zlib header, auto-detected
     try:
-        out = inflater.decompress(data, max_bytes + 1)
+        out: bytes = inflater.decompress(data, max_bytes + 1)
         if len(out) > max_bytes or inflater.unconsumed_tail:
             raise HTTPException(413, f"decompressed request body is over the {max_bytes}-byte limit")
         out += inflater.flush()

@@ -70,7 +70,7 @@ def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: 
         last = t
         if not events and not inc_state["open"]:
             continue
-        inc_state, opened, resolved = track_incidents(inc_state, events, t, config)
+        inc_state, opened, resolved = track_incidents(inc_state, events, t, config, detect.held_signatures(state))
         for ev in events:
             touched[ev.signature] = ev.step
         for inc in opened:

@@ -67,7 +67,8 @@ def compare_type(context: Any, inspected_column: Any, metadata_column: Any, insp
     if isinstance(metadata_type, TypeDecorator):
         dialect = context.dialect
         impl = metadata_type.load_dialect_impl(dialect)
-        return context.impl.compare_type(inspected_column, _with_type(metadata_column, impl))
+        differs: bool = context.impl.compare_type(inspected_column, _with_type(metadata_column, impl))
+        return differs
     return None
 
 

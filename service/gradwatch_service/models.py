@@ -67,7 +67,7 @@ class Real(TypeDecorator[float]):
         return sqlite_real_out(value) if dialect.name == "sqlite" else value
 
 
-class FloatArray(TypeDecorator[list]):
+class FloatArray(TypeDecorator[list[float | None]]):
     """Per-layer values: `double precision[]` on PostgreSQL (dashboards query it), a float64 blob on SQLite."""
 
     impl = LargeBinary

@@ -51,7 +51,7 @@ UPDATE_EXAMPLE = {"project": None, "enabled": False}
 
 
 def _examples(*examples: dict[str, Any]) -> ConfigDict:
-    return ConfigDict(json_schema_extra={"examples": list(examples)})  # type: ignore[typeddict-item]
+    return ConfigDict(json_schema_extra={"examples": list(examples)})
 
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]

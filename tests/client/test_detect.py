@@ -429,3 +429,28 @@ def test_a_lone_spike_is_a_warning_not_growth() -> None:
     steps = [*noisy_steps(50, sigma=0.1), make_step(50, grad=100.0), *noisy_steps(30, start=51, sigma=0.1)]
     _, events = run(steps)
     assert [(e.signature, e.severity, e.step) for e in events] == [("grad_spike", "warning", 50)]
+
+
+def test_a_ratio_sampled_sparsely_and_still_out_keeps_its_incident_open() -> None:
+    """watch() samples update norms 20 to 500 steps apart: a ratio that broke out and is still out at every
+    sample keeps the update_ratio incident open through the unmeasured steps in between (the demo's exploding
+    run once showed it resolved while the run blew up)."""
+    from gradwatch.detect import held_signatures
+    from gradwatch.incidents import new_incident_state, track_incidents
+
+    steps = noisy_steps(1500, seed=9)
+    for step in steps:
+        if step["step"] % 30:  # 30 steps apart: longer than the quiet period that resolves an incident (25)
+            del step["update_norm"], step["layer_weight_norms"]
+        elif step["step"] >= 900:  # the band has its 20 samples by then
+            step["update_norm"] = 5.0  # 500x the usual 0.01 and never back
+    state, incidents = new_state(), new_incident_state()
+    opened, resolved = [], []
+    for step in steps:
+        state, events = advance(state, step, DetectorConfig())
+        incidents, o, r = track_incidents(incidents, events, int(step["step"]), DetectorConfig(),  # type: ignore[call-overload]
+                                          held_signatures(state))
+        opened += o
+        resolved += r
+    assert [(o["signature"], o["opened_at"]) for o in opened] == [("update_ratio", 900)]
+    assert resolved == []

@@ -145,3 +145,18 @@ def test_a_state_from_version_2_is_upgraded_and_holds_nothing() -> None:
     _, resumed = run(steps[60:], state=old)
     _, straight = run(steps)
     assert [(e.signature, e.step) for e in resumed] == [(e.signature, e.step) for e in straight if e.step >= 60]
+
+
+def test_an_incident_the_detector_still_holds_stays_open_however_long_it_is_quiet() -> None:
+    """A signal measured only now and then (update norms, every `update_every` steps) is quiet between samples
+    without being back: its incident must outlast the quiet period while the detector holds the signature."""
+    cfg = DetectorConfig(resolve_after_steps=10)
+    inc, _, _ = track_incidents(new_incident_state(), _events("update_ratio", 0), 0, cfg)
+    for t in range(1, 100):
+        inc, _, resolved = track_incidents(inc, [], t, cfg, held={"update_ratio"})
+        assert not resolved
+    for t in range(100, 109):  # the hold ended after step 99 (the signal came back): the quiet period runs
+        inc, _, resolved = track_incidents(inc, [], t, cfg)
+        assert not resolved
+    inc, _, resolved = track_incidents(inc, [], 109, cfg)
+    assert [(r["signature"], r["last_seen"], r["resolved_at"]) for r in resolved] == [("update_ratio", 99, 109)]

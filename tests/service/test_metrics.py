@@ -125,10 +125,14 @@ def test_a_committed_batch_is_counted_by_steps_values_detector_time_and_incident
 
 
 def test_the_webhook_outbox_and_delivery_log_are_exported(http: httpx.Client) -> None:
+    """Read from the database like run state (the outbox and the delivery log hold them); other tests on the
+    session server subscribe receivers, so only the shape and the sign are known here."""
     samples = scrape(http)
-    assert value(samples, "gradwatch_webhook_outbox_depth") == 0  # no subscription on the session server
-    assert {value(samples, "gradwatch_webhook_deliveries_total", outcome=o) for o in ("delivered", "failed", "dead")} \
-        == {0}
+    depth = value(samples, "gradwatch_webhook_outbox_depth")
+    assert depth is not None and depth >= 0
+    outcomes = {dict(labels)["outcome"]: v for (name, labels), v in samples.items()
+                if name == "gradwatch_webhook_deliveries_total"}
+    assert set(outcomes) == {"delivered", "failed", "dead"} and min(outcomes.values()) >= 0
 
 
 @pytest.fixture

@@ -218,5 +218,6 @@ def test_the_documented_stdlib_receiver_accepts_what_the_service_sends(tmp_path:
         finally:
             receiver.kill()
             receiver.wait(10)
+            receiver.stdout.close()  # type: ignore[union-attr]
     status, run, signature, msg_id = line.split()
     assert (status, run, signature) == ("firing", run_id, "nonfinite") and msg_id.startswith("msg_")

@@ -8,11 +8,13 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from gradwatch.wire import RunStatus
+
 from ..body import parse_body, read_body
 from ..db import read_connection, write_transaction
 from ..ingest import upsert_run
 from ..queries import get_run, list_runs
-from ..schemas import MAX_STEP, RunPublic, RunsPublic, RunStatus, RunUpsert
+from ..schemas import MAX_STEP, RunPublic, RunsPublic, RunUpsert
 from .deps import EngineDep, RunIdPath, SettingsDep, model_response
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
