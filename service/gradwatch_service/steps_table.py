@@ -43,6 +43,14 @@ class LayerColumn:
         self.n_layers = n_layers
         self.section = section
         self._lists = lists
+        self._missing: int | None = None
+
+    def missing_in_section(self) -> int:
+        """How many values of the section are the not-measured sentinel: one scan, shared by every reader (most
+        sections have none, and then nothing needs to look value by value)."""
+        if self._missing is None:
+            self._missing = self.section.count(MISSING_BYTES) if self.section is not None else 0
+        return self._missing
 
     def lists(self) -> list[LayerRow | None]:
         """One list per step; None for a step without the field (in a section: a row of sentinels only)."""
@@ -55,7 +63,7 @@ class LayerColumn:
                 flat = unpack_floats(self.section)
                 rows = [flat[i: i + width] for i in range(0, len(flat), width)]
                 self._lists = [None if row.count(None) == width else row for row in rows] \
-                    if MISSING_BYTES in self.section else list(rows)
+                    if self.missing_in_section() else list(rows)
         return self._lists
 
     def blobs(self) -> Sequence[bytes | None]:
@@ -67,7 +75,7 @@ class LayerColumn:
         width = 8 * self.n_layers
         section = self.section
         blobs: list[bytes | None] = [section[i: i + width] for i in range(0, len(section), width)]
-        if MISSING_BYTES in section:
+        if self.missing_in_section():
             empty = MISSING_BYTES * self.n_layers
             blobs = [None if b == empty else b for b in blobs]
         return blobs
@@ -112,7 +120,7 @@ class StepColumns:
         total = sum(len(col) - col.count(None) for name in SCALAR_FIELDS if (col := self.values.get(name)))
         for column in self.layer_columns.values():
             if column.section is not None:
-                total += len(column.section) // 8 - column.section.count(MISSING_BYTES)
+                total += len(column.section) // 8 - column.missing_in_section()
             else:
                 total += sum(len(row) - row.count(None) for row in column.lists() if row is not None)
         return total
