@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from .serverproc import free_port
+from .serverproc import end_process, free_port
 
 __all__ = ["REPO", "require_binary", "BinaryServer", "prometheus_server", "alertmanager_server", "get_json"]
 
@@ -69,13 +69,7 @@ class BinaryServer:
         raise TimeoutError(f"{self.argv[0]} not ready on {self.url} within {timeout}s")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        end_process(self.proc)
         self.proc = None
 
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ServerProcess", "free_port"]
+__all__ = ["ServerProcess", "end_process", "free_port"]
 
 
 def free_port() -> int:
@@ -33,6 +33,18 @@ def _new_log_file() -> Path:
     fd, path = tempfile.mkstemp(prefix="gradwatch-server-", suffix=".log")
     os.close(fd)  # only the name is wanted: start() opens it for each run of the process
     return Path(path)
+
+
+def end_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
+    """Send `sig` to a process that still runs and wait for it; SIGKILL after 10 s. A no-op for None or a process
+    that already ended."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 class ServerProcess:
@@ -91,13 +103,7 @@ class ServerProcess:
         self._end(signal.SIGTERM)
 
     def _end(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        end_process(self.proc, sig)
         self.proc = None
         if self._log is not None:
             self._log.close()
