@@ -169,7 +169,11 @@ def test_the_demos_exploding_run_keeps_its_incidents_open_to_the_end(http: httpx
     listed = http.get("/v1/incidents", params={"project": project, "limit": 1000}).json()["incidents"]
     by_signature = {inc["signature"]: inc for inc in listed if inc["severity"] == "critical"}
     assert {"grad_growth", "loss_divergence", "nonfinite"} <= set(by_signature), listed
-    assert [(i["signature"], i["opened_step"], i["resolved_step"]) for i in listed if i["status"] == "resolved"] == []
+    # the critical signals never come back (the loss and the grad norm end at NaN): none of theirs may resolve.
+    # update_ratio may: the weights grow with the explosion, and the update/weight ratio can truly fall back
+    # under the level it broke (how far depends on the steps watch() samples, so on this machine's timing)
+    assert [(i["signature"], i["opened_step"], i["resolved_step"]) for i in listed
+            if i["status"] == "resolved" and i["severity"] == "critical"] == []
 
 
 @pytest.mark.parametrize("spelled", ["NaN", "Infinity", "-Infinity"])
