@@ -163,15 +163,16 @@ def shipped_prometheus_config(target: str, workdir: Path) -> tuple[Path, dict[st
     return path, config
 
 
-def prometheus_rule(name: str) -> dict[str, Any]:
-    """The alert rule `name` from deploy/prometheus/rules.yml."""
+def prometheus_rule(name: str) -> tuple[dict[str, Any], str | None]:
+    """The alert rule `name` from deploy/prometheus/rules.yml, and its group's own `interval` (None: the global
+    evaluation_interval)."""
     import yaml
 
     rules = yaml.safe_load((REPO / "deploy" / "prometheus" / "rules.yml").read_text())
     for group in rules["groups"]:
         for rule in group["rules"]:
             if rule.get("alert") == name:
-                return dict(rule)
+                return dict(rule), group.get("interval")
     raise KeyError(f"no alert {name} in deploy/prometheus/rules.yml")
 
 

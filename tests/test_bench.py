@@ -109,3 +109,10 @@ def test_alert_latency_benchmark_reports_its_figures() -> None:
                 "postgres_webhook_p50_ms", "postgres_webhook_p99_ms"):
         assert figures[key] > 0, key
     assert figures["webhook_p50_ms"] <= figures["webhook_p99_ms"]
+    # Prometheus with the shipped intervals (one run under --quick), or null and why where the binary is missing
+    if figures["prometheus_firing_s"] is None:
+        assert figures["prometheus_reason"] and figures["prometheus_firing_runs"] == 0
+    else:
+        assert 0 < figures["prometheus_firing_s"] <= figures["prometheus_firing_max_s"]
+        assert figures["prometheus_firing_runs"] == 1
+        assert figures["prometheus_scrape_interval_s"] > 0 and figures["prometheus_evaluation_interval_s"] > 0
