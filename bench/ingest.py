@@ -95,16 +95,19 @@ class Scraper:
     def __init__(self, url: str, period: float = 1.0) -> None:
         self.url, self.period = url + "/metrics", period
         self.scrapes = 0
+        self.error: Exception | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         next_at = time.monotonic()
         while not self._stop.is_set():
-            with urllib.request.urlopen(self.url, timeout=30) as r:
-                r.read()
-                if r.status != 200:
-                    raise RuntimeError(f"/metrics answered {r.status}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=30) as r:
+                    r.read()
+            except Exception as exc:  # said by stop(): a failing scrape must not pass for a cheap one
+                self.error = exc
+                return
             self.scrapes += 1
             next_at += self.period
             self._stop.wait(max(0.0, next_at - time.monotonic()))
@@ -115,6 +118,8 @@ class Scraper:
     def stop(self) -> int:
         self._stop.set()
         self._thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"scraping {self.url} failed: {self.error}")
         return self.scrapes
 
 
