@@ -251,7 +251,7 @@ def measure(backend: str, n_clients: int, n_steps: int, batch_size: int, workdir
 
 
 def alerting_pairs(backend: str, args: argparse.Namespace, n_steps: int, workdir: Path, wire: str,
-                   env: dict[str, str]) -> dict[str, float]:
+                   env: dict[str, str]) -> dict[str, Any]:
     """Back-to-back pairs, alerting off and on, in alternating order so drift and noise hit both sides: the
     median of each side and the median of the pairs' ratios."""
     rates: dict[str, list[float]] = {"on": [], "off": []}
@@ -266,8 +266,7 @@ def alerting_pairs(backend: str, args: argparse.Namespace, n_steps: int, workdir
             scrapes, webhooks = scrapes + m["scrapes"], webhooks + m["webhooks"]
         ratios.append(rate["on"] / rate["off"])
     return {"off": statistics.median(rates["off"]), "on": statistics.median(rates["on"]),
-            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-            "scrapes": scrapes, "webhooks": webhooks}
+            "ratio": statistics.median(ratios), "ratios": ratios, "scrapes": scrapes, "webhooks": webhooks}
 
 
 def main() -> int:
@@ -317,6 +316,7 @@ def main() -> int:
                 figures[f"{name}_alerting_off_values_per_s"] = round(pairs["off"])
                 figures[f"{name}_alerting_on_values_per_s"] = round(pairs["on"])
                 figures[f"{name}_ingest_alerting_on_vs_off"] = round(pairs["ratio"], 3)
+                figures[f"{name}_ingest_alerting_on_vs_off_pairs"] = [round(r, 3) for r in pairs["ratios"]]
                 figures[f"{name}_alerting_scrapes"] = int(pairs["scrapes"])
                 figures[f"{name}_alerting_webhooks"] = int(pairs["webhooks"])
             if not args.json:
@@ -343,14 +343,14 @@ def main() -> int:
     return 0
 
 
-def print_side_by_side(name: str, n_pairs: int, wire: str, pairs: dict[str, float]) -> None:
+def print_side_by_side(name: str, n_pairs: int, wire: str, pairs: dict[str, Any]) -> None:
     title = (f"ingest with alerting off and on, {name}, {wire}: median of {n_pairs} back-to-back pair(s); on = "
              f"metrics on, 1 webhook subscription, /metrics scraped every 1 s")
     print(title)
     print("-" * len(title))
     print(f"{'':<14}{'alerting off':>16}{'alerting on':>16}{'on / off':>12}")
     print(f"{'values/s':<14}{pairs['off']:>16,.0f}{pairs['on']:>16,.0f}{pairs['ratio']:>12.3f}")
-    print(f"pairs' on/off from {pairs['ratio_min']:.3f} to {pairs['ratio_max']:.3f}; during the on runs "
+    print(f"pairs' on/off: {', '.join(f'{r:.3f}' for r in pairs['ratios'])}; during the on runs "
           f"{int(pairs['scrapes'])} scrapes, {int(pairs['webhooks'])} webhooks received (healthy steps: incidents are "
           f"rare; a webhook's cost per incident is bench/alert_latency.py's)")
     print()
