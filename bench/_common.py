@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BenchServer", "fresh_database", "print_table", "rss_mb", "emit"]
+__all__ = ["BenchServer", "Receiver", "PrometheusServer", "duration_s", "fresh_database", "get_json", "post_json",
+           "print_table", "prometheus_rule", "rss_mb", "emit", "shipped_prometheus_config"]
+
+REPO = Path(__file__).resolve().parents[1]
 
 POSTGRES_ADMIN_URL = os.environ.get("GRADWATCH_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -89,6 +95,134 @@ class BenchServer:
                 time.sleep(0.05)
         self.stop()
         raise TimeoutError(f"gradwatch serve did not answer on {self.url} within {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1 in the benchmark's process: answers 204 and counts what it was sent."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                self.send_response(204)
+                self.end_headers()
+                receiver.received += 1
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def get_json(url: str, timeout: float = 5.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.load(r)
+
+
+def post_json(url: str, body: Any, timeout: float = 30.0) -> Any:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.load(r)
+
+
+def shipped_prometheus_config(target: str, workdir: Path) -> tuple[Path, dict[str, Any]]:
+    """deploy/prometheus/prometheus.yml as shipped (intervals, rules.yml, alerting), with only the gradwatch
+    scrape target replaced by `target` (host:port) and the rule file given by its absolute path, written to
+    `workdir`. Returns the file and the config. (PyYAML comes with uvicorn[standard], the server extra.)"""
+    import yaml
+
+    deploy = REPO / "deploy" / "prometheus"
+    config = yaml.safe_load((deploy / "prometheus.yml").read_text())
+    config["rule_files"] = [str((deploy / f).resolve()) for f in config["rule_files"]]
+    jobs = [job for job in config["scrape_configs"] if job["job_name"] == "gradwatch"]
+    assert len(jobs) == 1, "prometheus.yml has no single gradwatch job"
+    for static in jobs[0]["static_configs"]:
+        static["targets"] = [target]
+    path = workdir / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path, config
+
+
+def prometheus_rule(name: str) -> tuple[dict[str, Any], str | None]:
+    """The alert rule `name` from deploy/prometheus/rules.yml, and its group's own `interval` (None: the global
+    evaluation_interval)."""
+    import yaml
+
+    rules = yaml.safe_load((REPO / "deploy" / "prometheus" / "rules.yml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            if rule.get("alert") == name:
+                return dict(rule), group.get("interval")
+    raise KeyError(f"no alert {name} in deploy/prometheus/rules.yml")
+
+
+def duration_s(text: str) -> float:
+    """A Prometheus duration ("15s", "1m", "1m30s") in seconds."""
+    import re
+
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+    parts = re.findall(r"(\d+)(ms|s|m|h|d|w|y)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"not a Prometheus duration: {text!r}"
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+class PrometheusServer:
+    """The `prometheus` binary (Debian's package) on a free loopback port, data in `workdir`, until `stop()`.
+    `PrometheusServer.missing()` says why it cannot run here, or None."""
+
+    def __init__(self, config: Path, workdir: Path) -> None:
+        self.port = _free_port()
+        self.log_path = workdir / "prometheus.log"
+        self.argv = [shutil.which("prometheus") or "prometheus", f"--config.file={config}",
+                     f"--storage.tsdb.path={workdir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{self.port}"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def missing() -> str | None:
+        if shutil.which("prometheus") is None:
+            return "the prometheus binary is not installed (Debian: apt-get install prometheus; make test does)"
+        return None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> PrometheusServer:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited with {self.proc.returncode}: "
+                                   f"{self.log_path.read_text(errors='replace')[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/-/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"prometheus not ready on {self.url} within {timeout}s")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

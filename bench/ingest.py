@@ -6,7 +6,14 @@ keep-alive HTTP connection, encoded as the client sends them by default (binary 
 as gzip'd JSON (`--wire json`; `--wire both` measures both against the same raw rate). Bodies are encoded
 before the clock starts: this measures the service, not the clients. The raw rate inserts the same rows, batch
 by batch, one transaction per batch, with the database driver alone (no HTTP, no validation).
-Run: `python bench/ingest.py [--quick] [--json] [--wire binary|json|both] [--detection on|off]`.
+
+`--alerting on` measures the service as it runs with its alert paths in use: metrics on, one webhook
+subscription to a receiver in this process, and a scraper reading /metrics every second while the clients send;
+`--alerting off` (the default) sets GRADWATCH_METRICS=false and subscribes nobody; `--alerting both` measures
+back-to-back pairs of the two in alternating order and reports the median ratio. The steps are healthy, so
+incidents (and webhooks) are rare: what a webhook costs per incident is bench/alert_latency.py's figure.
+Run: `python bench/ingest.py [--quick] [--json] [--wire binary|json|both] [--detection on|off]
+[--alerting on|off|both] [--pairs N]`.
 """
 
 from __future__ import annotations
@@ -18,15 +25,17 @@ import json
 import math
 import multiprocessing as mp
 import random
+import statistics
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BenchServer, emit, fresh_database, print_table, rss_mb  # noqa: E402
+from _common import BenchServer, Receiver, emit, fresh_database, post_json, print_table, rss_mb  # noqa: E402
 
 from gradwatch.wire import BINARY_CONTENT_TYPE, encode_binary_batch  # noqa: E402
 
@@ -80,8 +89,43 @@ def client(url: str, run_id: str, n_steps: int, batch_size: int, seed: int, star
     done.put(time.perf_counter())
 
 
+class Scraper:
+    """Reads /metrics every `period` seconds from `start()` to `stop()`, as Prometheus would."""
+
+    def __init__(self, url: str, period: float = 1.0) -> None:
+        self.url, self.period = url + "/metrics", period
+        self.scrapes = 0
+        self.error: Exception | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                with urllib.request.urlopen(self.url, timeout=30) as r:
+                    r.read()
+            except Exception as exc:  # said by stop(): a failing scrape must not pass for a cheap one
+                self.error = exc
+                return
+            self.scrapes += 1
+            next_at += self.period
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"scraping {self.url} failed: {self.error}")
+        return self.scrapes
+
+
 def end_to_end(url: str, n_clients: int, n_steps: int, batch_size: int, server: BenchServer,
-               use_gzip: bool = True, wire: str = "binary", prefix: str = "bench") -> tuple[float, float]:
+               use_gzip: bool = True, wire: str = "binary", prefix: str = "bench",
+               scraper: Scraper | None = None) -> tuple[float, float]:
     ctx = mp.get_context("spawn")
     start, done = ctx.Barrier(n_clients + 1), ctx.Queue()
     procs = [ctx.Process(target=client, args=(url, f"{prefix}-{k}", n_steps, batch_size, k, start, done, use_gzip,
@@ -101,7 +145,11 @@ def end_to_end(url: str, n_clients: int, n_steps: int, batch_size: int, server: 
     sampler.start()
     start.wait()
     t0 = time.perf_counter()
+    if scraper is not None:
+        scraper.start()
     ends = [done.get(timeout=600) for _ in procs]
+    if scraper is not None:
+        scraper.stop()
     for p in procs:
         p.join()
         if p.exitcode:
@@ -156,23 +204,39 @@ def raw_insert(database_url: str, n_clients: int, n_steps: int, batch_size: int)
     return n_clients * n_steps * VALUES_PER_STEP / elapsed
 
 
+ALERTING_ENV = {"on": {"GRADWATCH_METRICS": "true", "GRADWATCH_WEBHOOK_ALLOW_PRIVATE_TARGETS": "true"},
+                "off": {"GRADWATCH_METRICS": "false"}}
+
+
 def measure(backend: str, n_clients: int, n_steps: int, batch_size: int, workdir: Path, workers: int = 1,
             env: dict[str, str] | None = None, raw: bool = True, use_gzip: bool = True,
-            wires: tuple[str, ...] = ("binary",)) -> dict[str, float]:
+            wires: tuple[str, ...] = ("binary",), alerting: str | None = None) -> dict[str, float]:
     """End-to-end (and, with raw, the raw insert rate) on a fresh database; env goes to the service. The first
-    wire's figures are `values_per_s`..., the others' `json_values_per_s`... (each its own fresh database)."""
-    out: dict[str, float] = {}
+    wire's figures are `values_per_s`..., the others' `json_values_per_s`... (each its own fresh database).
+    `alerting`: "on" (metrics on, a webhook subscription, /metrics scraped every second), "off" (metrics off, no
+    subscription) or None (the service's defaults, nothing subscribed or scraped)."""
+    out: dict[str, float] = {"scrapes": 0, "webhooks": 0}
     rss = 0.0
     for wire in wires:
         with fresh_database(backend, workdir) as url:
             server = BenchServer(url, log_path=workdir / f"server-{backend}.log", args=["--workers", str(workers)],
-                                 env=env)
+                                 env={**(env or {}), **ALERTING_ENV.get(alerting or "", {})})
             server.start()
+            receiver = scraper = None
             try:
-                e2e, peak = end_to_end(server.url, n_clients, n_steps, batch_size, server, use_gzip, wire)
+                if alerting == "on":
+                    receiver, scraper = Receiver(), Scraper(server.url)
+                    post_json(server.url + "/v1/webhooks", {"url": receiver.url, "name": "bench"})
+                    urllib.request.urlopen(server.url + "/metrics", timeout=30).close()  # scraped before, as in use
+                e2e, peak = end_to_end(server.url, n_clients, n_steps, batch_size, server, use_gzip, wire,
+                                       scraper=scraper)
             finally:
                 server.stop()
+                if receiver is not None:
+                    receiver.close()
         out[f"{'' if wire == wires[0] else wire + '_'}values_per_s"] = e2e
+        out["scrapes"] += scraper.scrapes if scraper else 0
+        out["webhooks"] += receiver.received if receiver else 0
         rss = max(rss, peak)
     out["service_rss_mb"] = rss
     if not raw:
@@ -184,6 +248,25 @@ def measure(backend: str, n_clients: int, n_steps: int, batch_size: int, workdir
         key = "" if wire == wires[0] else wire + "_"
         out[f"{key}ratio_to_raw"] = out[f"{key}values_per_s"] / raw_rate
     return out
+
+
+def alerting_pairs(backend: str, args: argparse.Namespace, n_steps: int, workdir: Path, wire: str,
+                   env: dict[str, str]) -> dict[str, Any]:
+    """Back-to-back pairs, alerting off and on, in alternating order so drift and noise hit both sides: the
+    median of each side and the median of the pairs' ratios."""
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    ratios, scrapes, webhooks = [], 0.0, 0.0
+    for i in range(args.pairs):
+        rate = {}
+        for mode in ("off", "on") if i % 2 == 0 else ("on", "off"):
+            m = measure(backend, args.clients, n_steps, args.batch, workdir, args.workers, env=env, raw=False,
+                        use_gzip=not args.no_gzip, wires=(wire,), alerting=mode)
+            rate[mode] = m["values_per_s"]
+            rates[mode].append(m["values_per_s"])
+            scrapes, webhooks = scrapes + m["scrapes"], webhooks + m["webhooks"]
+        ratios.append(rate["on"] / rate["off"])
+    return {"off": statistics.median(rates["off"]), "on": statistics.median(rates["on"]),
+            "ratio": statistics.median(ratios), "ratios": ratios, "scrapes": scrapes, "webhooks": webhooks}
 
 
 def main() -> int:
@@ -200,17 +283,24 @@ def main() -> int:
     ap.add_argument("--no-gzip", action="store_true", help="with JSON, send it plain (the client gzips JSON)")
     ap.add_argument("--detection", choices=("on", "off"), default="on",
                     help="run the explosion detectors on ingest (the service's default: on)")
+    ap.add_argument("--alerting", choices=("on", "off", "both"), default="off",
+                    help="on: metrics on, a webhook subscription, /metrics scraped every second; off (default): "
+                         "GRADWATCH_METRICS=false, no subscription; both: the main figures with it off, plus "
+                         "pairs of off and on runs and their ratio")
+    ap.add_argument("--pairs", type=int, help="with --alerting both: off/on pairs per database (default 5, quick 1)")
     ap.add_argument("--workers", type=int, default=1, help="service worker processes")
     args = ap.parse_args()
     n_steps = args.steps or (2000 if args.quick else 25000)
+    args.pairs = args.pairs or (1 if args.quick else 5)
     figures: dict[str, Any] = {}
     rss = 0.0
+    env = {"GRADWATCH_DETECTION": "true" if args.detection == "on" else "false"}
+    on_vs_off: list[float] = []
     with tempfile.TemporaryDirectory(prefix="gradwatch-bench-") as tmp:
         for backend in args.backends.split(","):
             wires = ("binary", "json") if args.wire == "both" else (args.wire,)
-            m = measure(backend, args.clients, n_steps, args.batch, Path(tmp), args.workers,
-                        env={"GRADWATCH_DETECTION": "true" if args.detection == "on" else "false"},
-                        use_gzip=not args.no_gzip, wires=wires)
+            m = measure(backend, args.clients, n_steps, args.batch, Path(tmp), args.workers, env=env,
+                        use_gzip=not args.no_gzip, wires=wires, alerting="on" if args.alerting == "on" else "off")
             name = "postgres" if backend.startswith("postgres") else "sqlite"
             figures[f"{name}_values_per_s"] = round(m["values_per_s"])
             figures[f"{name}_raw_values_per_s"] = round(m["raw_values_per_s"])
@@ -219,6 +309,16 @@ def main() -> int:
                 figures[f"{name}_json_values_per_s"] = round(m["json_values_per_s"])
                 figures[f"{name}_json_ratio_to_raw"] = round(m["json_ratio_to_raw"], 3)
             rss = max(rss, m["service_rss_mb"])
+            pairs = None
+            if args.alerting == "both":
+                pairs = alerting_pairs(backend, args, n_steps, Path(tmp), wires[0], env)
+                on_vs_off.append(pairs["ratio"])
+                figures[f"{name}_alerting_off_values_per_s"] = round(pairs["off"])
+                figures[f"{name}_alerting_on_values_per_s"] = round(pairs["on"])
+                figures[f"{name}_ingest_alerting_on_vs_off"] = round(pairs["ratio"], 3)
+                figures[f"{name}_ingest_alerting_on_vs_off_pairs"] = [round(r, 3) for r in pairs["ratios"]]
+                figures[f"{name}_alerting_scrapes"] = int(pairs["scrapes"])
+                figures[f"{name}_alerting_webhooks"] = int(pairs["webhooks"])
             if not args.json:
                 rows: list[tuple[str, Any]] = [(f"end-to-end values/s, {wires[0]}", m["values_per_s"])]
                 if "json_values_per_s" in m:
@@ -228,12 +328,32 @@ def main() -> int:
                 if "json_values_per_s" in m:
                     rows.append(("end-to-end / raw, json", f"{m['json_ratio_to_raw']:.2f}"))
                 rows.append(("service peak RSS MB", m["service_rss_mb"]))
+                if args.alerting == "on":
+                    rows += [("/metrics scrapes (1 s apart)", int(m["scrapes"])),
+                             ("webhooks received", int(m["webhooks"]))]
                 print_table(f"ingest, {name}: {args.clients} clients x {n_steps} steps x {VALUES_PER_STEP} values, "
-                            f"batches of {args.batch}, {args.workers} service worker(s), detection {args.detection}",
-                            rows)
+                            f"batches of {args.batch}, {args.workers} service worker(s), detection {args.detection}, "
+                            f"alerting {'on' if args.alerting == 'on' else 'off'}", rows)
+                if pairs is not None:
+                    print_side_by_side(name, args.pairs, wires[0], pairs)
+    if on_vs_off:  # the worse database: the target (within 10 %) must hold on each
+        figures["ingest_alerting_on_vs_off"] = round(min(on_vs_off), 3)
     figures["service_rss_mb"] = round(rss, 1)
     emit(figures, args.json)
     return 0
+
+
+def print_side_by_side(name: str, n_pairs: int, wire: str, pairs: dict[str, Any]) -> None:
+    title = (f"ingest with alerting off and on, {name}, {wire}: median of {n_pairs} back-to-back pair(s); on = "
+             f"metrics on, 1 webhook subscription, /metrics scraped every 1 s")
+    print(title)
+    print("-" * len(title))
+    print(f"{'':<14}{'alerting off':>16}{'alerting on':>16}{'on / off':>12}")
+    print(f"{'values/s':<14}{pairs['off']:>16,.0f}{pairs['on']:>16,.0f}{pairs['ratio']:>12.3f}")
+    print(f"pairs' on/off: {', '.join(f'{r:.3f}' for r in pairs['ratios'])}; during the on runs "
+          f"{int(pairs['scrapes'])} scrapes, {int(pairs['webhooks'])} webhooks received (healthy steps: incidents are "
+          f"rare; a webhook's cost per incident is bench/alert_latency.py's)")
+    print()
 
 
 if __name__ == "__main__":

@@ -55,13 +55,21 @@ def test_benchmarks_use_only_public_names_and_nothing_from_the_tests(script: str
 @pytest.mark.slow
 def test_ingest_benchmark_reports_its_figures() -> None:
     require_postgres()
-    figures = _run("ingest.py", "--steps", "500")
+    figures = _run("ingest.py", "--steps", "500", "--alerting", "both")
     keys = {"sqlite_values_per_s", "sqlite_raw_values_per_s", "sqlite_ratio_to_raw", "postgres_values_per_s",
-            "postgres_raw_values_per_s", "postgres_ratio_to_raw", "service_rss_mb"}
+            "postgres_raw_values_per_s", "postgres_ratio_to_raw", "service_rss_mb", "ingest_alerting_on_vs_off",
+            *(f"{db}_{k}" for db in ("sqlite", "postgres") for k in (
+                "alerting_off_values_per_s", "alerting_on_values_per_s", "ingest_alerting_on_vs_off"))}
     assert keys <= set(figures)
     assert all(figures[k] > 0 for k in keys)
     assert figures["sqlite_ratio_to_raw"] == pytest.approx(
         figures["sqlite_values_per_s"] / figures["sqlite_raw_values_per_s"], rel=0.01)
+    # with one pair (--quick) the ratio is that pair's; the overall figure is the worse database's
+    assert figures["sqlite_ingest_alerting_on_vs_off"] == pytest.approx(
+        figures["sqlite_alerting_on_values_per_s"] / figures["sqlite_alerting_off_values_per_s"], rel=0.01)
+    assert figures["ingest_alerting_on_vs_off"] == min(figures["sqlite_ingest_alerting_on_vs_off"],
+                                                       figures["postgres_ingest_alerting_on_vs_off"])
+    assert figures["sqlite_alerting_scrapes"] >= 1 and figures["postgres_alerting_scrapes"] >= 1
 
 
 @pytest.mark.slow
@@ -101,3 +109,10 @@ def test_alert_latency_benchmark_reports_its_figures() -> None:
                 "postgres_webhook_p50_ms", "postgres_webhook_p99_ms"):
         assert figures[key] > 0, key
     assert figures["webhook_p50_ms"] <= figures["webhook_p99_ms"]
+    # Prometheus with the shipped intervals (one run under --quick), or null and why where the binary is missing
+    if figures["prometheus_firing_s"] is None:
+        assert figures["prometheus_reason"] and figures["prometheus_firing_runs"] == 0
+    else:
+        assert 0 < figures["prometheus_firing_s"] <= figures["prometheus_firing_max_s"]
+        assert figures["prometheus_firing_runs"] == 1
+        assert figures["prometheus_scrape_interval_s"] > 0 and figures["prometheus_evaluation_interval_s"] > 0

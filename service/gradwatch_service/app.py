@@ -55,11 +55,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(runs.router)
     app.include_router(steps.router)
     app.include_router(incidents.router)
-    app.include_router(metrics.router)
     app.include_router(webhooks.router)
     app.add_middleware(RejectNul)
-    app.add_middleware(RequestMetrics)
-    count_database_errors(engine)
+    if settings.metrics:  # off (GRADWATCH_METRICS=false): no /metrics, nothing counted per request or batch
+        app.include_router(metrics.router)
+        app.add_middleware(RequestMetrics)
+        count_database_errors(engine)
     _document_raw_bodies(app)
     return app
 

@@ -70,7 +70,7 @@ def metrics_directory(settings: Settings, workers: int) -> Iterator[None]:
     answered by any one of them adds up all. Files left by an earlier server would count twice: start empty."""
     from .metrics import MULTIPROC_ENV
 
-    if workers <= 1 or os.environ.get(MULTIPROC_ENV):
+    if workers <= 1 or not settings.metrics or os.environ.get(MULTIPROC_ENV):
         yield
         return
     own = settings.metrics_dir is None

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
         description="DetectorConfig overrides as JSON, e.g. GRADWATCH_DETECTOR='{\"layer_z\": 5}'",
     )
     db_pool_size: int = Field(default=8, ge=1, description="PostgreSQL connection pool size per process")
+    metrics: bool = Field(
+        default=True, description="serve Prometheus metrics: the /metrics route, per-request and ingest counters "
+                                  "(off: no /metrics, and requests and batches are not counted)")
     metrics_active_seconds: float = Field(
         default=3600, gt=0, description="/metrics exports the state of runs updated within this many seconds")
     metrics_max_runs: int = Field(

@@ -161,3 +161,23 @@ def test_two_workers_scrape_the_sum_of_both(two_workers: tuple[ServerProcess, Pa
             samples = scrape(http)
         assert value(samples, "gradwatch_http_requests_total", method="GET", route="/v1/runs", status="200") == 30
         assert value(samples, "gradwatch_run_state_up") == 1
+
+
+def test_with_metrics_off_there_is_no_metrics_route_and_ingest_still_works(database_url: str,
+                                                                            tmp_path: Path) -> None:
+    server = ServerProcess(database_url, env={"GRADWATCH_METRICS": "false"}, log_path=tmp_path / "server.log")
+    server.start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            assert http.get("/metrics").status_code == 404
+            run_id = new_run_id("nometrics")
+            assert http.put(f"/v1/runs/{run_id}", json={"layers": ["a"]}).status_code == 201
+            steps = [{"step": 0, "loss": 2.0, "grad_norm": 1.0, "layer_grad_norms": [0.5]},
+                     {"step": 1, "loss": "NaN", "grad_norm": 1.0, "layer_grad_norms": [0.5]}]
+            r = http.post(f"/v1/runs/{run_id}/steps", json={"steps": steps})
+            assert r.status_code == 200 and r.json()["accepted"] == 2
+            assert [i["signature"] for i in r.json()["open_incidents"]] == ["nonfinite"]
+            assert len(http.get(f"/v1/runs/{run_id}/steps").json()["steps"]) == 2
+            assert http.get("/metrics").status_code == 404
+    finally:
+        server.stop()

@@ -60,7 +60,8 @@ async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, set
             raised: list[Incident] = []
             if outcome.raised_incidents:
                 raised, _ = list_incidents(conn, run_pk=outcome.run_pk, seqs=outcome.raised_incidents)
-        _count_ingested(outcome)  # committed: a batch rolled back is not counted
+        if settings.metrics:
+            _count_ingested(outcome)  # committed: a batch rolled back is not counted
         return IngestResult(run_id=run_id, accepted=outcome.accepted, duplicates=outcome.duplicates,
                             last_step=outcome.last_step, open_incidents=open_now, raised_incidents=raised)
 
