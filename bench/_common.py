@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -95,18 +96,22 @@ class BenchServer:
 
 
 class Receiver:
-    """A webhook receiver on 127.0.0.1 in the benchmark's process: answers 204 and counts what it was sent."""
+    """A webhook receiver on 127.0.0.1 in the benchmark's process: answers 204, counts what it was sent, and
+    hands each body with its arrival time (perf_counter, taken before answering) to `on_post`."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_post: Callable[[bytes, float], None] | None = None) -> None:
         self.received = 0
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                self.rfile.read(int(self.headers.get("content-length", 0)))
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                arrived = time.perf_counter()
                 self.send_response(204)
                 self.end_headers()
                 receiver.received += 1
+                if on_post is not None:
+                    on_post(body, arrived)
 
             def log_message(self, *args: Any) -> None:
                 pass

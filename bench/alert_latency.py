@@ -23,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     BenchServer,
     PrometheusServer,
+    Receiver,
     duration_s,
     emit,
     fresh_database,
@@ -50,26 +50,14 @@ class Arrivals:
     def __init__(self) -> None:
         self.at: dict[str, float] = {}
         self.cond = threading.Condition()
-        arrivals = self
+        self.receiver = Receiver(self._arrived)
+        self.url = self.receiver.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                now = time.perf_counter()
-                self.send_response(204)
-                self.end_headers()
-                run = json.loads(body)["alerts"][0]["labels"]["run"]
-                with arrivals.cond:
-                    arrivals.at.setdefault(run, now)
-                    arrivals.cond.notify_all()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+    def _arrived(self, body: bytes, at: float) -> None:
+        run = json.loads(body)["alerts"][0]["labels"]["run"]
+        with self.cond:
+            self.at.setdefault(run, at)
+            self.cond.notify_all()
 
     def wait(self, run: str, timeout: float = 30.0) -> float:
         with self.cond:
