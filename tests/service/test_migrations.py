@@ -5,9 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Column, Engine, Integer, MetaData, inspect
+from sqlalchemy import Column, Engine, Integer, MetaData, inspect, text
+from sqlalchemy.exc import ProgrammingError
 
 from gradwatch_service import migrate
 from gradwatch_service.db import make_engine
@@ -55,3 +57,17 @@ def test_serve_refuses_an_unmigrated_database_and_names_the_fix(database_url: st
         assert migrate.current_revision(eng) is None  # refusing did not touch the database
     finally:
         eng.dispose()
+
+
+def test_the_reader_role_can_select_every_table_and_change_nothing(engine: Engine) -> None:
+    """Dashboards read through gradwatch_reader (migration 0004): every table readable, none writable."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("the reader role is PostgreSQL's; SQLite has no roles")
+    tables = sorted(metadata.tables)
+    with engine.connect() as conn:
+        conn.execute(text("SET ROLE gradwatch_reader"))
+        for table in tables:
+            conn.execute(text(f'SELECT count(*) FROM "{table}"')).scalar_one()
+        with pytest.raises(ProgrammingError, match="permission denied"):
+            conn.execute(text("INSERT INTO projects (name) VALUES ('not-allowed')"))
+        conn.rollback()
