@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="bind address (default: GRADWATCH_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: GRADWATCH_PORT or 8000)")
     parser.add_argument("--database-url", help="overrides GRADWATCH_DATABASE_URL")
-    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument("--workers", type=int, help="uvicorn worker processes (default: GRADWATCH_WORKERS or 1)")
     parser.add_argument("--access-log", action="store_true", help="log every request")
 
 
@@ -50,13 +50,14 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"gradwatch serve: {problem}", file=sys.stderr)
         return 1
-    with metrics_directory(settings, args.workers):
+    workers = args.workers if args.workers is not None else settings.workers
+    with metrics_directory(settings, workers):
         uvicorn.run(
             "gradwatch_service.app:create_app",
             factory=True,
             host=args.host or settings.host,
             port=args.port if args.port is not None else settings.port,
-            workers=args.workers,
+            workers=workers,
             access_log=args.access_log,
             log_level="info",
             timeout_graceful_shutdown=5,

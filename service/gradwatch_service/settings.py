@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="bind address; loopback by default")
     port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, description="uvicorn worker processes of `gradwatch serve` (--workers)")
     max_body_bytes: int = Field(
         default=16 * 1024 * 1024, ge=1024,
         description="cap on a request body, applied both to the bytes received and after gzip decompression",
