@@ -9,6 +9,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Column, Engine
 from sqlalchemy.types import TypeDecorator
 
@@ -39,10 +40,22 @@ def downgrade(engine: Engine, revision: str) -> None:
     _run(engine, command.downgrade, revision)
 
 
-def head_revision() -> str | None:
+def _scripts() -> ScriptDirectory:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    return ScriptDirectory.from_config(cfg).get_current_head()
+    return ScriptDirectory.from_config(cfg)
+
+
+def head_revision() -> str | None:
+    return _scripts().get_current_head()
+
+
+def known_revision(revision: str) -> bool:
+    """Whether this gradwatch's migrations include `revision` (a newer gradwatch's are unknown to it)."""
+    try:
+        return _scripts().get_revision(revision) is not None
+    except CommandError:
+        return False
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -55,6 +68,9 @@ def schema_problem(engine: Engine) -> str | None:
     current, head = current_revision(engine), head_revision()
     if current == head:
         return None
+    if current is not None and not known_revision(current):
+        return (f"database schema is at revision {current}, which this gradwatch (head {head}) does not know: a "
+                "newer gradwatch has migrated it; run that version (docs/deploy.md, Upgrades)")
     return (
         f"database schema is at revision {current or 'none (empty database)'}, this gradwatch needs {head}: "
         f"run `gradwatch db upgrade` (database: {engine.url.render_as_string(hide_password=True)})"

@@ -46,6 +46,16 @@ def test_downgrade_to_base_and_upgrade_again(engine: Engine) -> None:
     assert _diff(engine, metadata) == []
 
 
+def test_a_schema_a_newer_gradwatch_migrated_is_not_ready_and_says_so(engine: Engine) -> None:
+    """Upgrades migrate first (docs/deploy.md): replicas still on the old version must stop being ready rather
+    than write to a schema they do not know, and must not tell anyone to run their own `db upgrade`."""
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    problem = migrate.schema_problem(engine) or ""
+    assert "revision 9999, which this gradwatch" in problem and "a newer gradwatch has migrated it" in problem
+    assert "run `gradwatch db upgrade`" not in problem
+
+
 def test_serve_refuses_an_unmigrated_database_and_names_the_fix(database_url: str) -> None:
     env = {"GRADWATCH_DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-m", "gradwatch_service", "serve", "--port", "1"], env=env,
