@@ -171,7 +171,10 @@ def test_every_published_port_binds_to_loopback_unless_told_otherwise() -> None:
 
 def test_the_migration_runs_first_and_gradwatch_waits_for_it() -> None:
     services = _compose()["services"]
-    assert services["postgres"]["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    check = services["postgres"]["healthcheck"]["test"]
+    assert check[:2] == ["CMD", "pg_isready"]
+    # not the socket: during the first start's init scripts only a temporary, socket-only server runs
+    assert check[check.index("--host") + 1] == "127.0.0.1"
     assert services["migrate"]["command"] == ["db", "upgrade"]
     assert services["migrate"]["image"] == services["gradwatch"]["image"]
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
@@ -275,7 +278,7 @@ def test_grafana_data_sources_reach_the_compose_services() -> None:
     assert set(sources) == {"prometheus", "gradwatch-postgres"}  # the uids dashboards use: keep them
     assert sources["prometheus"]["url"] == f"http://prometheus:{_container_port('prometheus')}"
     pg = sources["gradwatch-postgres"]
-    assert pg["type"] == "postgres" and pg["url"] == "postgres:5432"
+    assert pg["type"] == "grafana-postgresql-datasource" and pg["url"] == "postgres:5432"
     assert pg["jsonData"]["database"] == _compose()["services"]["postgres"]["environment"]["POSTGRES_DB"]
     for value in (pg["user"], *pg["secureJsonData"].values()):
         (variable,) = re.findall(r"\$__env\{(\w+)\}", value)
@@ -285,16 +288,17 @@ def test_grafana_data_sources_reach_the_compose_services() -> None:
     assert _mounted_at(grafana, "/etc/grafana/provisioning/datasources") == GRAFANA / "provisioning" / "datasources"
 
 
-def _datasource_uids(node: Any) -> Iterator[str]:
+def _datasource_refs(node: Any) -> Iterator[tuple[str, str | None]]:
+    """(uid, type or None) of every data source a dashboard's panels, targets and variables name."""
     if isinstance(node, dict):
         source = node.get("datasource")
         if isinstance(source, dict) and isinstance(source.get("uid"), str):
-            yield source["uid"]
+            yield source["uid"], source.get("type")
         for value in node.values():
-            yield from _datasource_uids(value)
+            yield from _datasource_refs(value)
     elif isinstance(node, list):
         for value in node:
-            yield from _datasource_uids(value)
+            yield from _datasource_refs(value)
 
 
 GRAFANA_OWN_UIDS = {"grafana", "-- Grafana --", "-- Dashboard --", "-- Mixed --"}
@@ -307,11 +311,13 @@ def test_grafana_loads_the_dashboards_folder_and_its_dashboards_use_provisioned_
     assert providers and all(p["type"] == "file" for p in providers)
     for provider in providers:
         assert _mounted_at(grafana, provider["options"]["path"]) == GRAFANA / "dashboards"
-    known = {s["uid"] for s in _datasources()}
+    known = {s["uid"]: s["type"] for s in _datasources()}
     for path in sorted((GRAFANA / "dashboards").glob("*.json")):
-        used = set(_datasource_uids(json.loads(path.read_text())))
-        unknown = {uid for uid in used - known - GRAFANA_OWN_UIDS if not uid.startswith("$")}
+        used = set(_datasource_refs(json.loads(path.read_text())))
+        unknown = {uid for uid, _ in used if uid not in known and uid not in GRAFANA_OWN_UIDS and uid[:1] != "$"}
         assert not unknown, f"{path.name} uses data sources no provisioning file defines: {sorted(unknown)}"
+        wrong = {(uid, kind) for uid, kind in used if uid in known and kind is not None and kind != known[uid]}
+        assert not wrong, f"{path.name} names provisioned data sources with another type: {sorted(wrong)}"
 
 
 # --- the image ---------------------------------------------------------------------------------------------------
