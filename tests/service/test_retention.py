@@ -15,7 +15,7 @@ from sqlalchemy import Engine, func, insert, select, update
 from gradwatch.detect import DetectorConfig
 from gradwatch_service.db import now_utc, read_connection, write_transaction
 from gradwatch_service.ingest import append_steps, upsert_run
-from gradwatch_service.models import incidents, runs, steps, webhook_attempts, webhook_deliveries
+from gradwatch_service.models import incidents, metadata, runs, steps, webhook_attempts, webhook_deliveries
 from gradwatch_service.retention import PruneResult, prune
 from gradwatch_service.schemas import RunUpsert, StepBatch
 from gradwatch_service.subscriptions import create_subscription
@@ -48,6 +48,13 @@ def _owned(engine: Engine, run_pk: int) -> tuple[int, int, int]:
                      for t, col in ((runs, runs.c.id), (steps, steps.c.run_pk), (incidents, incidents.c.run_pk)))
 
 
+def _rows_keyed_by(engine: Engine, run_pk: int) -> dict[str, int]:
+    """Rows of run `run_pk` in every table keyed by the run (a run_pk column): a table added later is covered."""
+    with read_connection(engine) as conn:
+        return {t.name: int(conn.execute(select(func.count()).select_from(t).where(t.c.run_pk == run_pk))
+                            .scalar_one()) for t in metadata.sorted_tables if "run_pk" in t.c}
+
+
 def test_old_finished_and_failed_runs_go_with_their_steps_and_incidents(engine: Engine) -> None:
     old_finished = _run(engine, status="finished", age_days=40, n_steps=30, nan_at=20)
     old_failed = _run(engine, status="failed", age_days=31)
@@ -63,6 +70,7 @@ def test_old_finished_and_failed_runs_go_with_their_steps_and_incidents(engine: 
 
     assert prune(engine, before=before) == dry
     assert _owned(engine, old_finished) == (0, 0, 0)
+    assert set(_rows_keyed_by(engine, old_finished).values()) == {0}  # every table of run data, by cascade
     assert _owned(engine, old_failed) == (0, 0, 0)
     kept = {recent: _owned(engine, recent), old_running: _owned(engine, old_running)}
     assert kept[recent][:2] == (1, 7) and kept[recent][2] >= 1
