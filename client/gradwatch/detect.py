@@ -208,7 +208,7 @@ def held_signatures(state: dict[str, Any]) -> Collection[str]:
     """The signatures fired and not yet back near the baseline they broke (`_hold`): their incidents stay open
     (`gradwatch.incidents.track_incidents(..., held=...)`)."""
     held: dict[str, Any] = state["held"]
-    return held.keys()
+    return held  # its keys; the live dict itself, which costs nothing to hand over
 
 
 def new_state() -> dict[str, Any]:
@@ -282,31 +282,38 @@ _RATIO_BAND = ("r_n", "r_mu", "r_dev", "r_warm")
 _GMEAN_BAND = ("m_n", "m_mu", "m_dev", "m_warm")
 
 
-def _band_update(state: dict[str, Any], keys: tuple[str, str, str, str], x: float, cfg: DetectorConfig) -> None:
+def _band_update(state: dict[str, Any], keys: tuple[str, str, str, str], x: float, n: int, mu: float, dev: float,
+                 cfg: DetectorConfig) -> None:
     """Teach a band one sample (log space): the one place a band (grad norm, update ratio, geometric mean of
-    the layers) learns.
+    the layers) learns. `n`, `mu` and `dev` are the band's count, mean and deviation as they are in `state`
+    (the signatures have read them already to judge the step).
 
     The first `warmup_steps` samples are kept and the band is their median and mean absolute deviation from
     it, so a wild first step (common: the untrained model) cannot skew the band for long. After that the
     band is an EWMA whose input is clipped to `band_clip` deviations, ZClip-style: one spike moves it
     a little, a lasting change of level moves it all the way within a few band memories.
     """
-    kn, kmu, kdev, kwarm = keys
-    warmup, floor, clip, a = cfg._band
-    n = state[kn]
-    state[kn] = n + 1
-    if n >= warmup:
-        mu = state[kmu]
-        dev = state[kdev]
-        d = x - mu
-        lim = clip * (dev if dev > floor else floor)
-        if d > lim:
-            d = lim
-        elif d < -lim:
-            d = -lim
-        state[kmu] = mu + a * d
-        state[kdev] = dev + a * ((d if d >= 0.0 else -d) - dev)
+    if n < cfg.warmup_steps:
+        _band_seed(state, keys, x, n, cfg.warmup_steps)
         return
+    floor = cfg.band_dev_floor
+    d = x - mu
+    lim = cfg.band_clip * (dev if dev > floor else floor)
+    if d > lim:
+        d = lim
+    elif d < -lim:
+        d = -lim
+    a = cfg.band_alpha
+    state[keys[0]] = n + 1
+    state[keys[1]] = mu + a * d
+    state[keys[2]] = dev + a * ((d if d >= 0.0 else -d) - dev)
+
+
+def _band_seed(state: dict[str, Any], keys: tuple[str, str, str, str], x: float, n: int, warmup: int) -> None:
+    """`_band_update` during a band's first `warmup` samples: the median and mean absolute deviation of the
+    samples so far (kept in the band's warm-up list until then)."""
+    kn, kmu, kdev, kwarm = keys
+    state[kn] = n + 1
     warm = state[kwarm]
     warm.append(x)
     ordered = sorted(warm)
@@ -338,14 +345,15 @@ def _as_map(keys: Sequence[str] | None, values: Any) -> dict[str, Any] | None:
     return dict(zip(keys, values, strict=False)) if keys is not None and values is not None else None
 
 
-def _root_cause(state: dict[str, Any], keys: Sequence[str] | None, values: Any,
-                cfg: DetectorConfig) -> str | None:
+def _root_cause(state: dict[str, Any], step: Mapping[str, Any], cfg: DetectorConfig) -> str | None:
     """The layer to blame: the one that broke out of its own band first and is still out; failing that (every
-    layer is noisy enough to stay inside its band), the layer furthest above its band right now. Only called
-    when an event fires, so the O(layers) fallback costs nothing on quiet steps."""
+    layer is noisy enough to stay inside its band), the layer furthest above its band right now (the step's
+    layer grad norms). Only called when an event fires, so the O(layers) fallback costs nothing on quiet
+    steps, and the signatures need not carry the layer norms for it."""
     out: dict[str, int] = state["out"]
     if out:
         return min(out.items(), key=lambda kv: (kv[1], kv[0]))[0]
+    keys, values = _grad_view(step, _names(step))
     if values is None or keys is None or list(keys) != state["layers"]:
         return None
     floor = cfg.band_dev_floor
@@ -360,8 +368,8 @@ def _root_cause(state: dict[str, Any], keys: Sequence[str] | None, values: Any,
     return best
 
 
-def _track_breakouts(state: dict[str, Any], names: list[str] | None, gk: Sequence[str] | None, gv: Any,
-                     gprod: float | None, cfg: DetectorConfig) -> float | None:
+def _track_breakouts(state: dict[str, Any], held: dict[str, Any], steps: int, t: int, names: list[str] | None,
+                     gk: Sequence[str] | None, gv: Any, gprod: float | None, cfg: DetectorConfig) -> float | None:
     """Root-cause bookkeeping: which layers are above their breakout limits now, and since when (one C-level
     pass over plain norms; Python touches a layer only while it is out), and the per-layer bands' lesson when
     due. Returns the log geometric mean of the layer grad norms for the network-wide growth test (None with
@@ -381,11 +389,10 @@ def _track_breakouts(state: dict[str, Any], names: list[str] | None, gk: Sequenc
         now_out = [k for k, v, lim in zip(layers, gv, lims, strict=True) if v is not None and v > lim]
     out = state["out"]
     if (now_out or out) and now_out != list(out):
-        t = state["last_step"]
         state["out"] = {k: out.get(k, t) for k in now_out}
-    if "grad_growth" in state["held"]:
+    if held and "grad_growth" in held:
         pass  # the grad norms are out: the layer bands learn nothing from them
-    elif state["steps"] % cfg.layer_every == 0:
+    elif steps % cfg.layer_every == 0:
         _learn_layers(state, gv, cfg, True)
     elif state["ly_young"]:
         _learn_layers(state, gv, cfg, False)
@@ -530,7 +537,7 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
     t = step["step"]
     if type(t) is not int:
         t = int(t)
-    state["steps"] += 1
+    steps = state["steps"] = state["steps"] + 1
     state["last_step"] = t
     if get("skipped"):
         return state, []
@@ -543,33 +550,49 @@ def advance(state: dict[str, Any], step: Mapping[str, Any],
         if bad is not None:
             events = [bad]
             for signature in list(state["held"]):  # a non-finite step is not back near any baseline
-                _still_out(state, events, signature, math.nan, None, f"{signature} at a non-finite step", t, gk, gv,
-                           cfg)
+                _still_out(state, events, signature, math.nan, None, f"{signature} at a non-finite step", step, cfg)
             return state, events
 
     events = []
-    held = state["held"]
-    gm = _track_breakouts(state, names, gk, gv, gprod, cfg) if gv is not None else None
+    held = state["held"]  # (empty on most steps: `held and ...` skips the lookups)
+    gm = _track_breakouts(state, held, steps, t, names, gk, gv, gprod, cfg) if gv is not None else None
     if g is not None and g > 0.0:
         x = _log(g)
-        warm = state["g_n"] >= cfg.warmup_steps
-        if "grad_growth" in held:
-            _still_out(state, events, "grad_growth", x, g, f"grad norm {g:.4g}", t, gk, gv, cfg)
+        n, mu, dev = state["g_n"], state["g_mu"], state["g_dev"]
+        warm = n >= cfg.warmup_steps
+        if held and "grad_growth" in held:
+            _still_out(state, events, "grad_growth", x, g, f"grad norm {g:.4g}", step, cfg)
         elif warm:
-            _grad_growth(state, events, t, g, x, gm, gk, gv, cfg)
-        if "grad_spike" in held:
-            _still_out(state, events, "grad_spike", x, g, f"grad norm {g:.4g}", t, gk, gv, cfg)
-        elif warm and "grad_growth" not in held and x - state["g_mu"] >= cfg._up_spike:  # (most steps are not)
-            _grad_spike(state, events, t, g, x, gk, gv, cfg)
-        if "grad_growth" not in held:
-            _band_update(state, _GRAD_BAND, x, cfg)
-    if gm is not None and "grad_growth" not in held:
-        _band_update(state, _GMEAN_BAND, gm, cfg)
+            _grad_growth(state, events, step, x, mu, dev, gm, cfg)
+        if held and "grad_spike" in held:
+            _still_out(state, events, "grad_spike", x, g, f"grad norm {g:.4g}", step, cfg)
+        elif warm and x - mu >= cfg._up_spike and "grad_growth" not in held:  # (most steps are not)
+            _grad_spike(state, events, step, x, mu, dev, cfg)
+        if not held or "grad_growth" not in held:
+            _band_update(state, _GRAD_BAND, x, n, mu, dev, cfg)
+    if gm is not None and (not held or "grad_growth" not in held):
+        _band_update(state, _GMEAN_BAND, gm, state["m_n"], state["m_mu"], state["m_dev"], cfg)
     if loss is not None and loss > 0.0:
-        _loss_divergence(state, events, t, loss, gk, gv, cfg)
+        _loss_divergence(state, events, held, step, loss, cfg)
     if u is not None and w is not None:
-        _update_ratio(state, events, step, t, u, w, g, loss, names, gk, gv, cfg)
+        _update_ratio(state, events, held, step, u, w, cfg)
     return state, events
+
+
+def _names(step: Mapping[str, Any]) -> list[str] | None:
+    """The step's `layer_names` as a list (the names of per-layer values sent as sequences), or None."""
+    names = step.get("layer_names")
+    return list(names) if names is not None and type(names) is not list else names
+
+
+def _grad_view(step: Mapping[str, Any], names: list[str] | None) -> tuple[Sequence[str] | None, Any]:
+    """(layer names, grad norms in the same order) of the step's layer grad norms, whichever form they came in."""
+    lgn = step.get("layer_grad_norms")
+    if names is not None and type(lgn) is list and len(lgn) == len(names):  # the service's form
+        return names, lgn
+    if type(lgn) is dict:  # replay's and the client's
+        return (list(lgn), lgn.values()) if lgn else (None, None)
+    return _layer_view(lgn, names)
 
 
 def _layer_inputs(step: Mapping[str, Any]
@@ -582,16 +605,19 @@ def _layer_inputs(step: Mapping[str, Any]
     if names is not None and type(names) is not list:
         names = list(names)
     lgn = step.get("layer_grad_norms")
-    lwn = step.get("layer_weight_norms")
     gk: Sequence[str] | None
     gv: Any
-    wv: Any
     if names is not None and type(lgn) is list and len(lgn) == len(names):  # the service's form
         gk, gv = names, lgn
     elif type(lgn) is dict:  # replay's and the client's
-        gk, gv = (list(lgn), lgn.values()) if lgn else (None, None)
+        if lgn:
+            gk, gv = list(lgn), lgn.values()
+        else:
+            gk = gv = None
     else:
         gk, gv = _layer_view(lgn, names)
+    lwn = step.get("layer_weight_norms")
+    wv: Any
     finite = True
     gprod = None
     if gv is not None:
@@ -640,7 +666,7 @@ def _nonfinite(state: dict[str, Any], t: int, loss: float | None, g: float | Non
         return None
     bad = [(what, v) for what, v in (("loss", loss), ("grad_norm", g), ("update_norm", u))
            if v is not None and not _isfinite(v)]
-    layer = bad_layer if bad_layer is not None else _root_cause(state, gk, gv, cfg)
+    layer = bad_layer if bad_layer is not None else _root_cause(state, step, cfg)
     what, value = bad[0] if bad else ("layer norm", math.nan)
     if bad_layer is not None and not math.isnan(bad_value):  # a layer grad norm: report its value
         value = bad_value
@@ -649,67 +675,65 @@ def _nonfinite(state: dict[str, Any], t: int, loss: float | None, g: float | Non
                  f"{what} is {encode_value(float(value))} at step {t}{where}")
 
 
-def _grad_growth(state: dict[str, Any], events: list[Event], t: int, g: float, x: float, gm: float | None,
-                 gk: Sequence[str] | None, gv: Any, cfg: DetectorConfig) -> None:
+def _grad_growth(state: dict[str, Any], events: list[Event], step: Mapping[str, Any], x: float, mu: float,
+                 dev: float, gm: float | None, cfg: DetectorConfig) -> None:
     """`grad_growth` (critical): the grad norm has climbed for `growth_steps` steps above the band held at the
     start of the climb (a band that chased an exponential would never see it), or the whole network (the
     total and the geometric mean of the layers) has stood far above its bands for `growth_layer_steps`.
-    Keeps both counters on every step; when it fires it holds the signature (`_hold`)."""
-    mu = state["g_mu"]
+    Keeps both counters on every step; when it fires it holds the signature (`_hold`). `x` is the log of the
+    grad norm, `mu` and `dev` its band's."""
     floor = cfg.band_dev_floor
-    dev = state["g_dev"]
     s = dev if dev > floor else floor
-    if state["gr_n"]:
-        if x > state["gr_base"] + cfg.growth_z * state["gr_dev"]:
-            state["gr_n"] += 1
-        else:
-            state["gr_n"] = 0
+    climb = state["gr_n"]
+    if climb:
+        climb = climb + 1 if x > state["gr_base"] + cfg.growth_z * state["gr_dev"] else 0
+        state["gr_n"] = climb
     elif (x - mu) / s > cfg.growth_z:
-        state["gr_n"] = 1
+        climb = state["gr_n"] = 1
         state["gr_base"] = mu
         state["gr_dev"] = s
+    wide = state["gw_n"]
     if gm is not None and x - mu >= cfg._up_layers and state["m_n"] >= cfg.warmup_steps:
         dm = gm - state["m_mu"]
         md = state["m_dev"]
-        if dm >= cfg._up_layers and dm >= cfg.growth_layer_z * (md if md > floor else floor):
-            state["gw_n"] += 1
-        else:
-            state["gw_n"] = 0
-    elif state["gw_n"]:
-        state["gw_n"] = 0
-    if state["gr_n"] >= cfg.growth_steps and x - state["gr_base"] >= cfg._up_growth:
+        wide = wide + 1 if dm >= cfg._up_layers and dm >= cfg.growth_layer_z * (md if md > floor else floor) else 0
+        state["gw_n"] = wide
+    elif wide:
+        wide = state["gw_n"] = 0
+    if climb >= cfg.growth_steps and x - state["gr_base"] >= cfg._up_growth:
+        t, g = state["last_step"], step["grad_norm"]
         base = _exp(state["gr_base"])
         _hold(state, "grad_growth", CRITICAL, state["gr_base"] + cfg.resolve_z * state["gr_dev"], base, t)
-        events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state, gk, gv, cfg),
+        events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state, step, cfg),
                             f"grad norm {g:.4g} has grown {g / base:.3g}x over {state['gr_n']} steps "
                             f"(band {base:.4g})"))
         return
-    if state["gw_n"] >= cfg.growth_layer_steps:
+    if wide >= cfg.growth_layer_steps:
+        t, g = state["last_step"], step["grad_norm"]
         base = _exp(mu)
         _hold(state, "grad_growth", CRITICAL, mu + cfg.resolve_z * s, base, t)
-        events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state, gk, gv, cfg),
+        events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state, step, cfg),
                             f"the whole network climbs: the geometric mean of the layer grad norms is "
                             f"{_exp(gm - state['m_mu']):.3g}x its band and the grad norm {g:.4g} "
                             f"{g / base:.3g}x its band, for {state['gw_n']} steps"))
 
 
-def _grad_spike(state: dict[str, Any], events: list[Event], t: int, g: float, x: float,
-                gk: Sequence[str] | None, gv: Any, cfg: DetectorConfig) -> None:
+def _grad_spike(state: dict[str, Any], events: list[Event], step: Mapping[str, Any], x: float, mu: float,
+                dev: float, cfg: DetectorConfig) -> None:
     """`grad_spike` (warning): one grad norm far above its band, in deviations and as a factor. Healthy runs
     spike too, so this pages no one. Held (`_hold`) until the grad norm is back near the band it broke; the
-    band itself keeps learning (a warning does not freeze it)."""
-    mu = state["g_mu"]
-    dev = state["g_dev"]
+    band itself keeps learning (a warning does not freeze it). `mu` and `dev` are the grad norm band's."""
     s = dev if dev > cfg.band_dev_floor else cfg.band_dev_floor
     if (x - mu) / s > cfg.spike_z and x - mu >= cfg._up_spike:
+        t, g = state["last_step"], step["grad_norm"]
         base = _exp(mu)
         _hold(state, "grad_spike", WARNING, mu + cfg.resolve_z * s, base, t)
-        events.append(Event("grad_spike", WARNING, t, float(g), base, _root_cause(state, gk, gv, cfg),
+        events.append(Event("grad_spike", WARNING, t, float(g), base, _root_cause(state, step, cfg),
                             f"grad norm {g:.4g} is {g / base:.3g}x its band {base:.4g}"))
 
 
-def _loss_divergence(state: dict[str, Any], events: list[Event], t: int, loss: float,
-                     gk: Sequence[str] | None, gv: Any, cfg: DetectorConfig) -> None:
+def _loss_divergence(state: dict[str, Any], events: list[Event], held: dict[str, Any], step: Mapping[str, Any],
+                     loss: float, cfg: DetectorConfig) -> None:
     """`loss_divergence` (critical): the smoothed loss has stayed well above the run's early level, or a slow
     smoothed loss has given back most of the progress the run made, for `loss_steps` steps. Once it fires, the
     signature is held (`_hold`) until that smoothed loss is back under the level it broke."""
@@ -727,21 +751,22 @@ def _loss_divergence(state: dict[str, Any], events: list[Event], t: int, loss: f
     state["l_slow"] = slow
     if n < cfg.loss_start_steps:
         state["l_sum"] += x
-        state["l_start"] = min(state["l_first"], state["l_sum"] / (n + 1))
-    held = state["held"].get("loss_divergence")
-    if held is not None:
-        level = state[held["series"]]
-        if _still_out(state, events, "loss_divergence", level, loss, f"smoothed loss {_exp(level):.4g}", t, gk, gv,
-                      cfg):
+        start = state["l_start"] = min(state["l_first"], state["l_sum"] / (n + 1))
+    else:
+        start = state["l_start"]
+    if held and "loss_divergence" in held:
+        level = state[held["loss_divergence"]["series"]]
+        if _still_out(state, events, "loss_divergence", level, loss, f"smoothed loss {_exp(level):.4g}", step, cfg):
             return
-    limit = state["l_start"] + cfg._up_loss
+    limit = start + cfg._up_loss
     if n >= cfg.loss_start_steps and ewm > limit:
         state["l_run"] += 1
         if state["l_run"] == cfg.loss_steps:
+            t = state["last_step"]
             base = _exp(limit)
             _hold(state, "loss_divergence", CRITICAL, limit, base, t, "l_ewm")
             state["l_run"] = state["lb_run"] = 0  # after the hold, it takes `loss_steps` steps out again
-            events.append(Event("loss_divergence", CRITICAL, t, float(loss), base, _root_cause(state, gk, gv, cfg),
+            events.append(Event("loss_divergence", CRITICAL, t, float(loss), base, _root_cause(state, step, cfg),
                                 f"smoothed loss {_exp(ewm):.4g} has stayed above {base:.4g} "
                                 f"({cfg.loss_factor:g}x its early level) for {cfg.loss_steps} steps"))
     elif state["l_run"]:
@@ -751,14 +776,15 @@ def _loss_divergence(state: dict[str, Any], events: list[Event], t: int, loss: f
     best = state["l_best"]
     if slow < best or n == cfg.warmup_steps:
         best = state["l_best"] = slow
-    progress = state["l_start"] - best
+    progress = start - best
     if progress >= cfg._up_progress and slow - best >= cfg.loss_giveback_share * progress:
         state["lb_run"] += 1
         if state["lb_run"] == cfg.loss_steps:
+            t = state["last_step"]
             level = _exp(best + cfg.loss_giveback_share * progress)
             _hold(state, "loss_divergence", CRITICAL, best + cfg.loss_giveback_share * progress, level, t, "l_slow")
             state["l_run"] = state["lb_run"] = 0
-            events.append(Event("loss_divergence", CRITICAL, t, float(loss), level, _root_cause(state, gk, gv, cfg),
+            events.append(Event("loss_divergence", CRITICAL, t, float(loss), level, _root_cause(state, step, cfg),
                                 f"smoothed loss {_exp(slow):.4g} has given back {(slow - best) / progress:.0%} of "
                                 f"its progress (start {_exp(state['l_start']):.4g}, best {_exp(best):.4g}) "
                                 f"for {cfg.loss_steps} steps"))
@@ -778,7 +804,7 @@ def _hold(state: dict[str, Any], signature: str, severity: str, limit: float, ba
 
 
 def _still_out(state: dict[str, Any], events: list[Event], signature: str, x: float, value: float | None,
-               what: str, t: int, gk: Sequence[str] | None, gv: Any, cfg: DetectorConfig) -> bool:
+               what: str, step: Mapping[str, Any], cfg: DetectorConfig) -> bool:
     """A held signature's step: True, and the signature fires again, while `x` (the log of the signal; NaN for
     a non-finite step) is not back under the level it broke; else the hold ends and the step is judged as
     usual."""
@@ -786,16 +812,15 @@ def _still_out(state: dict[str, Any], events: list[Event], signature: str, x: fl
     if x <= held["limit"]:
         del state["held"][signature]
         return False
-    events.append(Event(signature, held["severity"], t, None if value is None else float(value), held["baseline"],
-                        _root_cause(state, gk, gv, cfg),
+    events.append(Event(signature, held["severity"], state["last_step"], None if value is None else float(value),
+                        held["baseline"], _root_cause(state, step, cfg),
                         f"{what} is still above {_exp(held['limit']):.4g}, the level it broke at step "
                         f"{held['since']} (baseline {held['baseline']:.4g})"))
     return True
 
 
-def _update_ratio(state: dict[str, Any], events: list[Event], step: Mapping[str, Any], t: int, u: float, w: float,
-                  g: float | None, loss: float | None, names: list[str] | None, gk: Sequence[str] | None, gv: Any,
-                  cfg: DetectorConfig) -> None:
+def _update_ratio(state: dict[str, Any], events: list[Event], held: dict[str, Any], step: Mapping[str, Any],
+                  u: float, w: float, cfg: DetectorConfig) -> None:
     """`update_ratio`: update norm / weight norm. Critical on absolute limits before its band has warmed up
     (`_early_ratio`: only the first steps can catch a run that blows up in its first update), a warning far
     above its band after. Held (`_hold`) until the ratio is back under the limit it broke, or near its band;
@@ -804,33 +829,36 @@ def _update_ratio(state: dict[str, Any], events: list[Event], step: Mapping[str,
     if not 0.0 < ratio < _INF:  # a quotient of finite norms can still underflow or overflow
         return
     x = _log(ratio)
-    n = state["r_n"]
-    state["r_big"] = state["r_big"] + 1 if ratio >= cfg.ratio_sustained else 0
-    held = state["held"].get("update_ratio")
-    if held is not None:
-        if _still_out(state, events, "update_ratio", x, ratio, f"update/weight ratio {ratio:.3g}", t, gk, gv, cfg):
-            if held["severity"] == WARNING:
-                _band_update(state, _RATIO_BAND, x, cfg)
+    n, mu, dev = state["r_n"], state["r_mu"], state["r_dev"]
+    if ratio >= cfg.ratio_sustained:
+        state["r_big"] += 1
+    elif state["r_big"]:
+        state["r_big"] = 0
+    hold = held.get("update_ratio") if held else None
+    if hold is not None:
+        if _still_out(state, events, "update_ratio", x, ratio, f"update/weight ratio {ratio:.3g}", step, cfg):
+            if hold["severity"] == WARNING:
+                _band_update(state, _RATIO_BAND, x, n, mu, dev, cfg)
             return
     elif n < cfg.warmup_steps:
-        found = _early_ratio(state, step, cfg, t, n, ratio, u, g, loss)
+        t = state["last_step"]
+        found = _early_ratio(state, step, cfg, t, n, ratio, u, step.get("grad_norm"), step.get("loss"))
         if found is not None:
             baseline, value, message, back_under = found
             _hold(state, "update_ratio", CRITICAL, _log(back_under) if back_under > 0.0 else -_LOG_NO_LIMIT,
                   baseline, t)
             events.append(Event("update_ratio", CRITICAL, t, value, baseline,
-                                _ratio_cause(state, names, step, gk, gv, cfg), message))
+                                _ratio_cause(state, step, cfg), message))
             return
     else:
-        mu = state["r_mu"]
-        dev = state["r_dev"]
         s = dev if dev > cfg.band_dev_floor else cfg.band_dev_floor
         if (x - mu) / s > cfg.ratio_z and x - mu >= cfg._up_ratio:
             base = _exp(mu)
+            t = state["last_step"]
             _hold(state, "update_ratio", WARNING, mu + cfg.resolve_z * s, base, t)
-            events.append(Event("update_ratio", WARNING, t, ratio, base, _ratio_cause(state, names, step, gk, gv, cfg),
+            events.append(Event("update_ratio", WARNING, t, ratio, base, _ratio_cause(state, step, cfg),
                                 f"update/weight ratio {ratio:.3g} is {ratio / base:.3g}x its band {base:.3g}"))
-    _band_update(state, _RATIO_BAND, x, cfg)
+    _band_update(state, _RATIO_BAND, x, n, mu, dev, cfg)
 
 
 def _early_ratio(state: dict[str, Any], step: Mapping[str, Any], cfg: DetectorConfig, t: int, n: int,
@@ -861,17 +889,18 @@ def _early_ratio(state: dict[str, Any], step: Mapping[str, Any], cfg: DetectorCo
     return None
 
 
-def _ratio_cause(state: dict[str, Any], names: Sequence[str] | None, step: Mapping[str, Any],
-                 gk: Sequence[str] | None, gv: Any, cfg: DetectorConfig) -> str | None:
+def _ratio_cause(state: dict[str, Any], step: Mapping[str, Any], cfg: DetectorConfig) -> str | None:
     """The layer to blame for an outsized update: the one whose own update is largest relative to its weights
     when the client sends per-layer updates; else the usual root cause; else (the first steps, no bands yet)
     the layer with the largest gradient relative to its weights, which is what plain SGD's update follows."""
+    names = _names(step)
     lun = step.get("layer_update_norms")
     weights = _as_map(*_layer_view(step.get("layer_weight_norms"), names)) or {}
     if lun:
         uk, uv = _layer_view(lun, names)
         return _largest_ratio(_as_map(uk, uv) or {}, weights)
-    return _root_cause(state, gk, gv, cfg) or (_largest_ratio(_as_map(gk, gv) or {}, weights) if gv else None)
+    gk, gv = _grad_view(step, names)
+    return _root_cause(state, step, cfg) or (_largest_ratio(_as_map(gk, gv) or {}, weights) if gv else None)
 
 
 def _largest_ratio(numerators: Mapping[str, Any], weights: Mapping[str, Any]) -> str | None:
