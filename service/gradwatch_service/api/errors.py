@@ -12,7 +12,7 @@ __all__ = ["install_error_handlers"]
 
 async def _invalid_input(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, InvalidInput)
-    return JSONResponse({"detail": exc.errors}, status_code=422)
+    return JSONResponse({"detail": exc.errors}, status_code=exc.status_code)
 
 
 async def _run_not_found(request: Request, exc: Exception) -> JSONResponse:
