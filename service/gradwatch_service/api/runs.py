@@ -16,6 +16,7 @@ from ..ingest import upsert_run
 from ..queries import get_run, list_runs
 from ..schemas import MAX_STEP, RunPublic, RunsPublic, RunUpsert
 from .deps import EngineDep, LimitsDep, RunIdPath, SettingsDep, model_response
+from .errors import INVALID, TOO_LARGE
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
@@ -26,7 +27,8 @@ router = APIRouter(prefix="/v1/runs", tags=["runs"])
     response_model=RunPublic,
     status_code=200,
     responses={201: {"model": RunPublic, "description": "created"}, 200: {"description": "updated"},
-               413: {"description": "body too large"}, 415: {"description": "not JSON"}},
+               **TOO_LARGE, 415: {"description": "not JSON"}, 400: {"description": "gzip body that is not gzip"},
+               **INVALID},
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": "#/components/schemas/RunUpsert"},
         "example": RunUpsert.model_config["json_schema_extra"]["examples"][0]}}}},  # type: ignore[index]

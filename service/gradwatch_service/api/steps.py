@@ -16,6 +16,7 @@ from ..queries import UnknownLayer, get_run_row, list_incidents, read_series, re
 from ..schemas import MAX_STEP, SERIES_FIELDS, Incident, IngestResult, SeriesPublic, StepBatch, StepsPublic
 from ..steps_table import StepColumns
 from .deps import DetectorDep, EngineDep, IngestSlotsDep, LimitsDep, RunIdPath, SettingsDep, model_response
+from .errors import INVALID, TOO_LARGE
 
 router = APIRouter(prefix="/v1/runs/{run_id}", tags=["steps"])
 
@@ -31,8 +32,10 @@ _BATCH_EXAMPLE = StepBatch.model_config["json_schema_extra"]["examples"][0]  # t
         409: {"description": "a stored step was resent with different values; nothing was stored",
               "content": {"application/json": {"example": {"detail": {
                   "message": "1 step(s) of run 'r1' were already stored with different values", "steps": [3]}}}}},
-        413: {"description": "body too large, compressed or decompressed"},
+        **TOO_LARGE,
         415: {"description": "unsupported Content-Type or Content-Encoding"},
+        400: {"description": "gzip body that is not gzip"},
+        **INVALID,
     },
     openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/StepBatch"}, "example": _BATCH_EXAMPLE},

@@ -36,6 +36,7 @@ from ..webhook_schemas import (
 )
 from ..webhook_targets import TargetRefused, check_target
 from .deps import EngineDep, LimitsDep, SettingsDep, app_state, model_response
+from .errors import INVALID
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
@@ -48,8 +49,8 @@ def _body_example(example: dict[str, Any]) -> dict[str, Any]:
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such subscription"}}
 REFUSED: dict[int | str, dict[str, Any]] = {422: {
-    "description": "invalid body, a limit passed (named with its setting), or a URL whose host resolves to a "
-                   "loopback, private, link-local or metadata address"}}
+    **INVALID[422], "description": "invalid body, an input limit passed (named with its setting), or a URL whose "
+                                   "host resolves to a loopback, private, link-local or metadata address"}}
 
 
 def _missing(sub_id: int) -> HTTPException:
