@@ -54,16 +54,20 @@ def test_api_answers_every_generated_request_without_a_server_error(fuzzed: Serv
     known_run = new_run_id("fuzz")
     r = httpx.put(f"{server.url}/v1/runs/{known_run}", json={"layers": ["a", "b", "c"]}, headers=headers)
     assert r.status_code == 201, r.text
+    # Likewise half the subscription-scoped requests go to one that exists (PATCH then meets the target check).
+    r = httpx.post(f"{server.url}/v1/webhooks", json={"url": "https://hooks.example.com/fuzz"}, headers=headers)
+    assert r.status_code == 201, r.text
+    known = {"run_id": known_run, "sub_id": r.json()["id"]}
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json", headers=headers)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 10
     for operation in operations:
 
-        @given(case=operation.as_strategy(), to_known_run=st.booleans())
+        @given(case=operation.as_strategy(), to_known=st.booleans())
         @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-        def check(case: schemathesis.Case, to_known_run: bool) -> None:
-            if to_known_run and case.path_parameters and "run_id" in case.path_parameters:
-                case.path_parameters["run_id"] = known_run
+        def check(case: schemathesis.Case, to_known: bool) -> None:
+            for name in (case.path_parameters or {}).keys() & known.keys() if to_known else ():
+                case.path_parameters[name] = known[name]
             response = case.call(base_url=server.url, headers=headers, timeout=30)
             assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:500])
             # Schema-valid bodies can still be inconsistent (per-layer arrays longer than the run's layer list):

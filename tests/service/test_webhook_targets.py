@@ -67,6 +67,7 @@ REFUSED_URLS = [
     ("http://100.100.100.200/", "cloud metadata address"),
     ("http://metadata.google.internal/computeMetadata/v1/", "cloud metadata name"),
     ("http://Metadata.Google.Internal./x", "cloud metadata name"),
+    ("http://" + "a" * 64 + ".example/x", "not a valid host name"),  # a label IDNA cannot encode
 ]
 
 
