@@ -5,16 +5,22 @@ what earlier requests stored stays."""
 from __future__ import annotations
 
 import gzip
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import Engine
 
+import gradwatch
 from gradwatch.wire import BINARY_CONTENT_TYPE, encode_binary_batch
+from gradwatch_service.db import write_transaction
+from gradwatch_service.subscriptions import count_subscriptions, create_subscription
+from gradwatch_service.webhook_schemas import SubscriptionCreate
 
-from ..support.databases import BACKENDS, new_database_url, new_run_id
+from ..support.databases import BACKENDS, SERVER_MAX_BODY_BYTES, new_database_url, new_run_id
 from ..support.serverproc import ServerProcess
 
 LIMITS = {
@@ -23,7 +29,7 @@ LIMITS = {
     "GRADWATCH_MAX_RUN_LAYERS": "4",
     "GRADWATCH_MAX_LAYER_NAME_CHARS": "8",
     "GRADWATCH_MAX_RUN_NAME_CHARS": "10",
-    "GRADWATCH_MAX_CONFIG_BYTES": "64",
+    "GRADWATCH_MAX_CONFIG_BYTES": "256",
     "GRADWATCH_MAX_STEP_SCALARS": "2",
     "GRADWATCH_MAX_SCALAR_NAME_CHARS": "5",
     "GRADWATCH_MAX_WEBHOOK_SUBSCRIPTIONS": "2",
@@ -65,10 +71,10 @@ def _refused(r: httpx.Response, status: int, setting: str, message: str) -> dict
 @pytest.mark.parametrize(("body", "at_the_limit", "setting", "loc", "message"), [
     ({"name": "n" * 11}, {"name": "n" * 10}, "GRADWATCH_MAX_RUN_NAME_CHARS", ["body", "name"],
      "name is 11 characters; the limit is 10 characters"),
-    ({"config": {"k": "v" * 61}}, {"config": {"k": "v" * 56}}, "GRADWATCH_MAX_CONFIG_BYTES", ["body", "config"],
-     "config is 69 bytes of JSON; the limit is 64 bytes of JSON"),
-    ({"meta": {"host": "é" * 30}}, {"meta": {"host": "é" * 26}}, "GRADWATCH_MAX_CONFIG_BYTES", ["body", "meta"],
-     "meta is 71 bytes"),  # bytes, not characters
+    ({"config": {"k": "v" * 251}}, {"config": {"k": "v" * 248}}, "GRADWATCH_MAX_CONFIG_BYTES", ["body", "config"],
+     "config is 259 bytes of JSON; the limit is 256 bytes of JSON"),
+    ({"meta": {"host": "é" * 125}}, {"meta": {"host": "é" * 122}}, "GRADWATCH_MAX_CONFIG_BYTES", ["body", "meta"],
+     "meta is 261 bytes"),  # bytes, not characters
     ({"layers": list("abcde")}, {"layers": list("abcd")}, "GRADWATCH_MAX_RUN_LAYERS", ["body", "layers"],
      "the list has 5 layers; the limit is 4 layers"),
     ({"layers": ["a", "ninechars"]}, {"layers": ["a", "eightchr"]}, "GRADWATCH_MAX_LAYER_NAME_CHARS",
@@ -149,6 +155,38 @@ def test_the_body_cap_names_its_setting_on_the_wire_and_inflated(limited: httpx.
         assert "(GRADWATCH_MAX_BODY_BYTES)" in r.json()["detail"]
 
 
+def test_the_client_sends_a_batch_over_the_step_limit_in_halves_and_loses_nothing(limited: httpx.Client,
+                                                                                  tmp_path: Path) -> None:
+    token = dict(limited.headers).get("authorization", "").removeprefix("Bearer ") or None
+    run = gradwatch.init(url=str(limited.base_url), token=token, project="lim", spool_dir=tmp_path, batch_size=12,
+                         batch_age=30.0)
+    for step in range(12):
+        run.log(step, loss=1.0 / (step + 1), grad_norm=float("nan") if step == 7 else 1.0)
+    report = run.finish(timeout=20)
+    assert report.lost == {} and report.delivered == 12, report
+    assert limited.get(f"/v1/runs/{run.run_id}").json()["n_steps"] == 12
+
+
+def test_the_defaults_hold_on_the_session_servers(http: httpx.Client) -> None:
+    """The session servers keep every default but the body cap (tests/support/databases.py)."""
+    run_id = new_run_id()
+    r = http.put(f"/v1/runs/{run_id}", json={"name": "n" * 257})
+    assert r.status_code == 422 and "(GRADWATCH_MAX_RUN_NAME_CHARS)" in r.text and "limit is 256" in r.text
+    r = http.put(f"/v1/runs/{run_id}", json={"config": {"k": "v" * 65_529}})
+    assert r.status_code == 422 and "config is 65537 bytes of JSON; the limit is 65536" in r.text
+    assert http.put(f"/v1/runs/{run_id}", json={"config": {"k": "v" * 65_528}}).status_code == 201
+    scalars = {f"s{i}": float(i) for i in range(101)}
+    r = http.post(f"/v1/runs/{run_id}/steps", json={"steps": [{"step": 0, "scalars": scalars}]})
+    assert r.status_code == 422 and "101 extra scalars; the limit is 100" in r.text
+    r = http.post(f"/v1/runs/{run_id}/steps", json={"steps": [{"step": 0, "scalars": {"x" * 129: 1.0}}]})
+    assert r.status_code == 422 and "(GRADWATCH_MAX_SCALAR_NAME_CHARS)" in r.text
+    layers = [f"layer{i}" for i in range(10_001)]
+    assert len(str(layers)) < SERVER_MAX_BODY_BYTES
+    r = http.put(f"/v1/runs/{run_id}", json={"layers": layers})
+    assert r.status_code == 422 and "10001 layers; the limit is 10000" in r.text
+    assert http.get(f"/v1/runs/{run_id}").json()["n_steps"] == 0
+
+
 # ---------------------------------------------------------------------------------------------------- webhooks
 
 def test_webhook_url_name_and_count_limits(limited: httpx.Client) -> None:
@@ -171,6 +209,26 @@ def test_webhook_url_name_and_count_limits(limited: httpx.Client) -> None:
     assert limited.delete(f"/v1/webhooks/{sub_id}").status_code == 200
     assert limited.post("/v1/webhooks", json={"url": url, "enabled": False}).status_code == 201
     assert len(limited.get("/v1/webhooks").json()["subscriptions"]) == 2
+
+
+def test_a_second_creator_waits_for_the_first_and_counts_its_subscription(engine: Engine) -> None:
+    """The count under the limit is taken under a lock every creation takes (PostgreSQL: an advisory lock;
+    SQLite: the write lock), so two creations at once cannot both see room for one more."""
+    counted: list[int] = []
+
+    def second() -> None:
+        with write_transaction(engine) as conn:
+            counted.append(count_subscriptions(conn))
+
+    with write_transaction(engine) as conn:
+        assert count_subscriptions(conn) == 0
+        create_subscription(conn, SubscriptionCreate(url="https://hooks.example.com/race", enabled=False))
+        other = threading.Thread(target=second)
+        other.start()
+        other.join(0.5)
+        assert other.is_alive() and counted == []  # waiting for this transaction
+    other.join(10)
+    assert counted == [1]
 
 
 def test_settings_document_the_limits_they_are_read_from(tmp_path: Path) -> None:
