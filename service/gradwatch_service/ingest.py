@@ -90,7 +90,7 @@ def _merge_layers(current: list[str], incoming: Sequence[str]) -> list[str]:
     return current + [name for name in incoming if name not in known]
 
 
-def upsert_run(conn: Connection, run_id: str, body: RunUpsert, limits: InputLimits | None = None) -> bool:
+def upsert_run(conn: Connection, run_id: str, body: RunUpsert, *, limits: InputLimits | None = None) -> bool:
     """Create the run or update the fields the body carries. Returns True when it was created. With `limits`,
     the run's layer list after the update is held to them (the body's own fields are the caller's to check)."""
     if body.layers is not None and len(set(body.layers)) != len(body.layers):
@@ -218,7 +218,7 @@ def _stored_key(row: Row[Any]) -> tuple[Any, ...]:
 
 
 def append_steps(conn: Connection, run_id: str, batch: StepBatch | StepColumns,
-                 detector: DetectorConfig | None = None, limits: InputLimits | None = None) -> BatchOutcome:
+                 detector: DetectorConfig | None = None, *, limits: InputLimits | None = None) -> BatchOutcome:
     """Store a batch's new steps and, with a detector config, judge them; raises RunNotFound, StepConflict or
     InvalidInput (then nothing is stored). With `limits`, the run's layer list with the batch's new layers is
     held to them (the batch's own counts are the caller's to check, before the transaction)."""

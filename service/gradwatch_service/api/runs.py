@@ -40,7 +40,7 @@ async def put_run(run_id: RunIdPath, request: Request, engine: EngineDep, settin
 
     def write() -> tuple[bool, RunPublic]:
         with write_transaction(engine) as conn:
-            created = upsert_run(conn, run_id, body, limits)
+            created = upsert_run(conn, run_id, body, limits=limits)
             run = get_run(conn, run_id)
         assert run is not None
         return created, run

@@ -55,7 +55,7 @@ async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, set
             batch = parse_body(StepBatch, raw)
             limits.check_batch(len(batch.steps), batch.layers, (s.scalars for s in batch.steps))
         with write_transaction(engine) as conn:
-            outcome = append_steps(conn, run_id, batch, detector, limits)
+            outcome = append_steps(conn, run_id, batch, detector, limits=limits)
             open_now, _ = list_incidents(conn, run_pk=outcome.run_pk, status="open")
             raised: list[Incident] = []
             if outcome.raised_incidents:
