@@ -12,8 +12,10 @@ nothing off this machine.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -24,6 +26,9 @@ from schemathesis import checks
 
 from ..support.databases import BACKENDS, SERVER_MAX_BODY_BYTES, new_database_url, new_run_id
 from ..support.serverproc import ServerProcess
+
+AUTH: dict[str, Any] = {"auth": True} if "auth" in inspect.signature(ServerProcess).parameters else {}
+"""An admin token and its header (`ServerProcess.headers`) where the servers have access control."""
 
 EXAMPLES = int(os.environ.get("GRADWATCH_FUZZ_EXAMPLES") or (150 if os.environ.get("CI", "").lower() == "true" else 40))
 """Examples per operation: a quick look while working, a deeper search under CI (150: about 75 s for both
@@ -37,7 +42,7 @@ def fuzzed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     tmp = tmp_path_factory.mktemp(f"fuzz-{request.param}")
     url, schema = new_database_url(request.param, tmp)
     proc = ServerProcess(url, env={"GRADWATCH_MAX_BODY_BYTES": str(SERVER_MAX_BODY_BYTES),
-                                   "GRADWATCH_WEBHOOK_DELIVERY": "false"}, log_path=tmp / "server.log")
+                                   "GRADWATCH_WEBHOOK_DELIVERY": "false"}, log_path=tmp / "server.log", **AUTH)
     proc.start()
     yield proc
     proc.stop()

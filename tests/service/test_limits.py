@@ -5,6 +5,7 @@ what earlier requests stored stays."""
 from __future__ import annotations
 
 import gzip
+import inspect
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,9 @@ from gradwatch_service.webhook_schemas import SubscriptionCreate
 
 from ..support.databases import BACKENDS, SERVER_MAX_BODY_BYTES, new_database_url, new_run_id
 from ..support.serverproc import ServerProcess
+
+AUTH: dict[str, Any] = {"auth": True} if "auth" in inspect.signature(ServerProcess).parameters else {}
+"""An admin token and its header (`ServerProcess.headers`) where the servers have access control."""
 
 LIMITS = {
     "GRADWATCH_MAX_BODY_BYTES": "4096",
@@ -43,7 +47,8 @@ def limited(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     """A server of this module's own with the small limits above, on each backend."""
     tmp = tmp_path_factory.mktemp(f"limits-{request.param}")
     url, schema = new_database_url(request.param, tmp)
-    proc = ServerProcess(url, env={**LIMITS, "GRADWATCH_WEBHOOK_DELIVERY": "false"}, log_path=tmp / "server.log")
+    proc = ServerProcess(url, env={**LIMITS, "GRADWATCH_WEBHOOK_DELIVERY": "false"}, log_path=tmp / "server.log",
+                         **AUTH)
     proc.start()
     try:
         with httpx.Client(base_url=proc.url, timeout=60, headers=getattr(proc, "headers", {})) as client:
