@@ -10,7 +10,11 @@ delivery is refused before connecting.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import socket
+import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -20,7 +24,7 @@ import pytest
 from sqlalchemy import Engine, insert, select
 
 from gradwatch_service.db import now_utc, read_connection, write_transaction
-from gradwatch_service.delivery import DeliveryWorker
+from gradwatch_service.delivery import DeliveryWorker, send
 from gradwatch_service.ingest import upsert_run
 from gradwatch_service.models import incidents, runs, webhook_attempts, webhook_deliveries
 from gradwatch_service.outbox import enqueue_incident_event
@@ -233,3 +237,31 @@ def test_a_name_that_stops_resolving_is_an_ordinary_failure_retried(engine: Engi
         state = conn.execute(select(webhook_deliveries.c.state).where(
             webhook_deliveries.c.subscription_id == sub_id)).scalar_one()
     assert state == "pending"  # DNS may come back: retried until the retry window (a day) has passed
+
+
+def test_https_to_a_checked_address_still_names_the_host_in_tls() -> None:
+    """TLS gets the URL's name as its server name (and would verify the certificate against it) while the
+    connection goes to the checked address: a listener on 127.0.0.1 with no certificate records the name the
+    handshake asked for, then fails it."""
+    server_names: list[str | None] = []
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+
+    def record(_sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        server_names.append(name)
+
+    tls.sni_callback = record  # type: ignore[assignment]
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def handshake() -> None:
+            conn, _ = listener.accept()
+            with conn, contextlib.suppress(ssl.SSLError, OSError):
+                tls.wrap_socket(conn, server_side=True).close()
+
+        thread = threading.Thread(target=handshake)
+        thread.start()
+        dns = PlayedDns({"pinned.test": ["127.0.0.1"]})
+        outcome = send(f"https://pinned.test:{port}/hook", b"{}", {}, 5.0, TargetPolicy.parse("127.0.0.1"), dns)
+        thread.join(10)
+    assert server_names == ["pinned.test"]
+    assert outcome.status_code is None and not outcome.final and "SSL" in (outcome.error or "")
