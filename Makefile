@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS := server,postgres,torch,dev
 
-.PHONY: venv demo serve test test-fast check bench score clean prometheus-tools
+.PHONY: venv demo serve test test-fast fuzz check bench score clean prometheus-tools
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(STAMP) prometheus-tools
 # the pure core (client, detectors, wire): no server, no database, no torch; seconds, for every edit
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/client -m "not service and not torch and not slow" $(PYTEST_ARGS)
+
+# the schema fuzz test (schemathesis against live servers on SQLite and PostgreSQL) with many more examples than
+# `make test` gives it: about 10 minutes here; FUZZ_EXAMPLES=N to change
+FUZZ_EXAMPLES ?= 400
+fuzz: $(STAMP)
+	GRADWATCH_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/service/test_fuzz.py $(PYTEST_ARGS)
 
 # Prometheus, promtool, Alertmanager and amtool for the alerting tests, from Debian's packages when missing (as
 # root). Without them those tests skip, except under CI=true, where they fail. The tests start their own

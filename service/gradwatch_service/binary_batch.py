@@ -24,16 +24,18 @@ from gradwatch.wire import (
 
 from .body import nul_location
 from .errors import InvalidInput
+from .limits import InputLimits
 from .schemas import MAX_STEP, BinaryBatchHeader
 from .steps_table import LayerColumn, StepColumns
 
 __all__ = ["parse_binary_batch"]
 
 
-def parse_binary_batch(raw: bytes, max_steps: int) -> StepColumns:
-    """Check a binary body completely; any problem is an InvalidInput naming where it is."""
+def parse_binary_batch(raw: bytes, limits: InputLimits) -> StepColumns:
+    """Check a binary body completely, and against the limits the JSON wire is held to; any problem is an
+    InvalidInput naming where it is (a LimitExceeded naming the setting)."""
     try:
-        header_doc, sections = split_binary_batch(raw, max_steps)
+        header_doc, sections = split_binary_batch(raw)  # the framing: a count the body cannot hold is refused
     except BinaryBodyError as exc:
         raise InvalidInput(exc.loc, str(exc)) from None
     try:
@@ -46,6 +48,7 @@ def parse_binary_batch(raw: bytes, max_steps: int) -> StepColumns:
     n = header.n
     if header.scalars is not None and len(header.scalars) != n:
         raise InvalidInput(["body", "header", "scalars"], f"has {len(header.scalars)} entries for {n} steps")
+    limits.check_batch(n, header.layers, header.scalars or ())
     if header.layers is not None and len(set(header.layers)) != len(header.layers):
         raise InvalidInput(["body", "header", "layers"], "layer names must be unique")
     steps = int_column(sections["step"])

@@ -29,6 +29,7 @@ _INFLATE_ERRORS: tuple[type[Exception], ...] = (zlib.error, _zlib.error)
 
 M = TypeVar("M", bound=BaseModel)
 _JSON_TYPES = ("application/json", "application/x-ndjson")
+_SETTING = "GRADWATCH_MAX_BODY_BYTES"
 
 
 def content_type_of(request: Request) -> str:
@@ -46,16 +47,20 @@ async def read_body(request: Request, max_bytes: int, binary: bool = False) -> b
         raise HTTPException(415, f"Content-Encoding must be gzip or absent, not {encoding!r}")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise HTTPException(413, f"request body of {declared} bytes is over the {max_bytes}-byte limit")
+        raise HTTPException(413, f"request body is {declared} bytes; the limit is {max_bytes} bytes ({_SETTING})")
     chunks: list[bytes] = []
     received = 0
     async for chunk in request.stream():
         received += len(chunk)
         if received > max_bytes:
-            raise HTTPException(413, f"request body is over the {max_bytes}-byte limit")
+            raise HTTPException(413, f"request body is over {max_bytes} bytes, the limit ({_SETTING})")
         chunks.append(chunk)
     raw = b"".join(chunks)
     return gunzip_capped(raw, max_bytes) if encoding == "gzip" else raw
+
+
+def _inflated_too_large(max_bytes: int) -> HTTPException:
+    return HTTPException(413, f"decompressed request body is over {max_bytes} bytes, the limit ({_SETTING})")
 
 
 def gunzip_capped(data: bytes, max_bytes: int) -> bytes:
@@ -63,12 +68,12 @@ def gunzip_capped(data: bytes, max_bytes: int) -> bytes:
     try:
         out: bytes = inflater.decompress(data, max_bytes + 1)
         if len(out) > max_bytes or inflater.unconsumed_tail:
-            raise HTTPException(413, f"decompressed request body is over the {max_bytes}-byte limit")
+            raise _inflated_too_large(max_bytes)
         out += inflater.flush()
     except _INFLATE_ERRORS as exc:
         raise HTTPException(400, f"Content-Encoding is gzip but the body is not valid gzip: {exc}") from exc
     if len(out) > max_bytes:
-        raise HTTPException(413, f"decompressed request body is over the {max_bytes}-byte limit")
+        raise _inflated_too_large(max_bytes)
     if not inflater.eof:
         raise HTTPException(400, "gzip body is truncated")
     return out

@@ -5,14 +5,20 @@ within milliseconds of its batch's commit) or the poll interval passes (rows com
 coming due). Each POST runs on a daemon thread of its own with a timeout, at most `webhook_concurrency` at once
 and one per subscription, so a receiver that hangs holds one sender for `webhook_timeout_s`, never ingest, never
 another receiver and never the process's exit.
+
+Before each POST the URL's host is resolved and checked again (webhook_targets.py), and the POST connects to the
+address that passed, with the name as Host and TLS server name: a name that now points inside (DNS rebinding)
+makes the delivery dead at once with the reason in its log, and no answer that changes after the check is used.
 """
 
 from __future__ import annotations
 
 import http.client
 import logging
+import socket
 import threading
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 from sqlalchemy import Engine
@@ -22,8 +28,9 @@ from .db import write_transaction
 from .outbox import Claim, Outcome, claim_due, on_outbox_commit, settle
 from .settings import Settings
 from .signing import signed_headers
+from .webhook_targets import Resolver, TargetPolicy, TargetRefused, check_target, system_resolver
 
-__all__ = ["DeliveryWorker", "post"]
+__all__ = ["DeliveryWorker", "post", "send"]
 
 log = logging.getLogger("gradwatch.webhooks")
 
@@ -31,13 +38,32 @@ USER_AGENT = "gradwatch-webhooks/0.1"
 _MAX_ERROR_CHARS = 500
 
 
-def post(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> Outcome:
-    """One POST with the standard library (no extra server dependency); redirects are not followed."""
+def send(url: str, body: bytes, headers: dict[str, str], timeout_s: float, policy: TargetPolicy,
+         resolve: Resolver = system_resolver) -> Outcome:
+    """Check the target as it resolves now, then POST to the checked address; a refusal is a final outcome."""
+    start = time.perf_counter()
+    try:
+        target = check_target(url, policy, resolve)
+    except TargetRefused as exc:
+        return Outcome(status_code=None, latency_ms=(time.perf_counter() - start) * 1000, final=True,
+                       error=f"refused before connecting: {exc}"[:_MAX_ERROR_CHARS])
+    except OSError as exc:  # does not resolve (now): an ordinary failed attempt, retried
+        return Outcome(status_code=None, latency_ms=(time.perf_counter() - start) * 1000,
+                       error=f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS])
+    return post(url, body, headers, timeout_s, address=target.address)
+
+
+def post(url: str, body: bytes, headers: dict[str, str], timeout_s: float, address: str | None = None) -> Outcome:
+    """One POST with the standard library (no extra server dependency); redirects are not followed. With
+    `address`, the connection goes there, whatever the name resolves to now; Host and TLS (server name and the
+    certificate's check) still use the URL's name."""
     parts = urlsplit(url)
     conn_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     start = time.perf_counter()
     conn = conn_type(parts.hostname or "", parts.port, timeout=timeout_s)
+    if address is not None:
+        conn._create_connection = _pinned(address)  # type: ignore[attr-defined]  # used by connect() in 3.11+
     try:
         conn.request("POST", path, body=body, headers={
             "content-type": "application/json", "user-agent": USER_AGENT, **headers})
@@ -51,9 +77,21 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> Ou
     return Outcome(status_code=status, latency_ms=(time.perf_counter() - start) * 1000, error=error)
 
 
+def _pinned(address: str) -> Any:
+    """http.client's socket factory, made to connect to `address` on the port it is asked for."""
+
+    def connect(where: tuple[str, int], timeout: Any = None, source_address: Any = None) -> socket.socket:
+        return socket.create_connection((address, where[1]), timeout, source_address)
+
+    return connect
+
+
 class DeliveryWorker:
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: Settings, resolve: Resolver = system_resolver) -> None:
         self.engine, self.settings = engine, settings
+        self.policy = settings.webhook_target_policy()
+        self.resolve = resolve
+        """how target names are resolved before each POST (a parameter, so tests can play DNS)"""
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._busy: set[int] = set()  # subscriptions with a POST in flight from this process
@@ -108,7 +146,8 @@ class DeliveryWorker:
         s = self.settings
         try:
             body = encode_body(alert_body(claim.event, claim.payload, claim.receiver, s.public_url()))
-            outcome = post(claim.url, body, signed_headers(claim.secret, claim.msg_id, body), s.webhook_timeout_s)
+            outcome = send(claim.url, body, signed_headers(claim.secret, claim.msg_id, body), s.webhook_timeout_s,
+                           self.policy, self.resolve)
             with write_transaction(self.engine) as conn:
                 result = settle(conn, claim, outcome, retry_base_s=s.webhook_retry_base_s,
                                 retry_max_delay_s=s.webhook_retry_max_delay_s, retry_for_s=s.webhook_retry_for_s)

@@ -15,6 +15,8 @@ class InvalidInput(ValueError):
     """Input that parsed but cannot be taken (a per-layer array of the wrong length, a binary body's framing, a
     layer list that reorders the run's): a 422 whose `errors` name where, in FastAPI's own shape."""
 
+    status_code = 422
+
     def __init__(self, loc: Sequence[str | int], message: str) -> None:
         super().__init__(message)
         self.errors: list[dict[str, Any]] = [{"loc": list(loc), "msg": message, "type": "value_error"}]

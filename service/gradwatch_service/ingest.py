@@ -30,6 +30,7 @@ from .codec import decode_scalars
 from .db import now_utc
 from .errors import InvalidInput, RunNotFound, StepConflict
 from .incidents import advance_detection
+from .limits import InputLimits
 from .models import FLAG_SKIPPED, projects, runs
 from .schemas import RunUpsert, StepBatch, StepIn
 from .steps_table import LayerRow, StepColumns, insert_rows, stored_steps
@@ -89,8 +90,9 @@ def _merge_layers(current: list[str], incoming: Sequence[str]) -> list[str]:
     return current + [name for name in incoming if name not in known]
 
 
-def upsert_run(conn: Connection, run_id: str, body: RunUpsert) -> bool:
-    """Create the run or update the fields the body carries. Returns True when it was created."""
+def upsert_run(conn: Connection, run_id: str, body: RunUpsert, *, limits: InputLimits | None = None) -> bool:
+    """Create the run or update the fields the body carries. Returns True when it was created. With `limits`,
+    the run's layer list after the update is held to them (the body's own fields are the caller's to check)."""
     if body.layers is not None and len(set(body.layers)) != len(body.layers):
         raise InvalidInput(["body", "layers"], "layer names must be unique")
     now = now_utc()
@@ -127,6 +129,8 @@ def upsert_run(conn: Connection, run_id: str, body: RunUpsert) -> bool:
             raise InvalidInput(["body", "layers"], "layers may only be appended to: the run already has "
                                                    f"{len(current)} layers starting {current[:3]}")
         changes["layer_names"] = _merge_layers(current, body.layers)
+        if limits is not None:
+            limits.check_run_layers(["body", "layers"], len(changes["layer_names"]))
     if changes:
         changes["updated_at"] = now
         conn.execute(update(runs).where(runs.c.id == row.id).values(**changes))
@@ -214,13 +218,16 @@ def _stored_key(row: Row[Any]) -> tuple[Any, ...]:
 
 
 def append_steps(conn: Connection, run_id: str, batch: StepBatch | StepColumns,
-                 detector: DetectorConfig | None = None) -> BatchOutcome:
+                 detector: DetectorConfig | None = None, *, limits: InputLimits | None = None) -> BatchOutcome:
     """Store a batch's new steps and, with a detector config, judge them; raises RunNotFound, StepConflict or
-    InvalidInput (then nothing is stored)."""
+    InvalidInput (then nothing is stored). With `limits`, the run's layer list with the batch's new layers is
+    held to them (the batch's own counts are the caller's to check, before the transaction)."""
     run = _lock_run(conn, run_id)
     if run is None:
         raise RunNotFound(run_id)
     layers, index_map = _layer_mapper(list(run.layer_names), batch.layers)
+    if limits is not None and len(layers) > len(run.layer_names):
+        limits.check_run_layers(["body", "layers"], len(layers))
     if isinstance(batch, StepColumns):
         if index_map is None and batch.is_plain_append(run.last_step):
             return _store(conn, run, batch, layers, detector, duplicates=0, late=set())

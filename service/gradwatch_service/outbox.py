@@ -160,6 +160,8 @@ class Outcome:
     status_code: int | None
     latency_ms: float
     error: str | None
+    final: bool = False
+    """no retry can succeed (the target was refused): the delivery is dead at once"""
 
     @property
     def ok(self) -> bool:
@@ -169,14 +171,14 @@ class Outcome:
 def settle(conn: Connection, claim: Claim, outcome: Outcome, *, retry_base_s: float, retry_max_delay_s: float,
            retry_for_s: float) -> str:
     """Log the attempt and move the delivery on: delivered, due again after a backoff, or dead when the next try
-    would fall past `retry_for_s` since `retry_from`. Returns the attempt's outcome."""
+    would fall past `retry_for_s` since `retry_from` or the outcome is final. Returns the attempt's outcome."""
     now = now_utc()
     d = webhook_deliveries
     if outcome.ok:
         result, values = "delivered", {"state": "delivered", "delivered_at": now}
     else:
         delay = backoff_s(claim.attempt, retry_base_s, retry_max_delay_s)
-        if (now + timedelta(seconds=delay) - claim.retry_from).total_seconds() > retry_for_s:
+        if outcome.final or (now + timedelta(seconds=delay) - claim.retry_from).total_seconds() > retry_for_s:
             result, values = "dead", {"state": "dead"}
         else:
             result, values = "failed", {"next_attempt_at": now + timedelta(seconds=delay)}

@@ -17,7 +17,10 @@ from gradwatch.wire import LAYER_FIELDS, NONFINITE_STRINGS, SCALAR_FIELDS, RunSt
 MAX_STEP = 2**62
 """Steps, offsets and limits stay below this: it fits SQLite's and PostgreSQL's 64-bit integers."""
 ProjectName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
-LayerName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+LayerName = Annotated[str, StringConstraints(min_length=1)]
+"""Lengths and counts a setting bounds (names, layers, scalars, config size) are checked by limits.py, which
+names the setting in its 422; the models hold only what no setting changes."""
+ScalarName = Annotated[str, StringConstraints(min_length=1)]
 
 Value = Annotated[
     float,
@@ -38,10 +41,10 @@ class RunUpsert(WireModel):
     """PUT /v1/runs/{run_id}. Omitted fields are left as they are."""
 
     project: ProjectName | None = Field(default=None, description="defaults to 'default' on creation")
-    name: Annotated[str, StringConstraints(max_length=256)] | None = None
+    name: str | None = None
     config: dict[str, Any] | None = None
     status: RunStatus | None = None
-    layers: list[LayerName] | None = Field(default=None, max_length=100_000)
+    layers: list[LayerName] | None = None
     meta: dict[str, Any] | None = None
 
     model_config = ConfigDict(
@@ -117,7 +120,7 @@ class StepIn(WireModel):
     layer_grad_norms: list[Value | None] | None = None
     layer_weight_norms: list[Value | None] | None = None
     layer_update_norms: list[Value | None] | None = None
-    scalars: dict[Annotated[str, StringConstraints(min_length=1, max_length=128)], Value | None] | None = None
+    scalars: dict[ScalarName, Value | None] | None = None
     skipped: bool = False
 
 
@@ -128,16 +131,16 @@ class BinaryBatchHeader(WireModel):
     fields: list[str] = Field(description="the sections that follow, in order; 'step' is required (the framing "
                                           "check, gradwatch.wire.split_binary_batch, knows their names)")
     batch_id: Annotated[str, StringConstraints(max_length=128)] | None = None
-    layers: list[LayerName] | None = Field(default=None, max_length=100_000)
-    scalars: list[dict[Annotated[str, StringConstraints(min_length=1, max_length=128)], Value | None] | None] \
-        | None = Field(default=None, description="one entry per step (an object or null)")
+    layers: list[LayerName] | None = None
+    scalars: list[dict[ScalarName, Value | None] | None] | None = Field(
+        default=None, description="one entry per step (an object or null)")
 
 
 class StepBatch(WireModel):
     """POST /v1/runs/{run_id}/steps."""
 
     batch_id: Annotated[str, StringConstraints(max_length=128)] | None = None
-    layers: list[LayerName] | None = Field(default=None, max_length=100_000)
+    layers: list[LayerName] | None = None
     steps: list[StepIn]
 
     model_config = ConfigDict(

@@ -11,6 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gradwatch.detect import DetectorConfig
 
+from .webhook_targets import TargetPolicy
+
 DEFAULT_DATA_DIR = Path(".gradwatch")
 
 
@@ -31,6 +33,21 @@ class Settings(BaseSettings):
         description="cap on a request body, applied both to the bytes received and after gzip decompression",
     )
     max_batch_steps: int = Field(default=20_000, ge=1, description="most steps one POST may carry")
+    # Input limits (limits.py): going over one is a 422 that names it. Where a database column holds the value,
+    # the setting may not exceed the column's width.
+    max_run_layers: int = Field(default=10_000, ge=1, description="most layers a run may have, all appends counted")
+    max_layer_name_chars: int = Field(
+        default=256, ge=1, le=256, description="longest layer name (characters; an incident's column holds 256)")
+    max_run_name_chars: int = Field(
+        default=256, ge=1, le=256, description="longest run name (characters; the runs.name column holds 256)")
+    max_config_bytes: int = Field(
+        default=65_536, ge=2, description="largest run config, and run meta, each as compact JSON (bytes)")
+    max_step_scalars: int = Field(default=100, ge=0, description="most extra scalars (`scalars`) one step may carry")
+    max_scalar_name_chars: int = Field(default=128, ge=1, description="longest extra scalar name (characters)")
+    max_webhook_subscriptions: int = Field(default=100, ge=0, description="most webhook subscriptions in all")
+    max_webhook_url_chars: int = Field(default=2048, ge=8, description="longest webhook URL (characters)")
+    max_webhook_name_chars: int = Field(
+        default=128, ge=1, le=128, description="longest webhook name (characters; the column holds 128)")
     sqlite_synchronous: str = Field(
         default="FULL", pattern="^(OFF|NORMAL|FULL|EXTRA)$",
         description="SQLite PRAGMA synchronous; FULL makes every acknowledged batch survive power loss",
@@ -71,8 +88,12 @@ class Settings(BaseSettings):
         default=86400.0, gt=0, description="how long a delivery is retried before it is marked dead")
     webhook_poll_s: float = Field(
         default=1.0, gt=0, description="how often the worker looks for due deliveries when nothing woke it")
+    webhook_allowed_targets: str = Field(
+        default="", description="comma-separated host names, IP addresses and CIDR networks that webhooks may "
+        "reach although they are loopback, private or link-local (webhook_targets.py), e.g. 127.0.0.1,10.0.0.0/8")
     webhook_allow_private_targets: bool = Field(
-        default=False, description="allow webhook URLs on loopback, private and link-local addresses")
+        default=False, description="broad switch: allow every loopback, private and link-local webhook target "
+        "(cloud metadata stays refused); prefer naming targets in webhook_allowed_targets")
 
     @field_validator("detector")
     @classmethod
@@ -83,6 +104,16 @@ class Settings(BaseSettings):
             known = ", ".join(DetectorConfig.__dataclass_fields__)
             raise ValueError(f"{exc}; DetectorConfig fields are: {known}") from None
         return v
+
+    @field_validator("webhook_allowed_targets")
+    @classmethod
+    def _parsable_targets(cls, v: str) -> str:
+        TargetPolicy.parse(v)
+        return v
+
+    def webhook_target_policy(self) -> TargetPolicy:
+        """What webhooks may reach beyond public addresses (webhook_targets.py)."""
+        return TargetPolicy.parse(self.webhook_allowed_targets, self.webhook_allow_private_targets)
 
     def detector_config(self) -> DetectorConfig | None:
         """The DetectorConfig ingest uses, or None when detection is off."""

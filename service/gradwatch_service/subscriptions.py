@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -22,38 +21,12 @@ from .webhook_schemas import (
     SubscriptionUpdate,
 )
 
-__all__ = ["PrivateTarget", "create_subscription", "delete_subscription", "get_delivery", "get_subscription",
-           "list_deliveries", "list_subscriptions", "resend_delivery", "rotate_secret", "target_problem",
-           "update_subscription"]
+__all__ = ["count_subscriptions", "create_subscription", "delete_subscription", "get_delivery", "get_subscription",
+           "list_deliveries", "list_subscriptions", "resend_delivery", "rotate_secret", "update_subscription"]
 
 _S = webhook_subscriptions
 _PUBLIC = (_S.c.id, _S.c.name, _S.c.url, _S.c.project, _S.c.min_severity, _S.c.enabled, _S.c.created_at,
            _S.c.updated_at)
-
-
-class PrivateTarget(ValueError):
-    pass
-
-
-def target_problem(url: str, allow_private: bool) -> str | None:
-    """Why a URL may not receive webhooks, or None. Loopback, private and link-local targets (the service's own
-    network: metadata endpoints, admin ports) are refused unless the operator allows them (decision 8). Names are
-    checked as written; a public name that resolves to a private address is not caught here."""
-    host = urlsplit(url).hostname or ""
-    if not host:
-        return "the URL has no host"
-    if allow_private:
-        return None
-    if host == "localhost" or host.endswith(".localhost"):
-        return f"{host} is a loopback name"
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    if ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_unspecified or ip.is_multicast:
-        return (f"{host} is a loopback, private or link-local address: set GRADWATCH_WEBHOOK_ALLOW_PRIVATE_TARGETS"
-                "=true to allow it")
-    return None
 
 
 def _utc(t: datetime) -> datetime:
@@ -80,6 +53,15 @@ def create_subscription(conn: Connection, body: SubscriptionCreate) -> Subscript
     sub = get_subscription(conn, int(sub_id))
     assert sub is not None
     return SubscriptionCreated(**sub.model_dump(), secret=secret)
+
+
+def count_subscriptions(conn: Connection) -> int:
+    """How many are stored, for the limit on their number. On PostgreSQL it first takes a transaction-scoped
+    lock that every creating transaction takes, so two creations at once cannot both pass the limit (SQLite's
+    writers are serialised already)."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7234550193)")  # any constant: "creating a subscription"
+    return int(conn.execute(select(func.count()).select_from(_S)).scalar_one())
 
 
 def list_subscriptions(conn: Connection) -> list[SubscriptionPublic]:

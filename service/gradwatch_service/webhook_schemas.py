@@ -31,7 +31,7 @@ def _parsable(url: str) -> str:
 
 
 TargetUrl = Annotated[
-    str, StringConstraints(min_length=8, max_length=2048, pattern=r"^https?://[^\s/?#\x00-\x1f\x7f]+[^\s\x00-\x1f\x7f]*$"),
+    str, StringConstraints(min_length=8, pattern=r"^https?://[^\s/?#\x00-\x1f\x7f]+[^\s\x00-\x1f\x7f]*$"),
     AfterValidator(_parsable)]
 _SUB = {"id": 1, "name": "oncall", "url": "https://hooks.example.com/gradwatch", "project": "vision",
         "min_severity": "critical", "enabled": True, "created_at": "2026-12-02T04:40:00Z",
@@ -54,7 +54,7 @@ def _examples(*examples: dict[str, Any]) -> ConfigDict:
     return ConfigDict(json_schema_extra={"examples": list(examples)})
 
 
-Name = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Name = Annotated[str, StringConstraints(min_length=1, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
 class SubscriptionCreate(WireModel):

@@ -32,7 +32,7 @@ from ..support.serverproc import ServerProcess, free_port
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
-FAST = {"GRADWATCH_WEBHOOK_ALLOW_PRIVATE_TARGETS": "true", "GRADWATCH_WEBHOOK_RETRY_BASE_S": "0.05",
+FAST = {"GRADWATCH_WEBHOOK_ALLOWED_TARGETS": "127.0.0.1", "GRADWATCH_WEBHOOK_RETRY_BASE_S": "0.05",
         "GRADWATCH_WEBHOOK_RETRY_MAX_DELAY_S": "0.2", "GRADWATCH_WEBHOOK_POLL_S": "0.2",
         "GRADWATCH_WEBHOOK_TIMEOUT_S": "1"}
 

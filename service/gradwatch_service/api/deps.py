@@ -15,6 +15,7 @@ from gradwatch.detect import DetectorConfig
 from gradwatch.wire import RUN_ID_PATTERN
 
 from ..delivery import DeliveryWorker
+from ..limits import InputLimits
 from ..settings import Settings
 
 
@@ -25,6 +26,7 @@ class AppState:
         self.settings = settings
         self.engine = engine
         self.detector = settings.detector_config()
+        self.limits = InputLimits.from_settings(settings)
         # Batches are CPU work (inflate, parse) then a write that holds the database's lock. Letting every request
         # in at once only makes threads fight over the GIL (measured: 4 clients, 1 slot is 40 % faster than 4).
         self.ingest_slots = asyncio.Semaphore(settings.ingest_concurrency)
@@ -51,6 +53,10 @@ def get_detector(request: Request) -> DetectorConfig | None:
     return app_state(request).detector
 
 
+def get_limits(request: Request) -> InputLimits:
+    return app_state(request).limits
+
+
 def get_ingest_slots(request: Request) -> asyncio.Semaphore:
     return app_state(request).ingest_slots
 
@@ -59,6 +65,8 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DetectorDep = Annotated[DetectorConfig | None, Depends(get_detector)]
 """The detector config batches are judged with; None when detection is off."""
+LimitsDep = Annotated[InputLimits, Depends(get_limits)]
+"""The input limits of the settings (limits.py)."""
 IngestSlotsDep = Annotated[asyncio.Semaphore, Depends(get_ingest_slots)]
 """Batches processed at once by this process (GRADWATCH_INGEST_CONCURRENCY)."""
 RunIdPath = Annotated[str, Path(pattern=RUN_ID_PATTERN, description="client-chosen run id",

@@ -1,18 +1,45 @@
-"""The service's domain errors (`errors.py`) as HTTP answers, registered once for every route."""
+"""The service's domain errors (`errors.py`) as HTTP answers, registered once for every route, and the OpenAPI
+description of the 413 and 422 answers, so a client (and the schema fuzz test) knows their bodies."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from ..errors import InvalidInput, RunNotFound, StepConflict
 
-__all__ = ["install_error_handlers"]
+__all__ = ["INVALID", "TOO_LARGE", "ErrorAnswer", "install_error_handlers"]
+
+
+class ErrorAnswer(BaseModel):
+    detail: str | list[dict[str, Any]] = Field(
+        description="what is wrong: a sentence, or FastAPI's list of {loc, msg, type}; a passed limit adds "
+                    "`limit` and `setting` (type limit_exceeded)")
+
+
+_LIMIT_EXAMPLE = {"detail": [{
+    "loc": ["body", "config"], "type": "limit_exceeded", "limit": 65536, "setting": "GRADWATCH_MAX_CONFIG_BYTES",
+    "msg": "config is 70000 bytes of JSON; the limit is 65536 bytes of JSON (GRADWATCH_MAX_CONFIG_BYTES)"}]}
+
+INVALID: dict[int | str, dict[str, Any]] = {422: {
+    "description": "invalid input, or an input limit passed: each error names where (`loc`); a limit's also "
+                   "names the limit and its setting",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"},
+                                     "example": _LIMIT_EXAMPLE}}}}
+TOO_LARGE: dict[int | str, dict[str, Any]] = {413: {
+    "description": "the body is over GRADWATCH_MAX_BODY_BYTES (on the wire or inflated), or a batch over "
+                   "GRADWATCH_MAX_BATCH_STEPS: send less at a time",
+    "model": ErrorAnswer,
+    "content": {"application/json": {"example": {
+        "detail": "request body is 17000000 bytes; the limit is 16777216 bytes (GRADWATCH_MAX_BODY_BYTES)"}}}}}
 
 
 async def _invalid_input(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, InvalidInput)
-    return JSONResponse({"detail": exc.errors}, status_code=422)
+    return JSONResponse({"detail": exc.errors}, status_code=exc.status_code)
 
 
 async def _run_not_found(request: Request, exc: Exception) -> JSONResponse:

@@ -15,7 +15,8 @@ from ..db import read_connection, write_transaction
 from ..ingest import upsert_run
 from ..queries import get_run, list_runs
 from ..schemas import MAX_STEP, RunPublic, RunsPublic, RunUpsert
-from .deps import EngineDep, RunIdPath, SettingsDep, model_response
+from .deps import EngineDep, LimitsDep, RunIdPath, SettingsDep, model_response
+from .errors import INVALID, TOO_LARGE
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
@@ -26,17 +27,20 @@ router = APIRouter(prefix="/v1/runs", tags=["runs"])
     response_model=RunPublic,
     status_code=200,
     responses={201: {"model": RunPublic, "description": "created"}, 200: {"description": "updated"},
-               413: {"description": "body too large"}, 415: {"description": "not JSON"}},
+               **TOO_LARGE, 415: {"description": "not JSON"}, 400: {"description": "gzip body that is not gzip"},
+               **INVALID},
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": "#/components/schemas/RunUpsert"},
         "example": RunUpsert.model_config["json_schema_extra"]["examples"][0]}}}},  # type: ignore[index]
 )
-async def put_run(run_id: RunIdPath, request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
+async def put_run(run_id: RunIdPath, request: Request, engine: EngineDep, settings: SettingsDep,
+                  limits: LimitsDep) -> Response:
     body = parse_body(RunUpsert, await read_body(request, settings.max_body_bytes))
+    limits.check_run(name=body.name, config=body.config, meta=body.meta, layers=body.layers)
 
     def write() -> tuple[bool, RunPublic]:
         with write_transaction(engine) as conn:
-            created = upsert_run(conn, run_id, body)
+            created = upsert_run(conn, run_id, body, limits=limits)
             run = get_run(conn, run_id)
         assert run is not None
         return created, run

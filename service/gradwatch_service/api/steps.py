@@ -10,13 +10,13 @@ from starlette.concurrency import run_in_threadpool
 from ..binary_batch import parse_binary_batch
 from ..body import BINARY_CONTENT_TYPE, content_type_of, parse_body, read_body
 from ..db import read_connection, write_transaction
-from ..errors import InvalidInput
 from ..ingest import BatchOutcome, append_steps
 from ..metrics import count_incident_opened, observe_detector_seconds, record_batch
 from ..queries import UnknownLayer, get_run_row, list_incidents, read_series, read_steps
 from ..schemas import MAX_STEP, SERIES_FIELDS, Incident, IngestResult, SeriesPublic, StepBatch, StepsPublic
 from ..steps_table import StepColumns
-from .deps import DetectorDep, EngineDep, IngestSlotsDep, RunIdPath, SettingsDep, model_response
+from .deps import DetectorDep, EngineDep, IngestSlotsDep, LimitsDep, RunIdPath, SettingsDep, model_response
+from .errors import INVALID, TOO_LARGE
 
 router = APIRouter(prefix="/v1/runs/{run_id}", tags=["steps"])
 
@@ -32,8 +32,10 @@ _BATCH_EXAMPLE = StepBatch.model_config["json_schema_extra"]["examples"][0]  # t
         409: {"description": "a stored step was resent with different values; nothing was stored",
               "content": {"application/json": {"example": {"detail": {
                   "message": "1 step(s) of run 'r1' were already stored with different values", "steps": [3]}}}}},
-        413: {"description": "body too large, compressed or decompressed"},
+        **TOO_LARGE,
         415: {"description": "unsupported Content-Type or Content-Encoding"},
+        400: {"description": "gzip body that is not gzip"},
+        **INVALID,
     },
     openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/StepBatch"}, "example": _BATCH_EXAMPLE},
@@ -41,21 +43,19 @@ _BATCH_EXAMPLE = StepBatch.model_config["json_schema_extra"]["examples"][0]  # t
                                          "description": "columns of little-endian numbers (docs/wire.md)"}}}}},
 )
 async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, settings: SettingsDep,
-                     detector: DetectorDep, ingest_slots: IngestSlotsDep) -> Response:
+                     detector: DetectorDep, ingest_slots: IngestSlotsDep, limits: LimitsDep) -> Response:
     raw = await read_body(request, settings.max_body_bytes, binary=True)
     binary = content_type_of(request) == BINARY_CONTENT_TYPE
 
     def ingest() -> IngestResult:
         batch: StepBatch | StepColumns
         if binary:
-            batch = parse_binary_batch(raw, settings.max_batch_steps)
+            batch = parse_binary_batch(raw, limits)
         else:
             batch = parse_body(StepBatch, raw)
-            if len(batch.steps) > settings.max_batch_steps:
-                raise InvalidInput(["body", "steps"], f"{len(batch.steps)} steps in one batch; at most "
-                                                     f"{settings.max_batch_steps} (send several batches)")
+            limits.check_batch(len(batch.steps), batch.layers, (s.scalars for s in batch.steps))
         with write_transaction(engine) as conn:
-            outcome = append_steps(conn, run_id, batch, detector)
+            outcome = append_steps(conn, run_id, batch, detector, limits=limits)
             open_now, _ = list_incidents(conn, run_pk=outcome.run_pk, status="open")
             raised: list[Incident] = []
             if outcome.raised_incidents:

@@ -9,7 +9,9 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..db import read_connection, write_transaction
+from ..errors import InvalidInput
 from ..subscriptions import (
+    count_subscriptions,
     create_subscription,
     delete_subscription,
     get_delivery,
@@ -18,7 +20,6 @@ from ..subscriptions import (
     list_subscriptions,
     resend_delivery,
     rotate_secret,
-    target_problem,
     update_subscription,
 )
 from ..webhook_schemas import (
@@ -33,7 +34,9 @@ from ..webhook_schemas import (
     SubscriptionsPublic,
     SubscriptionUpdate,
 )
-from .deps import EngineDep, SettingsDep, app_state, model_response
+from ..webhook_targets import TargetRefused, check_target
+from .deps import EngineDep, LimitsDep, SettingsDep, app_state, model_response
+from .errors import INVALID
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
@@ -45,25 +48,39 @@ def _body_example(example: dict[str, Any]) -> dict[str, Any]:
 
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such subscription"}}
+REFUSED: dict[int | str, dict[str, Any]] = {422: {
+    **INVALID[422], "description": "invalid body, an input limit passed (named with its setting), or a URL whose "
+                                   "host resolves to a loopback, private, link-local or metadata address"}}
 
 
 def _missing(sub_id: int) -> HTTPException:
     return HTTPException(404, f"webhook subscription {sub_id} does not exist")
 
 
-def _check_target(url: str | None, settings: SettingsDep) -> None:
-    problem = None if url is None else target_problem(url, settings.webhook_allow_private_targets)
-    if problem:
-        raise HTTPException(422, f"webhook URL refused: {problem}")
+async def _check_target(url: str | None, settings: SettingsDep) -> None:
+    """Resolve the host and refuse non-public addresses (webhook_targets.py); a name that does not resolve yet
+    passes, since every delivery resolves and checks again."""
+    if url is None:
+        return
+    try:
+        await run_in_threadpool(check_target, url, settings.webhook_target_policy())
+    except TargetRefused as exc:
+        raise InvalidInput(["body", "url"], f"webhook URL refused: {exc}") from None
+    except OSError:
+        pass
 
 
 @router.post("", summary="Subscribe a receiver; the answer carries the signing secret, shown only this once",
-             status_code=201, response_model=SubscriptionCreated, openapi_extra=_body_example(CREATE_EXAMPLE))
-async def post_subscription(body: SubscriptionCreate, engine: EngineDep, settings: SettingsDep) -> Response:
-    _check_target(body.url, settings)
+             status_code=201, response_model=SubscriptionCreated, openapi_extra=_body_example(CREATE_EXAMPLE),
+             responses=REFUSED)
+async def post_subscription(body: SubscriptionCreate, engine: EngineDep, settings: SettingsDep,
+                            limits: LimitsDep) -> Response:
+    limits.check_subscription(url=body.url, name=body.name)
+    await _check_target(body.url, settings)
 
     def write() -> SubscriptionCreated:
         with write_transaction(engine) as conn:
+            limits.check_subscription_count(count_subscriptions(conn))
             return create_subscription(conn, body)
 
     return model_response(await run_in_threadpool(write), 201)
@@ -91,10 +108,12 @@ async def get_one(sub_id: SubId, engine: EngineDep) -> Response:
 
 
 @router.patch("/{sub_id}", summary="Change URL, name, project filter, minimum severity or enabled",
-              response_model=SubscriptionPublic, responses=NOT_FOUND, openapi_extra=_body_example(UPDATE_EXAMPLE))
-async def patch_subscription(sub_id: SubId, body: SubscriptionUpdate, engine: EngineDep,
-                             settings: SettingsDep) -> Response:
-    _check_target(body.url, settings)
+              response_model=SubscriptionPublic, responses={**NOT_FOUND, **REFUSED},
+              openapi_extra=_body_example(UPDATE_EXAMPLE))
+async def patch_subscription(sub_id: SubId, body: SubscriptionUpdate, engine: EngineDep, settings: SettingsDep,
+                             limits: LimitsDep) -> Response:
+    limits.check_subscription(url=body.url, name=body.name)
+    await _check_target(body.url, settings)
 
     def write() -> SubscriptionPublic | None:
         with write_transaction(engine) as conn:

@@ -1,0 +1,116 @@
+"""Input limits: every size or count a client controls has a setting (settings.py), and going over one is a 422
+whose message names the limit and its setting, checked before anything is stored (the whole request is refused;
+what earlier requests stored stays). Both step wires, JSON and binary, are checked by the same functions.
+
+Two limits are answered with a 413, because sending less at a time cures them: the body's size (body.py, on the
+wire and after inflating, checked before the body is parsed) and the steps in one batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidInput
+
+__all__ = ["InputLimits", "LimitExceeded"]
+
+
+class LimitExceeded(InvalidInput):
+    """A 422 naming the limit and the setting that raises it (`errors` also carry both, for programs); a 413 for
+    too many steps in a batch, which the client answers by sending halves."""
+
+    def __init__(self, loc: Sequence[str | int], subject: str, value: int, unit: str, limit: int,
+                 setting: str, status_code: int = 422) -> None:
+        super().__init__(loc, f"{subject} {value}{unit}; the limit is {limit}{unit} ({setting})")
+        self.errors[0].update(type="limit_exceeded", limit=limit, setting=setting)
+        self.status_code = status_code
+
+
+def _setting(field: str) -> str:
+    return f"GRADWATCH_{field.upper()}"
+
+
+def _json_bytes(doc: Any) -> int:
+    return len(json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=True).encode())
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """The limits of settings.py in one place, with a check for each kind of input."""
+
+    max_batch_steps: int
+    max_run_layers: int
+    max_layer_name_chars: int
+    max_run_name_chars: int
+    max_config_bytes: int
+    max_step_scalars: int
+    max_scalar_name_chars: int
+    max_webhook_subscriptions: int
+    max_webhook_url_chars: int
+    max_webhook_name_chars: int
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> InputLimits:
+        """The settings' values (settings.py documents each; the setting is GRADWATCH_ + the field's name)."""
+        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
+
+    def _over(self, loc: Sequence[str | int], subject: str, value: int, unit: str, field: str,
+              status_code: int = 422) -> None:
+        limit: int = getattr(self, field)
+        if value > limit:
+            raise LimitExceeded(loc, subject, value, unit, limit, _setting(field), status_code)
+
+    def _chars(self, loc: Sequence[str | int], subject: str, text: str, field: str) -> None:
+        self._over(loc, subject, len(text), " characters", field)
+
+    # ------------------------------------------------------------------------------------------------ runs
+
+    def check_run(self, *, name: str | None, config: Any, meta: Any, layers: Sequence[str] | None) -> None:
+        """PUT /v1/runs/{run_id}'s fields on their own (the merged layer list: `check_run_layers`)."""
+        if name is not None:
+            self._chars(["body", "name"], "name is", name, "max_run_name_chars")
+        for key, doc in (("config", config), ("meta", meta)):
+            if doc is not None:
+                self._over(["body", key], f"{key} is", _json_bytes(doc), " bytes of JSON", "max_config_bytes")
+        if layers is not None:
+            self.check_layer_names(["body", "layers"], layers)
+
+    def check_run_layers(self, loc: Sequence[str | int], n_layers: int) -> None:
+        """The run's layer list after a PUT or a batch appended to it."""
+        self._over(loc, "the run would have", n_layers, " layers", "max_run_layers")
+
+    def check_layer_names(self, loc: Sequence[str | int], layers: Sequence[str]) -> None:
+        self._over(loc, "the list has", len(layers), " layers", "max_run_layers")
+        for i, layer in enumerate(layers):
+            self._chars([*loc, i], "the layer name is", layer, "max_layer_name_chars")
+
+    # ----------------------------------------------------------------------------------------------- steps
+
+    def check_batch(self, n_steps: int, layers: Sequence[str] | None,
+                    scalars: Iterable[Mapping[str, Any] | None]) -> None:
+        """A step batch, either wire: its step count, its layer list and each step's extra scalars."""
+        self._over(["body", "steps"], "the batch has", n_steps, " steps", "max_batch_steps", 413)
+        if layers is not None:
+            self.check_layer_names(["body", "layers"], layers)
+        for i, extra in enumerate(scalars):
+            if not extra:
+                continue
+            loc: list[str | int] = ["body", "steps", i, "scalars"]
+            self._over(loc, "the step has", len(extra), " extra scalars", "max_step_scalars")
+            for key in extra:
+                self._chars([*loc, key], "the scalar name is", key, "max_scalar_name_chars")
+
+    # -------------------------------------------------------------------------------------------- webhooks
+
+    def check_subscription(self, *, url: str | None, name: str | None) -> None:
+        if url is not None:
+            self._chars(["body", "url"], "the URL is", url, "max_webhook_url_chars")
+        if name is not None:
+            self._chars(["body", "name"], "name is", name, "max_webhook_name_chars")
+
+    def check_subscription_count(self, existing: int) -> None:
+        """Creating one more subscription when `existing` are stored."""
+        self._over(["body"], "this would make", existing + 1, " webhook subscriptions", "max_webhook_subscriptions")
