@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS := server,postgres,torch,dev
 
-.PHONY: venv demo serve test test-fast fuzz check bench score clean prometheus-tools
+.PHONY: venv demo serve test test-fast fuzz check bench score clean prometheus-tools dashboards
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ bench: $(STAMP)
 	$(PY) bench/storage.py
 	$(PY) bench/detect.py
 	$(PY) bench/client_overhead.py
+
+# the Grafana dashboards (deploy/grafana/dashboards/*.json) from tools/dashboards.py; tests/test_dashboards.py
+# fails when the committed JSON is not what it writes
+dashboards: $(STAMP)
+	$(PY) tools/dashboards.py
 
 clean:
 	rm -rf $(VENV) .gradwatch .pytest_cache

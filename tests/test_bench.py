@@ -116,3 +116,14 @@ def test_alert_latency_benchmark_reports_its_figures() -> None:
         assert 0 < figures["prometheus_firing_s"] <= figures["prometheus_firing_max_s"]
         assert figures["prometheus_firing_runs"] == 1
         assert figures["prometheus_scrape_interval_s"] > 0 and figures["prometheus_evaluation_interval_s"] > 0
+
+
+@pytest.mark.slow
+def test_dashboards_benchmark_reports_its_figures() -> None:
+    require_postgres()
+    figures = _run("dashboards.py", "--steps", "100000", "--layers", "4")
+    assert figures["steps"] == 100_000
+    for panel in ("loss", "grad_norm", "heatmap", "update_ratio", "lr", "nonfinite"):
+        assert figures[f"{panel}_ms"] > 0 and figures[f"{panel}_raw_ms"] > 0, panel
+        assert figures[f"{panel}_width"] in (64, 256, 1024, 4096, 16384), panel  # 10^5 steps: a rollup level
+        assert 0 < figures[f"{panel}_rows"] < figures[f"{panel}_raw_rows"], panel

@@ -32,6 +32,7 @@ from .errors import InvalidInput, RunNotFound, StepConflict
 from .incidents import advance_detection
 from .limits import InputLimits
 from .models import FLAG_SKIPPED, projects, runs
+from .rollups import batch_units, update_rollups
 from .schemas import RunUpsert, StepBatch, StepIn
 from .steps_table import LayerRow, StepColumns, insert_rows, stored_steps
 
@@ -275,6 +276,7 @@ def _store(conn: Connection, run: LockedRun, new: StepColumns, layers: list[str]
     outcome = BatchOutcome(run_pk=run_pk, accepted=len(new.steps), duplicates=duplicates, last_step=run.last_step)
     if new.steps:
         insert_rows(conn, new.rows(run_pk, conn.dialect.name == "sqlite", late))
+        update_rollups(conn, run_pk, batch_units(new, len(layers)), len(layers))
         outcome.last_step = max(new.steps[-1], run.last_step if run.last_step is not None else -1)
         outcome.measured_values = new.measured_values()
         changes.update(last_step=outcome.last_step, n_steps=run.n_steps + len(new.steps))

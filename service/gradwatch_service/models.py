@@ -30,12 +30,13 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from gradwatch.wire import pack_floats, unpack_floats
+from gradwatch.wire import LAYER_FIELDS, SCALAR_FIELDS, pack_floats, unpack_floats
 
 from .codec import sqlite_real_in, sqlite_real_out
 
-__all__ = ["metadata", "projects", "runs", "steps", "incidents", "webhook_subscriptions",
-           "webhook_deliveries", "webhook_attempts", "Real", "FloatArray", "JsonDoc"]
+__all__ = ["metadata", "projects", "runs", "steps", "step_rollups", "ROLLUP_WIDTHS", "ROLLUP_SCALAR_STATS",
+           "ROLLUP_LAYER_STATS", "incidents", "webhook_subscriptions", "webhook_deliveries", "webhook_attempts",
+           "Real", "FloatArray", "JsonDoc"]
 
 metadata = MetaData(
     naming_convention={
@@ -143,6 +144,53 @@ steps = Table(
     Column("layer_update_norms", FloatArray()),
     Column("scalars", JsonDoc()),
     sqlite_with_rowid=False,
+)
+
+ROLLUP_WIDTHS = (64, 256, 1024, 4096, 16384)
+"""The bucket widths (in steps) of step_rollups' levels, finest first, each four times the one before: a read
+of n points finds a level with between n/2 and 2n buckets in it (docs/architecture.md, Storage layout)."""
+ROLLUP_SCALAR_STATS = ("min", "max", "min_step", "max_step", "last", "last_step", "nonfinite", "nan_step",
+                       "posinf_step", "neginf_step")
+"""The columns step_rollups keeps per scalar field (`loss_min`, ...), see step_rollups."""
+ROLLUP_LAYER_STATS = ROLLUP_SCALAR_STATS
+"""The same statistics per per-layer field, each an array in the order of runs.layer_names."""
+
+
+def _rollup_scalar_columns(field: str) -> list[Column[Any]]:
+    return [
+        Column(f"{field}_min", Real(), comment="smallest finite value; null when the bucket has none"),
+        Column(f"{field}_max", Real(), comment="largest finite value; null when the bucket has none"),
+        Column(f"{field}_min_step", BigInteger, comment="the (first) step of the minimum"),
+        Column(f"{field}_max_step", BigInteger, comment="the (first) step of the maximum"),
+        Column(f"{field}_last", Real(), comment="the value at the highest step that measured it (NaN, ±Inf too)"),
+        Column(f"{field}_last_step", BigInteger),
+        Column(f"{field}_nonfinite", Integer, nullable=False, server_default="0", comment="NaN, +Inf and -Inf"),
+        Column(f"{field}_nan_step", BigInteger, comment="the first step whose value is NaN"),
+        Column(f"{field}_posinf_step", BigInteger, comment="the first step whose value is +Infinity"),
+        Column(f"{field}_neginf_step", BigInteger, comment="the first step whose value is -Infinity"),
+    ]
+
+
+def _rollup_layer_columns(field: str) -> list[Column[Any]]:
+    return [Column(f"{field}_{stat}", FloatArray(), comment=f"per layer: as {stat} of a scalar field")
+            for stat in ROLLUP_LAYER_STATS]
+
+
+step_rollups = Table(
+    "step_rollups",
+    metadata,
+    Column("run_pk", BigInteger, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("width", Integer, primary_key=True, comment="steps per bucket: one of ROLLUP_WIDTHS"),
+    Column("bucket", BigInteger, primary_key=True, comment="step // width"),
+    Column("n", Integer, nullable=False, comment="steps stored in the bucket"),
+    Column("first_step", BigInteger, nullable=False),
+    Column("last_step", BigInteger, nullable=False),
+    Column("time_min", Float(precision=53), nullable=False, comment="unix seconds"),
+    Column("time_max", Float(precision=53), nullable=False, comment="unix seconds"),
+    *[c for f in SCALAR_FIELDS for c in _rollup_scalar_columns(f)],
+    *[c for f in LAYER_FIELDS for c in _rollup_layer_columns(f)],
+    sqlite_with_rowid=False,
+    comment="per-bucket summaries of steps at each width, maintained in the ingest transaction (rollups.py)",
 )
 
 incidents = Table(

@@ -1,21 +1,26 @@
-"""Reads for the query API: runs, a run's raw steps, and a run's series with spike-keeping downsampling."""
+"""Reads for the query API: runs, a run's raw steps, and a run's series with spike-keeping downsampling (from the
+step rollups when the range is long enough, so the cost follows the points asked for, not the run's length)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 from sqlalchemy import Connection, func, select
 
 from gradwatch.wire import LAYER_FIELDS
 
 from .codec import decode_scalars
 from .downsample import downsample_minmax
-from .models import FLAG_LATE, FLAG_SKIPPED, incidents, projects, runs, steps
+from .models import FLAG_LATE, FLAG_SKIPPED, ROLLUP_WIDTHS, incidents, projects, runs, steps
+from .rollups import NONE_STEP, FieldStats, concat_units, raw_units, read_units, reduce_units, take_units
 from .schemas import Incident, RunPublic, Series, StepOut
 
-__all__ = ["get_run", "list_runs", "read_steps", "read_series", "list_incidents", "UnknownLayer"]
+__all__ = ["get_run", "list_runs", "read_steps", "read_series", "plan_rollup_read", "RollupRead", "list_incidents",
+           "UnknownLayer"]
 
 _RUN_COLUMNS = (runs.c.id, runs.c.run_id, projects.c.name.label("project"), runs.c.name, runs.c.status,
                 runs.c.config, runs.c.meta, runs.c.layer_names, runs.c.last_step, runs.c.n_steps,
@@ -96,6 +101,11 @@ def read_series(conn: Connection, run_pk: int, run_layers: Sequence[str], *, fie
     missing = [name for name in wanted_layers if name not in position]
     if missing:
         raise UnknownLayer(f"unknown layer(s) {missing[:5]}; this run has {len(run_layers)} layers")
+    if max_points is not None:
+        plan = plan_rollup_read(conn, run_pk, start, end, max_points)
+        if plan is not None:
+            return _series_from_rollups(conn, run_pk, plan, fields, wanted_layers,
+                                        [position[name] for name in wanted_layers], len(run_layers))
     columns = [steps.c.step] + [steps.c[f] for f in fields]
     q = _step_range(select(*columns).where(steps.c.run_pk == run_pk), start, end).order_by(steps.c.step)
     rows = conn.execute(q).all()
@@ -110,6 +120,100 @@ def read_series(conn: Connection, run_pk: int, run_layers: Sequence[str], *, fie
         else:
             out.append(_series(f, None, step_list, [r[j] for r in rows], max_points))
     return out
+
+
+@dataclass(frozen=True)
+class RollupRead:
+    """How a downsampled series is read: `groups` groups of equal step span over lo..hi, built from whole
+    buckets of the `spans` (width, first bucket, last bucket) and the raw steps of `raw` (lo, hi) at the edges."""
+
+    lo: int
+    hi: int
+    groups: int
+    width: int
+    spans: list[tuple[int, int, int]]
+    raw: list[tuple[int, int]]
+
+
+def _edge_step(conn: Connection, run_pk: int, start: int | None, end: int | None, last: bool) -> int | None:
+    """The first (or last) stored step in the range: one index probe (min() and max() together would scan)."""
+    q = _step_range(select(steps.c.step).where(steps.c.run_pk == run_pk), start, end)
+    return conn.execute(q.order_by(steps.c.step.desc() if last else steps.c.step).limit(1)).scalar()
+
+
+def plan_rollup_read(conn: Connection, run_pk: int, start: int | None, end: int | None,
+                     max_points: int) -> RollupRead | None:
+    """The coarsest rollup level that still has max_points // 2 buckets (each gives a minimum and a maximum)
+    over the stored steps of the range, or None when even the finest has fewer: then raw steps are read."""
+    lo = _edge_step(conn, run_pk, start, end, last=False)
+    hi = _edge_step(conn, run_pk, start, end, last=True)
+    if lo is None or hi is None:
+        return None
+    groups = max(1, max_points // 2)
+    span = hi - lo + 1
+    if span <= max_points:
+        return None
+    usable = [i for i, w in enumerate(ROLLUP_WIDTHS) if span // w >= groups]
+    if not usable:
+        return None
+    spans: list[tuple[int, int, int]] = []
+    raw: list[tuple[int, int]] = []
+    _cover(lo, hi, usable[-1], spans, raw)
+    return RollupRead(lo=lo, hi=hi, groups=groups, width=ROLLUP_WIDTHS[usable[-1]], spans=spans, raw=raw)
+
+
+def _cover(lo: int, hi: int, level: int, spans: list[tuple[int, int, int]], raw: list[tuple[int, int]]) -> None:
+    """Cover steps lo..hi with the whole buckets of `level` in the middle, finer levels' whole buckets towards
+    the edges, and raw steps (fewer than the finest width on each side) at the very edges."""
+    if lo > hi:
+        return
+    if level < 0:
+        raw.append((lo, hi))
+        return
+    w = ROLLUP_WIDTHS[level]
+    first, last = -(-lo // w), (hi + 1) // w - 1  # whole buckets inside lo..hi
+    if first > last:
+        _cover(lo, hi, level - 1, spans, raw)
+        return
+    _cover(lo, first * w - 1, level - 1, spans, raw)
+    spans.append((w, first, last))
+    _cover((last + 1) * w, hi, level - 1, spans, raw)
+
+
+_READ_STATS = ("min", "max", "min_step", "max_step", "nan_step", "posinf_step", "neginf_step")
+"""What a downsampled series needs of a bucket: the points it shows, each at its step."""
+
+
+def _series_from_rollups(conn: Connection, run_pk: int, plan: RollupRead, fields: Sequence[str],
+                         layer_names: list[str], layer_index: list[int], n_layers: int) -> list[Series]:
+    """Each group of buckets keeps its finite minimum and maximum and its first NaN, +Infinity and -Infinity,
+    at their steps: downsample_minmax's points, over groups of equal step span."""
+    columns = {f: (n_layers if f in LAYER_FIELDS else 1) for f in dict.fromkeys(fields)}
+    parts = [read_units(conn, run_pk, plan.spans, columns, _READ_STATS, layer_index)]
+    parts += [raw_units(conn, run_pk, a, b, columns, layer_index) for a, b in plan.raw]
+    units = concat_units(parts, parts[0].layout)
+    units = take_units(units, np.argsort(units.first_step, kind="stable"))
+    grouped = reduce_units(units, (units.first_step - plan.lo) * plan.groups // (plan.hi - plan.lo + 1))
+    out: list[Series] = []
+    for f in fields:
+        at = grouped.layout[f][0]
+        if f in LAYER_FIELDS:
+            out.extend(_points(f, name, grouped.stats, at + j) for j, name in enumerate(layer_names))
+        else:
+            out.append(_points(f, None, grouped.stats, at))
+    return out
+
+
+def _points(field: str, layer: str | None, st: FieldStats, j: int) -> Series:
+    """A group's points, in step order: its minimum, maximum and first of each non-finite kind."""
+    k = len(st.min)
+    step_list = np.stack([st.min_step[:, j], st.max_step[:, j], st.nan_step[:, j], st.posinf_step[:, j],
+                          st.neginf_step[:, j]], axis=1).ravel()
+    values = np.stack([st.min[:, j], st.max[:, j], np.full(k, np.nan), np.full(k, np.inf), np.full(k, -np.inf)],
+                      axis=1).ravel()
+    shown = step_list != NONE_STEP
+    step_list, first = np.unique(step_list[shown], return_index=True)
+    return Series(field=field, layer=layer, steps=step_list.tolist(), values=values[shown][first].tolist())
 
 
 def _series(field: str, layer: str | None, step_list: list[int], values: list[float | None],

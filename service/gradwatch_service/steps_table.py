@@ -98,6 +98,7 @@ class StepColumns:
         self.layer_columns = layer_columns
         self.skipped = skipped
         self.scalars = scalars
+        self._times: Sequence[float] | None = None
 
     @classmethod
     def from_steps(cls, new_steps: Sequence[StepIn], layer_arrays: dict[str, list[LayerRow | None]],
@@ -132,19 +133,27 @@ class StepColumns:
             return False
         return all(a < b for a, b in zip(steps, steps[1:], strict=False))
 
+    def stored_times(self) -> Sequence[float]:
+        """Each step's time as stored: the service stamps the steps the client sent no time for (once, so the
+        rows and the rollups agree)."""
+        if self._times is None:
+            n = len(self.steps)
+            times = self.values.get("time")
+            if times is None:
+                self._times = [_time.time()] * n
+            elif None in times:
+                now = _time.time()
+                self._times = [now if t is None else t for t in times]
+            else:
+                self._times = times  # type: ignore[assignment]
+        assert self._times is not None
+        return self._times
+
     def rows(self, run_pk: int, sqlite: bool, late: Collection[int] = ()) -> list[tuple[Any, ...]]:
         """The steps as rows of STEP_COLUMNS; `late` steps are flagged. The hot path of ingest: whole columns at
         a time, no per-step Python beyond the final zip."""
         n = len(self.steps)
-        times = self.values.get("time")
-        time_col: Iterable[float | None]
-        if times is None:
-            time_col = repeat(_time.time(), n)
-        elif None in times:
-            now = _time.time()
-            time_col = [now if t is None else t for t in times]
-        else:
-            time_col = times
+        time_col = self.stored_times()
         measured: list[Iterable[Any]] = []
         for name in SCALAR_FIELDS:
             col = self.values.get(name)

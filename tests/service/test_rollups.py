@@ -1,0 +1,323 @@
+"""Step rollups: maintained in the ingest transaction, equal to a recomputation from the stored steps, built by
+the migration for existing steps, and what long downsampled series are read from. Both databases."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from typing import Any
+
+from sqlalchemy import Engine, delete, select
+
+from gradwatch.wire import LAYER_FIELDS, SCALAR_FIELDS, encode_binary_batch, jsonable
+from gradwatch_service import migrate
+from gradwatch_service.binary_batch import parse_binary_batch
+from gradwatch_service.db import read_connection, write_transaction
+from gradwatch_service.ingest import append_steps, upsert_run
+from gradwatch_service.limits import InputLimits
+from gradwatch_service.models import ROLLUP_SCALAR_STATS, ROLLUP_WIDTHS, step_rollups, steps
+from gradwatch_service.queries import get_run_row, plan_rollup_read, read_series, read_steps
+from gradwatch_service.schemas import RunUpsert, StepBatch
+from gradwatch_service.settings import Settings
+from gradwatch_service.steps_table import StepColumns, insert_rows
+
+from ..support.databases import new_run_id
+
+Stats = dict[str, Any]
+
+
+# ------------------------------------------------------------------- the oracle: plain Python, step by step
+
+def _kind(v: float) -> str:
+    return "nan" if v != v else ("posinf" if v > 0 else "neginf")
+
+
+def _expected_stats(points: list[tuple[int, float | None]]) -> Stats:
+    """downsample.py's statistics of one series' (step, value) points, ascending; None = not measured."""
+    out: Stats = {"min": None, "max": None, "min_step": None, "max_step": None, "last": None, "last_step": None,
+                  "nonfinite": 0, "nan_step": None, "posinf_step": None, "neginf_step": None}
+    for step, v in points:
+        if v is None:
+            continue
+        out["last"], out["last_step"] = v, step
+        if math.isfinite(v):
+            if out["min"] is None or v < out["min"]:
+                out["min"], out["min_step"] = v, step
+            if out["max"] is None or v > out["max"]:
+                out["max"], out["max_step"] = v, step
+        else:
+            out["nonfinite"] += 1
+            if out[f"{_kind(v)}_step"] is None:
+                out[f"{_kind(v)}_step"] = step
+    return out
+
+
+def _expected_rollups(engine: Engine, run_id: str) -> dict[tuple[int, int], Stats]:
+    """Every level's buckets, recomputed from the stored steps as the API returns them."""
+    with read_connection(engine) as conn:
+        run = get_run_row(conn, run_id)
+        stored = read_steps(conn, run.id, start=None, end=None, limit=10**9)
+        n_layers = len(run.layer_names)
+    out: dict[tuple[int, int], Stats] = {}
+    for width in ROLLUP_WIDTHS:
+        buckets: dict[int, list[Any]] = defaultdict(list)
+        for s in stored:
+            buckets[s.step // width].append(s)
+        for b, members in buckets.items():
+            row: Stats = {"n": len(members), "first_step": members[0].step, "last_step": members[-1].step,
+                          "time_min": min(s.time for s in members), "time_max": max(s.time for s in members)}
+            for f in SCALAR_FIELDS:
+                for stat, v in _expected_stats([(s.step, getattr(s, f)) for s in members]).items():
+                    row[f"{f}_{stat}"] = v
+            for f in LAYER_FIELDS:
+                per_layer = []
+                for j in range(n_layers):
+                    points = [(s.step, (getattr(s, f) or [])[j] if j < len(getattr(s, f) or []) else None)
+                              for s in members]
+                    per_layer.append(_expected_stats(points))
+                measured = any(st["last_step"] is not None for st in per_layer)
+                for stat in ROLLUP_SCALAR_STATS:
+                    row[f"{f}_{stat}"] = [st[stat] for st in per_layer] if measured else None
+            out[(width, b)] = row
+    return out
+
+
+def _stored_rollups(engine: Engine, run_id: str) -> dict[tuple[int, int], Stats]:
+    with read_connection(engine) as conn:
+        run = get_run_row(conn, run_id)
+        rows = conn.execute(select(step_rollups).where(step_rollups.c.run_pk == run.id)).mappings().all()
+        n_layers = len(run.layer_names)
+    out = {}
+    for r in rows:
+        row = {k: v for k, v in r.items() if k not in ("run_pk", "width", "bucket")}
+        for f in LAYER_FIELDS:
+            for stat in ROLLUP_SCALAR_STATS:
+                a = row[f"{f}_{stat}"]
+                if a is not None:  # older buckets may have fewer layers; counts come back as floats
+                    a = [None if v is None else (int(v) if stat.endswith(("step", "nonfinite")) else v) for v in a]
+                    row[f"{f}_{stat}"] = a + [0 if stat == "nonfinite" else None] * (n_layers - len(a))
+        out[(r["width"], r["bucket"])] = row
+    return out
+
+
+def _canon(x: Any) -> Any:
+    if isinstance(x, float) and x != x:
+        return "NaN"
+    if isinstance(x, list):
+        return [_canon(v) for v in x]
+    return x
+
+
+def _assert_rollups_match(engine: Engine, run_id: str) -> None:
+    expected, stored = _expected_rollups(engine, run_id), _stored_rollups(engine, run_id)
+    assert sorted(stored) == sorted(expected)
+    for key, row in expected.items():
+        for column, value in row.items():
+            got = stored[key][column]
+            assert _canon(got) == _canon(value), (key, column, got, value)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+def _create(engine: Engine, layers: list[str]) -> str:
+    run_id = new_run_id()
+    with write_transaction(engine) as conn:
+        upsert_run(conn, run_id, RunUpsert(layers=layers))
+    return run_id
+
+
+def _send(engine: Engine, run_id: str, batch: dict[str, Any], binary: bool) -> tuple[int, int]:
+    body: StepBatch | StepColumns = StepBatch.model_validate(jsonable(batch))
+    if binary:
+        body = parse_binary_batch(encode_binary_batch(jsonable(batch)),
+                                  InputLimits.from_settings(Settings(max_batch_steps=100_000)))
+    with write_transaction(engine) as conn:
+        out = append_steps(conn, run_id, body)
+    return out.accepted, out.duplicates
+
+
+def _random_value(rng: random.Random) -> float | None:
+    r = rng.random()
+    if r < 0.04:
+        return rng.choice([math.nan, math.inf, -math.inf])
+    if r < 0.1:
+        return None
+    return rng.choice([rng.uniform(0.0, 1.0), rng.uniform(0.0, 1.0), 10.0 ** rng.randint(-3, 6)])
+
+
+def _random_step(rng: random.Random, step: int, layers: list[str]) -> dict[str, Any]:
+    s: dict[str, Any] = {"step": step, "time": 1.7e9 + step + rng.random()}
+    for f in SCALAR_FIELDS:
+        if (v := _random_value(rng)) is not None:
+            s[f] = v
+    for f in LAYER_FIELDS:
+        if rng.random() < 0.8:
+            s[f] = [_random_value(rng) for _ in layers]
+    return s
+
+
+def test_rollups_equal_a_recomputation_after_random_batches(engine: Engine) -> None:
+    """In-order batches, identical resends, late steps far behind, NaN/±Inf, unmeasured values, a layer added
+    mid-run, both wires: after each kind the stored buckets of every level equal a recomputation."""
+    rng = random.Random(12)
+    layers = ["embed", "blocks.0", "head"]
+    run_id = _create(engine, layers)
+    sent: dict[int, dict[str, Any]] = {}
+    next_step, held_back = 0, []
+    for k in range(14):
+        if k == 6:  # a layer appears: later steps carry four values, older buckets keep three
+            layers = [*layers, "blocks.1"]
+        size = rng.choice([1, 7, 64, 300, 900])
+        batch_steps = []
+        for _ in range(size):
+            step = _random_step(rng, next_step, layers)
+            next_step += rng.choice([1, 1, 1, 3])
+            (held_back if rng.random() < 0.05 else batch_steps).append(step)
+        for s in batch_steps:
+            sent[s["step"]] = s
+        binary = k % 2 == 0
+        assert _send(engine, run_id, {"layers": layers, "steps": batch_steps}, binary)[1] == 0
+        if k % 4 == 3:  # the late steps the client held back, older than what is stored
+            for s in held_back:
+                sent[s["step"]] = s
+            late = [{**s, **{f: (s[f] + [None] * (len(layers) - len(s[f]))) for f in LAYER_FIELDS if f in s}}
+                    for s in held_back]
+            assert _send(engine, run_id, {"layers": layers, "steps": late}, not binary)[0] == len(late)
+            held_back = []
+            _assert_rollups_match(engine, run_id)
+    _assert_rollups_match(engine, run_id)
+
+    before = _stored_rollups(engine, run_id)
+    resend = [sent[t] for t in sorted(sent)[-500:]]
+    resend = [{**s, **{f: (s[f] + [None] * (len(layers) - len(s[f]))) for f in LAYER_FIELDS if f in s}}
+              for s in resend]
+    assert _send(engine, run_id, {"layers": layers, "steps": resend}, binary=True) == (0, len(resend))
+    assert _send(engine, run_id, {"layers": layers, "steps": resend}, binary=False) == (0, len(resend))
+    assert _canon_all(_stored_rollups(engine, run_id)) == _canon_all(before)  # a resend stores, and changes, nothing
+
+
+def _canon_all(rows: dict[tuple[int, int], Stats]) -> dict[tuple[int, int], Stats]:
+    return {k: {c: _canon(v) for c, v in row.items()} for k, row in rows.items()}
+
+
+def test_a_late_step_does_not_replace_the_last_value(engine: Engine) -> None:
+    run_id = _create(engine, ["a"])
+    first = [{"step": 10, "loss": 1.0, "layer_grad_norms": [1.0]},
+             {"step": 20, "loss": math.nan, "layer_grad_norms": [math.inf]}]
+    _send(engine, run_id, {"layers": ["a"], "steps": first}, binary=True)
+    _send(engine, run_id, {"layers": ["a"], "steps": [{"step": 15, "loss": 5.0, "layer_grad_norms": [5.0]}]},
+          binary=False)
+    row = _stored_rollups(engine, run_id)[(64, 0)]
+    assert math.isnan(row["loss_last"]) and row["loss_last_step"] == 20
+    assert row["layer_grad_norms_last"] == [math.inf] and row["layer_grad_norms_last_step"] == [20]
+    assert (row["loss_max"], row["loss_max_step"], row["n"], row["loss_nonfinite"]) == (5.0, 15, 3, 1)
+    assert row["layer_grad_norms_max"] == [5.0] and row["layer_grad_norms_posinf_step"] == [20]
+
+
+def test_the_migration_builds_rollups_for_steps_already_stored(engine: Engine) -> None:
+    """A database at 0004 with steps is upgraded: its rollups equal a recomputation."""
+    migrate.downgrade(engine, "0004")
+    rng = random.Random(4)
+    layers = ["a", "b"]
+    run_id = new_run_id()
+    with write_transaction(engine) as conn:
+        upsert_run(conn, run_id, RunUpsert(layers=layers))
+        run_pk = get_run_row(conn, run_id).id
+        batch = StepBatch.model_validate(jsonable({"steps": [_random_step(rng, t, layers) for t in range(5000)]}))
+        arrays = {f: [getattr(s, f) for s in batch.steps] for f in LAYER_FIELDS}
+        columns = StepColumns.from_steps(batch.steps, arrays, layers)
+        insert_rows(conn, columns.rows(run_pk, conn.dialect.name == "sqlite"))
+    migrate.upgrade(engine)
+    _assert_rollups_match(engine, run_id)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+def _long_run(engine: Engine, n: int, spikes: dict[int, dict[str, Any]]) -> str:
+    rng = random.Random(7)
+    layers = ["a", "b", "c"]
+    run_id = _create(engine, layers)
+    for lo in range(0, n, 10_000):
+        batch = []
+        for t in range(lo, min(n, lo + 10_000)):
+            s = {"step": t, "loss": rng.uniform(1.0, 2.0), "grad_norm": rng.uniform(0.5, 1.0),
+                 "layer_grad_norms": [rng.uniform(0.1, 0.2) for _ in layers]}
+            s.update(spikes.get(t, {}))
+            batch.append(s)
+        _send(engine, run_id, {"layers": layers, "steps": batch}, binary=True)
+    return run_id
+
+
+def test_a_long_runs_series_comes_from_rollups_and_shows_the_spike_and_the_nan(engine: Engine) -> None:
+    spikes = {31_337: {"grad_norm": 1e6}, 52_000: {"loss": math.nan},
+              77_777: {"layer_grad_norms": [0.15, math.inf, -math.inf]}}
+    run_id = _long_run(engine, 100_000, spikes)
+    with read_connection(engine) as conn:
+        run_pk = get_run_row(conn, run_id).id
+        plan = plan_rollup_read(conn, run_pk, None, None, 400)
+    assert plan is not None and plan.width == 256  # 100,000 // 256 = 390 ≥ 200 buckets; 1024 would give 97
+    with write_transaction(engine) as conn:  # the raw steps are gone: what is read can only come from rollups
+        conn.execute(delete(steps).where(steps.c.run_pk == run_pk, steps.c.step.between(1000, 98_000)))
+    with read_connection(engine) as conn:
+        loss, grad, a, b, c = read_series(conn, run_pk, ["a", "b", "c"], fields=["loss", "grad_norm",
+                                          "layer_grad_norms"], layers=None, start=None, end=None, max_points=400)
+    points = {(s.field, s.layer): dict(zip(s.steps, s.values, strict=True)) for s in (loss, grad, a, b, c)}
+    assert points[("grad_norm", None)][31_337] == 1e6
+    assert math.isnan(points[("loss", None)][52_000])
+    assert points[("layer_grad_norms", "b")][77_777] == math.inf
+    assert points[("layer_grad_norms", "c")][77_777] == -math.inf
+    assert points[("layer_grad_norms", "a")].get(77_777) in (None, 0.15)
+    for s in (loss, grad, a, b, c):
+        finite = [v for v in s.values if math.isfinite(v)]
+        assert s.steps == sorted(set(s.steps)) and 300 <= len(finite) <= 400
+        assert s.steps[0] < 500 and s.steps[-1] >= 99_500  # points in the first and the last group (500 steps)
+    assert max(v for v in points[("loss", None)].values() if math.isfinite(v)) <= 2.0
+
+
+def test_a_series_from_rollups_is_the_raw_downsample_of_the_same_groups(engine: Engine) -> None:
+    """Every point the rollup read returns is a stored step's value, and over the whole range the minimum,
+    maximum and every non-finite kind's first step agree with the raw steps."""
+    spikes = {4_321: {"grad_norm": math.nan}, 4_330: {"grad_norm": math.nan}, 9_000: {"loss": -math.inf}}
+    run_id = _long_run(engine, 40_000, spikes)
+    with read_connection(engine) as conn:
+        run_pk = get_run_row(conn, run_id).id
+        raw = {s.step: s for s in read_steps(conn, run_pk, start=1_234, end=38_765, limit=10**6)}
+        plan = plan_rollup_read(conn, run_pk, 1_234, 38_765, 200)
+        series = read_series(conn, run_pk, ["a", "b", "c"], fields=["loss", "grad_norm", "layer_grad_norms"],
+                             layers=["b"], start=1_234, end=38_765, max_points=200)
+    assert plan is not None and plan.raw  # the range's edges fall inside buckets
+    for s in series:
+        def value(t: int, field: str = s.field) -> float:
+            v = getattr(raw[t], field)
+            return v[1] if isinstance(v, list) else v
+
+        assert all(_canon(value(t)) == _canon(v) for t, v in zip(s.steps, s.values, strict=True))
+        stats = _expected_stats([(t, value(t)) for t in sorted(raw)])
+        got = dict(zip(s.steps, s.values, strict=True))
+        assert got[stats["min_step"]] == stats["min"] and got[stats["max_step"]] == stats["max"]
+        for kind in ("nan", "posinf", "neginf"):
+            if stats[f"{kind}_step"] is not None:
+                assert stats[f"{kind}_step"] in got
+    assert [t for t, v in zip(series[1].steps, series[1].values, strict=True) if v != v] == [4_321]  # first of a group
+
+
+def test_the_level_is_the_coarsest_with_enough_buckets_and_short_ranges_read_raw_steps(engine: Engine) -> None:
+    run_id = _long_run(engine, 70_000, {})
+    with read_connection(engine) as conn:
+        run_pk = get_run_row(conn, run_id).id
+        assert plan_rollup_read(conn, run_pk, 0, 999, 500) is None  # 1,000 steps: fewer than 250 buckets of 64
+        assert plan_rollup_read(conn, run_pk, 0, 400, 1000) is None  # fewer steps than points
+        for start, end, points in [(0, None, 1000), (0, None, 100), (5, 69_990, 60), (123, 20_000, 200),
+                                   (None, None, 2)]:
+            plan = plan_rollup_read(conn, run_pk, start, end, points)
+            assert plan is not None
+            span = plan.hi - plan.lo + 1
+            assert span // plan.width >= points // 2
+            coarser = [w for w in ROLLUP_WIDTHS if w > plan.width]
+            assert not coarser or span // coarser[0] < points // 2
+            covered = [(w * b0, w * (b1 + 1) - 1) for w, b0, b1 in plan.spans] + plan.raw
+            covered.sort()
+            assert covered[0][0] == plan.lo and covered[-1][1] == plan.hi
+            assert all(a[1] + 1 == b[0] for a, b in zip(covered, covered[1:], strict=False))  # tiled, no overlap
+            assert all(hi - lo + 1 < ROLLUP_WIDTHS[0] for lo, hi in plan.raw)
