@@ -69,7 +69,7 @@ def live_server(tmp_path: Path) -> Iterator[ServerProcess]:
 
 @pytest.fixture
 def http(server: ServerProcess) -> Iterator[httpx.Client]:
-    """An HTTP client on the session server of each backend."""
-    with httpx.Client(base_url=server.url, timeout=60) as client:
+    """An HTTP client on the session server of each backend, sending its token (`server.headers`) if it has one."""
+    with httpx.Client(base_url=server.url, timeout=60, headers=server.headers) as client:
         yield client
 

@@ -8,13 +8,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import secrets
+import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from sqlalchemy import create_engine, text
@@ -25,12 +29,15 @@ from gradwatch_service import migrate
 from gradwatch_service.db import make_engine
 from gradwatch_service.models import metadata
 
-from .support.databases import POSTGRES_ADMIN_URL, PostgresSchema, require_postgres
+from .support.databases import POSTGRES_ADMIN_URL, PostgresSchema, new_database_url, require_postgres
 from .support.deploy_files import compose_variables, dockerfile_instructions, interpolate
-from .support.prometheus import REPO, require_binary
+from .support.prometheus import REPO, get_json, prometheus_server, require_binary
 from .support.requirements import unavailable
+from .support.serverproc import ServerProcess
 
 PROMETHEUS = REPO / "deploy" / "prometheus"
+COMPOSE_METRICS_TOKEN = "/run/secrets/gradwatch_metrics_token"
+COMPOSE_ADMIN_TOKEN = "/run/secrets/gradwatch_admin_token"
 
 
 def _tool(name: str, *args: str | Path) -> str:
@@ -54,8 +61,16 @@ def test_rule_unit_tests_pass_and_cover_every_rule() -> None:
         assert re.search(rf"alertname: {alert}\n\s+exp_alerts: \[\]", tested), f"{alert} never stays silent"
 
 
-def test_prometheus_config_is_valid() -> None:
-    _tool("promtool", "check", "config", PROMETHEUS / "prometheus.yml")
+def test_prometheus_config_is_valid(tmp_path: Path) -> None:
+    """As shipped, beside its rules; promtool also reads the metrics token's file, which only the compose stack
+    mounts (a secret at /run/secrets/), so the check reads a stand-in file at that one path."""
+    shipped = (PROMETHEUS / "prometheus.yml").read_text()
+    checked = shipped.replace(COMPOSE_METRICS_TOKEN, str(tmp_path / "metrics-token"))
+    assert checked != shipped
+    (tmp_path / "metrics-token").write_text("stand-in\n")
+    (tmp_path / "prometheus.yml").write_text(checked)
+    shutil.copy(PROMETHEUS / "rules.yml", tmp_path / "rules.yml")
+    _tool("promtool", "check", "config", tmp_path / "prometheus.yml")
 
 
 def test_alertmanager_config_is_valid(tmp_path: Path) -> None:
@@ -184,6 +199,92 @@ def test_the_migration_runs_first_and_gradwatch_waits_for_it() -> None:
         assert url.startswith("postgresql+psycopg://gradwatch:") and url.endswith("@postgres:5432/gradwatch")
 
 
+def _secret_paths(service: dict[str, Any]) -> set[str]:
+    """Where a compose service sees its secrets."""
+    return {f"/run/secrets/{s if isinstance(s, str) else s.get('target', s['source'])}"
+            for s in service.get("secrets", [])}
+
+
+def test_the_admin_token_is_stored_before_gradwatch_starts_and_the_metrics_token_is_shared() -> None:
+    services = _compose()["services"]
+    bootstrap = services["admin-token"]
+    assert bootstrap["image"] == services["gradwatch"]["image"]
+    assert bootstrap["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert services["gradwatch"]["depends_on"]["admin-token"]["condition"] == "service_completed_successfully"
+    command = bootstrap["command"]
+    assert command[:2] == ["token", "create"] and command[command.index("--scope") + 1] == "admin"
+    assert command[command.index("--token-file") + 1] == COMPOSE_ADMIN_TOKEN
+    assert _secret_paths(bootstrap) == {COMPOSE_ADMIN_TOKEN}
+    # gradwatch checks /metrics against the same secret Prometheus sends, and no other service sees either token
+    assert services["gradwatch"]["environment"]["GRADWATCH_METRICS_TOKEN_FILE"] == COMPOSE_METRICS_TOKEN
+    assert COMPOSE_METRICS_TOKEN in _secret_paths(services["gradwatch"])
+    scrape = _yaml(PROMETHEUS / "prometheus.yml")["scrape_configs"][0]
+    assert scrape["authorization"]["credentials_file"] == COMPOSE_METRICS_TOKEN
+    assert COMPOSE_METRICS_TOKEN in _secret_paths(services["prometheus"])
+    for name, service in services.items():
+        if name not in ("gradwatch", "prometheus", "admin-token"):
+            assert not _secret_paths(service) & {COMPOSE_METRICS_TOKEN, COMPOSE_ADMIN_TOKEN}, name
+    assert COMPOSE_ADMIN_TOKEN not in _secret_paths(services["gradwatch"])  # stored as a hash, not served from
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_the_compose_start_up_needs_tokens_and_prometheus_scrapes_with_its_secret(tmp_path: Path) -> None:
+    """The stack's start-up, without Docker: the migrate and admin-token one-shots' commands on a real
+    PostgreSQL, gradwatch serving all interfaces with the metrics token file, and a real Prometheus scraping it
+    with the shipped scrape job (its credentials_file pointed at the same token)."""
+    require_postgres()
+    url, schema = new_database_url("postgres", tmp_path)
+    assert schema is not None
+    admin = f"gwt_{secrets.token_hex(6)}_{secrets.token_hex(32)}"  # as .env.example says to make it
+    metrics = secrets.token_hex(20)
+    (tmp_path / "admin-token").write_text(admin + "\n")
+    (tmp_path / "metrics-token").write_text(metrics + "\n")
+    services = _compose()["services"]
+    command = [str(tmp_path / "admin-token") if arg == COMPOSE_ADMIN_TOKEN else arg
+               for arg in services["admin-token"]["command"]]
+    server = ServerProcess(url, env={"GRADWATCH_METRICS_TOKEN_FILE": str(tmp_path / "metrics-token")},
+                           args=["--host", "0.0.0.0"], log_path=tmp_path / "gradwatch.log")
+    prometheus = None
+    try:
+        server.migrate()  # `db upgrade`, the migrate one-shot
+        first = subprocess.run([*server.gradwatch, *command], env=server.env, capture_output=True, text=True,
+                               timeout=60)
+        again = subprocess.run([*server.gradwatch, *command], env=server.env, capture_output=True, text=True,
+                               timeout=60)  # every `docker compose up` runs it again
+        assert first.returncode == 0 and "stored" in first.stderr, first.stderr
+        assert again.returncode == 0 and "already stored" in again.stderr, again.stderr
+        assert admin not in first.stdout + first.stderr + again.stdout + again.stderr
+        server.start(migrate=False)
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            assert http.get("/readyz").status_code == 200  # the HEALTHCHECK needs no token
+            assert http.get("/v1/runs").status_code == 401
+            assert http.get("/metrics").status_code == 401
+            bearer = {"Authorization": f"Bearer {admin}"}
+            assert http.get("/v1/runs", headers=bearer).status_code == 200
+            assert http.get("/metrics", headers={"Authorization": f"Bearer {metrics}"}).status_code == 200
+            assert http.get("/v1/runs", headers={"Authorization": f"Bearer {metrics}"}).status_code == 401
+
+        job = _yaml(PROMETHEUS / "prometheus.yml")["scrape_configs"][0]
+        job["authorization"]["credentials_file"] = str(tmp_path / "metrics-token")
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{server.port}"]}]
+        config = tmp_path / "prometheus.yml"
+        config.write_text(json.dumps({"global": {"scrape_interval": "1s"}, "scrape_configs": [job]}))
+        prometheus = prometheus_server(config, tmp_path).start()
+        deadline = time.monotonic() + 30
+        while True:
+            targets = get_json(f"{prometheus.url}/api/v1/targets")["data"]["activeTargets"]
+            if targets and targets[0]["health"] == "up":
+                break
+            assert time.monotonic() < deadline, f"Prometheus never scraped gradwatch: {targets}"
+            time.sleep(0.5)
+    finally:
+        if prometheus is not None:
+            prometheus.stop()
+        server.stop()
+        schema.drop()
+
+
 def test_env_example_names_every_variable_the_compose_file_reads() -> None:
     doc, example = _compose(), _env_example()
     assert compose_variables(doc) == set(example)  # none missing, none left over
@@ -199,13 +300,16 @@ SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY$|WEBHOOK_URL")
 def test_no_secret_is_committed() -> None:
     example = _env_example()
     secrets = {k for k in example if SECRET_NAME.search(k)}
-    assert {"POSTGRES_PASSWORD", "GRAFANA_DB_PASSWORD", "GRAFANA_ADMIN_PASSWORD"} <= secrets
+    assert {"POSTGRES_PASSWORD", "GRAFANA_DB_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "GRADWATCH_ADMIN_TOKEN",
+            "GRADWATCH_METRICS_TOKEN"} <= secrets
     for name in secrets - {"ALERTMANAGER_WEBHOOK_URL"}:
         assert example[name].startswith("CHANGE-ME"), f".env.example gives {name} a value that looks real"
     # the compose file and the provisioning take every secret from the environment, never a literal
     for name, service in _compose()["services"].items():
         for key, value in (service.get("environment") or {}).items():
-            if SECRET_NAME.search(key):
+            if key.endswith("_FILE"):  # a secret's file: a compose secret, mounted from .env
+                assert str(value).startswith("/run/secrets/"), f"{name}: {key} is not a compose secret"
+            elif SECRET_NAME.search(key):
                 assert re.fullmatch(r"\$\{\w+(:?\?[^}]*)?\}", str(value)), f"{name}: {key} is not from .env"
     for path in (GRAFANA / "provisioning").rglob("*.yml"):
         for source in _yaml(path).get("datasources", []):
@@ -376,7 +480,7 @@ def test_the_compose_stack_runs_the_login_script_on_first_start() -> None:
 
 def test_grafana_login_reads_every_migrated_table_and_changes_nothing() -> None:
     """In compose's order: the init script first (the group role does not need the migration), then `gradwatch db
-    upgrade`, then Grafana's login reads every table of the schema and is refused every write, twice over: its
+    upgrade`, then Grafana's login reads every table of the schema but the token hashes and is refused every write, twice over: its
     sessions are read-only, and with a read-write transaction it still has no privilege to write."""
     require_postgres()
     schema = PostgresSchema()
@@ -389,8 +493,11 @@ def test_grafana_login_reads_every_migrated_table_and_changes_nothing() -> None:
         migrate.upgrade(engine)
         reader = create_engine(make_url(schema.url).set(username=login))
         with reader.connect() as conn:
-            for table in sorted(metadata.tables):
+            for table in sorted(set(metadata.tables) - {"api_tokens"}):
                 conn.execute(text(f'SELECT count(*) FROM "{table}"')).scalar_one()
+            with pytest.raises(ProgrammingError, match="permission denied"):  # token hashes: not for dashboards
+                conn.execute(text("SELECT count(*) FROM api_tokens"))
+            conn.rollback()
             with pytest.raises(InternalError, match="read-only transaction"):
                 conn.execute(text("INSERT INTO projects (name) VALUES ('not-allowed')"))
             conn.rollback()

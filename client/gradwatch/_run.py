@@ -52,11 +52,16 @@ class DeliveryReport:
     spooled: int = 0
     lost: dict[str, int] = field(default_factory=dict)
     spool_dir: str | None = None
+    refused: str | None = None
+    """the service refused the token (its status and reason): the steps wait in the spool for a good one"""
 
     def __str__(self) -> str:
         text = f"run {self.run_id}: {self.steps} steps, {self.delivered} delivered"
         if self.spooled:
             text += f", {self.spooled} left in {self.spool_dir} (send them with `gradwatch sync`)"
+        if self.refused:
+            text += (f"; the service refused the token ({self.refused}): check GRADWATCH_TOKEN (an ingest token of "
+                     "this run's project), then `gradwatch sync --token ...`")
         if self.lost:
             text += ", LOST " + ", ".join(f"{n} ({reason})" for reason, n in sorted(self.lost.items()))
         return text
@@ -434,7 +439,7 @@ class Run:
             return DeliveryReport(
                 run_id=self.run_id, steps=self.stats.sealed, delivered=self.stats.delivered,
                 spooled=spooled, lost=lost,
-                spool_dir=str(self._worker.spool.directory) if spooled else None,
+                spool_dir=str(self._worker.spool.directory) if spooled else None, refused=self.stats.refused,
             )
 
     def __repr__(self) -> str:

@@ -43,6 +43,8 @@ class DeliveryStats:
     duplicates: int = 0
     spooled: int = 0
     lost: Counter[str] = field(default_factory=Counter)
+    refused: str | None = None
+    """why the service last refused this client's token (401/403 and its detail); None once a batch gets in"""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count_lost(self, reason: str, n: int) -> None:
@@ -412,6 +414,7 @@ class Worker:
         if response.status == 200:
             self._failures = 0
             self._auth_failed = False
+            self.stats.refused = None
             result = response.body if isinstance(response.body, dict) else {}
             with self.stats.lock:
                 self.stats.delivered += n
@@ -455,9 +458,13 @@ class Worker:
             self._failed(response, None)
             return None
         if status in (401, 403):
+            # Retrying cannot help until someone fixes the token: keep the steps in the spool, stop trying until
+            # the next flush (finish() makes one more attempt), and say so once; the report says it again.
+            detail = response.body.get("detail") if isinstance(response.body, dict) else None
+            self.stats.refused = f"{status} {detail}" if isinstance(detail, str) else str(status)
             if not self._auth_failed:
-                logger.error("gradwatch: %s refused (%d): check GRADWATCH_TOKEN; steps are kept in %s",
-                             what, status, self.spool.directory)
+                logger.error("gradwatch: %s refused (%s): check GRADWATCH_TOKEN; steps are kept in %s",
+                             what, self.stats.refused, self.spool.directory)
             self._auth_failed = True
             return None
         detail = response.body.get("detail") if isinstance(response.body, dict) else response.body

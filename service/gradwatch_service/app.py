@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gradwatch.wire import VERSION
 
 from . import __doc__ as package_doc
-from .api import health, incidents, metrics, runs, steps, webhooks
+from .api import health, incidents, metrics, runs, steps, tokens, webhooks
 from .api.deps import AppState
 from .api.errors import install_error_handlers
 from .db import make_engine
@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(steps.router)
     app.include_router(incidents.router)
     app.include_router(webhooks.router)
+    app.include_router(tokens.router)
     app.add_middleware(RejectNul)
     if settings.metrics:  # off (GRADWATCH_METRICS=false): no /metrics, nothing counted per request or batch
         app.include_router(metrics.router)

@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database-url", help="overrides GRADWATCH_DATABASE_URL")
     parser.add_argument("--workers", type=int, help="uvicorn worker processes (default: GRADWATCH_WORKERS or 1)")
     parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.add_argument("--insecure", action="store_true",
+                        help="listen beyond loopback with no token configured: every route open to the network")
 
 
 @contextmanager
@@ -47,15 +49,21 @@ def run(args: argparse.Namespace) -> int:
 
     with configured_engine(args.database_url) as (settings, engine):
         problem = schema_problem(engine)
+        host = args.host or settings.host
+        if not problem:
+            problem = _exposure_problem(engine, host, args.insecure or settings.insecure)
     if problem:
         print(f"gradwatch serve: {problem}", file=sys.stderr)
         return 1
+    os.environ["GRADWATCH_HOST"] = host  # the app (and each worker) knows whether it is reachable beyond loopback
+    if args.insecure:
+        os.environ["GRADWATCH_INSECURE"] = "true"
     workers = args.workers if args.workers is not None else settings.workers
     with metrics_directory(settings, workers):
         uvicorn.run(
             "gradwatch_service.app:create_app",
             factory=True,
-            host=args.host or settings.host,
+            host=host,
             port=args.port if args.port is not None else settings.port,
             workers=workers,
             access_log=args.access_log,
@@ -63,6 +71,23 @@ def run(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=5,
         )
     return 0
+
+
+def _exposure_problem(engine: Engine, host: str, insecure: bool) -> str | None:
+    """Why this service must not listen on `host`: beyond loopback, with no token anyone could read and write
+    every run."""
+    from .auth import is_loopback
+    from .db import read_connection
+    from .tokens import any_active_token
+
+    if is_loopback(host) or insecure:
+        return None
+    with read_connection(engine) as conn:
+        if any_active_token(conn):
+            return None
+    return (f"refusing to listen on {host}: no API token exists, so anyone who can reach {host} could read and "
+            "write every run. Make one first (`gradwatch token create --name admin --scope admin`), listen on "
+            "loopback (--host 127.0.0.1), or pass --insecure to serve without tokens anyway")
 
 
 @contextmanager

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-__all__ = ["InvalidInput", "RunNotFound", "StepConflict"]
+__all__ = ["InvalidInput", "RunNotFound", "RunOfAnotherProject", "StepConflict"]
 
 
 class InvalidInput(ValueError):
@@ -36,6 +36,15 @@ class RunNotFound(LookupError):
 
     def __init__(self, run_id: str) -> None:
         super().__init__(f"run {run_id!r} does not exist: create it with PUT /v1/runs/{run_id} first")
+        self.run_id = run_id
+
+
+class RunOfAnotherProject(PermissionError):
+    """A 403: a PUT, with a token bound to one project, of a run id another project holds. (Run ids are global, so
+    that the id is taken cannot be hidden from someone allowed to create runs; nothing of the run is shown.)"""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run id {run_id!r} is taken by a project this token is not bound to: choose another id")
         self.run_id = run_id
 
 

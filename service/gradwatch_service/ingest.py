@@ -28,7 +28,7 @@ from gradwatch.wire import LAYER_FIELDS, SCALAR_FIELDS, jsonable
 
 from .codec import decode_scalars
 from .db import now_utc
-from .errors import InvalidInput, RunNotFound, StepConflict
+from .errors import InvalidInput, RunNotFound, RunOfAnotherProject, StepConflict
 from .incidents import advance_detection
 from .limits import InputLimits
 from .models import FLAG_SKIPPED, projects, runs
@@ -51,6 +51,7 @@ class LockedRun:
     last_step: int | None
     n_steps: int
     detector_state: dict[str, Any] | None
+    project_id: int
 
 
 @dataclass
@@ -91,9 +92,11 @@ def _merge_layers(current: list[str], incoming: Sequence[str]) -> list[str]:
     return current + [name for name in incoming if name not in known]
 
 
-def upsert_run(conn: Connection, run_id: str, body: RunUpsert, *, limits: InputLimits | None = None) -> bool:
+def upsert_run(conn: Connection, run_id: str, body: RunUpsert, *, limits: InputLimits | None = None,
+               project: str | None = None) -> bool:
     """Create the run or update the fields the body carries. Returns True when it was created. With `limits`,
-    the run's layer list after the update is held to them (the body's own fields are the caller's to check)."""
+    the run's layer list after the update is held to them (the body's own fields are the caller's to check).
+    With `project` (the caller's token is bound to it), a run of another project raises RunOfAnotherProject."""
     if body.layers is not None and len(set(body.layers)) != len(body.layers):
         raise InvalidInput(["body", "layers"], "layer names must be unique")
     now = now_utc()
@@ -115,6 +118,8 @@ def upsert_run(conn: Connection, run_id: str, body: RunUpsert, *, limits: InputL
             return True
         row = _lock_run(conn, run_id)  # a concurrent PUT created it first: update it instead
         assert row is not None
+    if not _in_project(conn, row, project):
+        raise RunOfAnotherProject(run_id)
     changes: dict[str, Any] = {}
     if body.project is not None:
         changes["project_id"] = _project_id(conn, body.project)
@@ -140,10 +145,17 @@ def upsert_run(conn: Connection, run_id: str, body: RunUpsert, *, limits: InputL
 
 def _lock_run(conn: Connection, run_id: str) -> LockedRun | None:
     """The run's row, locked for this transaction (SQLite renders no FOR UPDATE: its writer holds the lock)."""
-    q = select(runs.c.id, runs.c.layer_names, runs.c.last_step, runs.c.n_steps, runs.c.detector_state) \
-        .where(runs.c.run_id == run_id).with_for_update()
+    q = select(runs.c.id, runs.c.layer_names, runs.c.last_step, runs.c.n_steps, runs.c.detector_state,
+               runs.c.project_id).where(runs.c.run_id == run_id).with_for_update()
     row = conn.execute(q).first()
     return None if row is None else LockedRun(*row)
+
+
+def _in_project(conn: Connection, run: LockedRun, project: str | None) -> bool:
+    """Is the locked run in this project? (None: no constraint, every project will do.)"""
+    if project is None:
+        return True
+    return conn.execute(select(projects.c.name).where(projects.c.id == run.project_id)).scalar() == project
 
 
 # --------------------------------------------------------------------------------------------------- steps
@@ -219,12 +231,14 @@ def _stored_key(row: Row[Any]) -> tuple[Any, ...]:
 
 
 def append_steps(conn: Connection, run_id: str, batch: StepBatch | StepColumns,
-                 detector: DetectorConfig | None = None, *, limits: InputLimits | None = None) -> BatchOutcome:
+                 detector: DetectorConfig | None = None, *, limits: InputLimits | None = None,
+                 project: str | None = None) -> BatchOutcome:
     """Store a batch's new steps and, with a detector config, judge them; raises RunNotFound, StepConflict or
     InvalidInput (then nothing is stored). With `limits`, the run's layer list with the batch's new layers is
-    held to them (the batch's own counts are the caller's to check, before the transaction)."""
+    held to them (the batch's own counts are the caller's to check, before the transaction). With `project`, a
+    run of another project is not found either."""
     run = _lock_run(conn, run_id)
-    if run is None:
+    if run is None or not _in_project(conn, run, project):
         raise RunNotFound(run_id)
     layers, index_map = _layer_mapper(list(run.layer_names), batch.layers)
     if limits is not None and len(layers) > len(run.layer_names):

@@ -36,7 +36,7 @@ from .codec import sqlite_real_in, sqlite_real_out
 
 __all__ = ["metadata", "projects", "runs", "steps", "step_rollups", "ROLLUP_WIDTHS", "ROLLUP_SCALAR_STATS",
            "ROLLUP_LAYER_STATS", "incidents", "webhook_subscriptions", "webhook_deliveries", "webhook_attempts",
-           "Real", "FloatArray", "JsonDoc"]
+           "api_tokens", "Real", "FloatArray", "JsonDoc"]
 
 metadata = MetaData(
     naming_convention={
@@ -267,4 +267,18 @@ webhook_attempts = Table(
     Column("latency_ms", Float(precision=53), nullable=False),
     Column("error", Text),
     Column("at", DateTime(timezone=True), nullable=False),
+)
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", _BigKey(), primary_key=True, autoincrement=True),
+    Column("token_id", String(16), nullable=False, unique=True, comment="the public part of the token, for lookup"),
+    Column("name", String(128), nullable=False),
+    Column("project", String(128), comment="the one project this token may touch; every project when null"),
+    Column("scopes", String(64), nullable=False, comment="space-separated: ingest, read, admin"),
+    Column("secret_hash", String(64), nullable=False, comment="SHA-256 of the whole token, hex; never the token"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),
+    Index(None, "revoked_at"),
 )

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gradwatch.detect import DetectorConfig
@@ -95,6 +95,19 @@ class Settings(BaseSettings):
         default=False, description="broad switch: allow every loopback, private and link-local webhook target "
         "(cloud metadata stays refused); prefer naming targets in webhook_allowed_targets")
 
+    insecure: bool = Field(
+        default=False, description="serve every route without a token even on a non-loopback address while no token "
+                                   "exists (`serve --insecure`); never needed on loopback")
+    auth_cache_seconds: float = Field(
+        default=1.0, ge=0, le=1.0, description="how long a process trusts what it read of the tokens table (a "
+                                               "token, or whether any exists): a revocation is seen within this")
+    metrics_token: SecretStr | None = Field(
+        default=None, description="a bearer token of its own for /metrics (Prometheus' credentials); when set, "
+                                  "/metrics takes it or an all-projects read token, and nothing else")
+    metrics_token_file: Path | None = Field(
+        default=None, description="a file holding the metrics token (read once at start; surrounding whitespace "
+                                  "dropped), instead of GRADWATCH_METRICS_TOKEN")
+
     @field_validator("detector")
     @classmethod
     def _known_detector_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
@@ -118,6 +131,14 @@ class Settings(BaseSettings):
     def detector_config(self) -> DetectorConfig | None:
         """The DetectorConfig ingest uses, or None when detection is off."""
         return DetectorConfig(**self.detector) if self.detection else None
+
+    def scrape_token(self) -> str | None:
+        """The metrics token, from GRADWATCH_METRICS_TOKEN or the file GRADWATCH_METRICS_TOKEN_FILE names."""
+        if self.metrics_token is not None:
+            return self.metrics_token.get_secret_value() or None
+        if self.metrics_token_file is not None:
+            return self.metrics_token_file.read_text().strip() or None
+        return None
 
     def public_url(self) -> str:
         """Where people reach this service: `external_url`, else the bind address."""

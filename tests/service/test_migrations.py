@@ -69,11 +69,16 @@ def test_serve_refuses_an_unmigrated_database_and_names_the_fix(database_url: st
         eng.dispose()
 
 
+SECRET_TABLES = {"api_tokens"}
+"""tables the reader role may not read (migration 0006): token hashes and names are nobody's dashboard"""
+
+
 def test_the_reader_role_can_select_every_table_and_change_nothing(engine: Engine) -> None:
-    """Dashboards read through gradwatch_reader (migration 0004): every table readable, none writable."""
+    """Dashboards read through gradwatch_reader (migration 0004): every table readable but the tokens, none
+    writable."""
     if engine.dialect.name != "postgresql":
         pytest.skip("the reader role is PostgreSQL's; SQLite has no roles")
-    tables = sorted(metadata.tables)
+    tables = sorted(set(metadata.tables) - SECRET_TABLES)
     with engine.connect() as conn:
         conn.execute(text("SET ROLE gradwatch_reader"))
         for table in tables:
@@ -81,3 +86,15 @@ def test_the_reader_role_can_select_every_table_and_change_nothing(engine: Engin
         with pytest.raises(ProgrammingError, match="permission denied"):
             conn.execute(text("INSERT INTO projects (name) VALUES ('not-allowed')"))
         conn.rollback()
+
+
+def test_the_reader_role_cannot_read_the_tokens(engine: Engine) -> None:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("the reader role is PostgreSQL's; SQLite has no roles")
+    with engine.connect() as conn:
+        conn.execute(text("SET ROLE gradwatch_reader"))
+        for table in SECRET_TABLES:
+            with pytest.raises(ProgrammingError, match="permission denied"):
+                conn.execute(text(f'SELECT token_id, secret_hash FROM "{table}"'))
+            conn.rollback()
+            conn.execute(text("SET ROLE gradwatch_reader"))

@@ -2,12 +2,15 @@
 
 `start()` migrates the database (`gradwatch db upgrade`), starts `gradwatch serve` and waits for /healthz;
 `kill()` is SIGKILL (a crash), `stop()` a graceful SIGTERM. The same port and database can be started again.
+`headers` is what a test should send: empty while the server is open (no token exists), the Authorization of an
+all-projects admin token when started with `auth=True` (made with `gradwatch token create` before it starts).
 `gradwatch` is the command line that is `gradwatch`: the checkout's by default, an installed wheel's in the
 packaging test.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -50,7 +53,7 @@ def end_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM)
 class ServerProcess:
     def __init__(self, database_url: str, port: int | None = None, env: dict[str, str] | None = None,
                  log_path: Path | None = None, args: list[str] | None = None, cwd: Path | None = None,
-                 gradwatch: Sequence[str] = (sys.executable, "-m", "gradwatch_service")) -> None:
+                 gradwatch: Sequence[str] = (sys.executable, "-m", "gradwatch_service"), auth: bool = False) -> None:
         self.database_url = database_url
         self.gradwatch = list(gradwatch)
         self.cwd = cwd
@@ -60,6 +63,9 @@ class ServerProcess:
         self.args = list(args or [])
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
+        self.auth = auth
+        self.headers: dict[str, str] = {}
+        """the Authorization header a test should send; empty in open mode"""
 
     @property
     def url(self) -> str:
@@ -69,9 +75,21 @@ class ServerProcess:
         subprocess.run([*self.gradwatch, "db", "upgrade"], env=self.env, cwd=self.cwd, check=True,
                        capture_output=True)
 
+    def create_token(self, name: str, scopes: Sequence[str], project: str | None = None) -> dict[str, Any]:
+        """A new token on this server's database (`gradwatch token create --json`): its public fields and
+        `token`, the secret."""
+        cmd = [*self.gradwatch, "token", "create", "--name", name, "--json"]
+        cmd += [arg for scope in scopes for arg in ("--scope", scope)]
+        cmd += ["--project", project] if project else []
+        done = subprocess.run(cmd, env=self.env, cwd=self.cwd, check=True, capture_output=True, text=True)
+        created: dict[str, Any] = json.loads(done.stdout)
+        return created
+
     def start(self, wait: bool = True, migrate: bool = True, timeout: float = 30.0) -> ServerProcess:
         if migrate:
             self.migrate()
+        if self.auth and not self.headers:
+            self.headers = {"Authorization": f"Bearer {self.create_token('tests', ['admin'])['token']}"}
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             [*self.gradwatch, "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],

@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from ..errors import InvalidInput, RunNotFound, StepConflict
+from ..errors import InvalidInput, RunNotFound, RunOfAnotherProject, StepConflict
 
 __all__ = ["INVALID", "TOO_LARGE", "ErrorAnswer", "install_error_handlers"]
 
@@ -46,6 +46,10 @@ async def _run_not_found(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=404)
 
 
+async def _run_of_another_project(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=403)
+
+
 async def _step_conflict(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StepConflict)
     return JSONResponse({"detail": {"message": str(exc), "steps": exc.steps}}, status_code=409)
@@ -54,4 +58,5 @@ async def _step_conflict(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InvalidInput, _invalid_input)
     app.add_exception_handler(RunNotFound, _run_not_found)
+    app.add_exception_handler(RunOfAnotherProject, _run_of_another_project)
     app.add_exception_handler(StepConflict, _step_conflict)

@@ -10,9 +10,9 @@ from starlette.concurrency import run_in_threadpool
 from ..db import read_connection
 from ..queries import get_run_row, list_incidents
 from ..schemas import MAX_STEP, IncidentsPublic
-from .deps import EngineDep, RunIdPath, model_response
+from .deps import AUTH_RESPONSES, EngineDep, ReadToken, RunIdPath, model_response
 
-router = APIRouter(tags=["incidents"])
+router = APIRouter(tags=["incidents"], responses=AUTH_RESPONSES)
 
 Status = Annotated[Literal["open", "resolved"] | None, Query(description="open or resolved; both when absent")]
 Severity = Annotated[Literal["warning", "critical"] | None, Query()]
@@ -22,9 +22,13 @@ Offset = Annotated[int, Query(ge=0, le=MAX_STEP)]
 
 @router.get("/v1/incidents", summary="Incidents across runs, most recently updated first",
             response_model=IncidentsPublic)
-async def get_incidents(engine: EngineDep, project: str | None = None, run_id: str | None = None,
-                        status: Status = None, severity: Severity = None, limit: Limit = 100,
-                        offset: Offset = 0) -> Response:
+async def get_incidents(engine: EngineDep, principal: ReadToken, project: str | None = None,
+                        run_id: str | None = None, status: Status = None, severity: Severity = None,
+                        limit: Limit = 100, offset: Offset = 0) -> Response:
+    if project is not None and not principal.sees(project):
+        return model_response(IncidentsPublic(incidents=[], count=0))
+    project = project or principal.project
+
     def read() -> IncidentsPublic:
         with read_connection(engine) as conn:
             rows, count = list_incidents(conn, project=project, run_id=run_id, status=status, severity=severity,
@@ -36,12 +40,12 @@ async def get_incidents(engine: EngineDep, project: str | None = None, run_id: s
 
 @router.get("/v1/runs/{run_id}/incidents", summary="One run's incidents with their evidence",
             response_model=IncidentsPublic, responses={404: {"description": "unknown run"}})
-async def get_run_incidents(run_id: RunIdPath, engine: EngineDep, status: Status = None, severity: Severity = None,
-                            limit: Limit = 100, offset: Offset = 0) -> Response:
+async def get_run_incidents(run_id: RunIdPath, engine: EngineDep, principal: ReadToken, status: Status = None,
+                            severity: Severity = None, limit: Limit = 100, offset: Offset = 0) -> Response:
     def read() -> IncidentsPublic | None:
         with read_connection(engine) as conn:
             run = get_run_row(conn, run_id)
-            if run is None:
+            if run is None or not principal.sees(run.project):
                 return None
             rows, count = list_incidents(conn, run_pk=run.id, status=status, severity=severity, limit=limit,
                                          offset=offset)

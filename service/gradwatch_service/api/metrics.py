@@ -1,6 +1,7 @@
 """GET /metrics: Prometheus' text format, from prometheus-client (service health, ingest, run state).
 
-A plain `def` route, so FastAPI runs it in the thread pool: reading run state from a slow database blocks a
+Guarded by its own token (GRADWATCH_METRICS_TOKEN) or an all-projects read token (api/deps.py). A plain
+`def` route, so FastAPI runs it in the thread pool: reading run state from a slow database blocks a
 worker thread, never the event loop that serves ingest.
 """
 
@@ -11,12 +12,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from ..metrics import serving_registry
 from ..run_state import RunStateCollector
-from .deps import app_state
+from .deps import MetricsAccess, app_state
 
 router = APIRouter(tags=["metrics"])
 
 
-@router.get("/metrics", include_in_schema=False)  # Prometheus' text format, not part of the JSON API
+# Prometheus' text format, not part of the JSON API
+@router.get("/metrics", include_in_schema=False, dependencies=[MetricsAccess])
 def metrics(request: Request) -> Response:
     return Response(generate_latest(_registry(request)), media_type=CONTENT_TYPE_LATEST)
 

@@ -15,10 +15,10 @@ from ..db import read_connection, write_transaction
 from ..ingest import upsert_run
 from ..queries import get_run, list_runs
 from ..schemas import MAX_STEP, RunPublic, RunsPublic, RunUpsert
-from .deps import EngineDep, LimitsDep, RunIdPath, SettingsDep, model_response
+from .deps import AUTH_RESPONSES, EngineDep, IngestToken, LimitsDep, ReadToken, RunIdPath, SettingsDep, model_response
 from .errors import INVALID, TOO_LARGE
 
-router = APIRouter(prefix="/v1/runs", tags=["runs"])
+router = APIRouter(prefix="/v1/runs", tags=["runs"], responses=AUTH_RESPONSES)
 
 
 @router.put(
@@ -27,6 +27,7 @@ router = APIRouter(prefix="/v1/runs", tags=["runs"])
     response_model=RunPublic,
     status_code=200,
     responses={201: {"model": RunPublic, "description": "created"}, 200: {"description": "updated"},
+               403: {"description": "the token's project is not the body's, or another project has this run id"},
                **TOO_LARGE, 415: {"description": "not JSON"}, 400: {"description": "gzip body that is not gzip"},
                **INVALID},
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
@@ -34,13 +35,18 @@ router = APIRouter(prefix="/v1/runs", tags=["runs"])
         "example": RunUpsert.model_config["json_schema_extra"]["examples"][0]}}}},  # type: ignore[index]
 )
 async def put_run(run_id: RunIdPath, request: Request, engine: EngineDep, settings: SettingsDep,
-                  limits: LimitsDep) -> Response:
+                  limits: LimitsDep, principal: IngestToken) -> Response:
     body = parse_body(RunUpsert, await read_body(request, settings.max_body_bytes))
     limits.check_run(name=body.name, config=body.config, meta=body.meta, layers=body.layers)
+    if principal.project is not None:  # a project's token creates runs in its project, and only there
+        if body.project is None:
+            body = body.model_copy(update={"project": principal.project})
+        elif body.project != principal.project:
+            raise HTTPException(403, f"this token may only write runs of project {principal.project!r}")
 
     def write() -> tuple[bool, RunPublic]:
         with write_transaction(engine) as conn:
-            created = upsert_run(conn, run_id, body, limits=limits)
+            created = upsert_run(conn, run_id, body, limits=limits, project=principal.project)
             run = get_run(conn, run_id)
         assert run is not None
         return created, run
@@ -52,12 +58,17 @@ async def put_run(run_id: RunIdPath, request: Request, engine: EngineDep, settin
 @router.get("", summary="List runs, most recently updated first", response_model=RunsPublic)
 async def get_runs(
     engine: EngineDep,
+    principal: ReadToken,
     project: str | None = None,
     status: RunStatus | None = None,
     updated_since: Annotated[datetime | None, Query(description="ISO 8601; runs updated at or after it")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=MAX_STEP)] = 0,
 ) -> Response:
+    if project is not None and not principal.sees(project):
+        return model_response(RunsPublic(runs=[], count=0))
+    project = project or principal.project
+
     def read() -> RunsPublic:
         with read_connection(engine) as conn:
             rows, count = list_runs(conn, project=project, status=status, updated_since=updated_since,
@@ -69,12 +80,12 @@ async def get_runs(
 
 @router.get("/{run_id}", summary="One run", response_model=RunPublic,
             responses={404: {"description": "unknown run"}})
-async def get_one_run(run_id: RunIdPath, engine: EngineDep) -> Response:
+async def get_one_run(run_id: RunIdPath, engine: EngineDep, principal: ReadToken) -> Response:
     def read() -> RunPublic | None:
         with read_connection(engine) as conn:
             return get_run(conn, run_id)
 
     run = await run_in_threadpool(read)
-    if run is None:
+    if run is None or not principal.sees(run.project):  # another project's run is as absent as a missing one
         raise HTTPException(404, f"run {run_id!r} does not exist")
     return model_response(run)

@@ -15,10 +15,21 @@ from ..metrics import count_incident_opened, observe_detector_seconds, record_ba
 from ..queries import UnknownLayer, get_run_row, list_incidents, read_series, read_steps
 from ..schemas import MAX_STEP, SERIES_FIELDS, Incident, IngestResult, SeriesPublic, StepBatch, StepsPublic
 from ..steps_table import StepColumns
-from .deps import DetectorDep, EngineDep, IngestSlotsDep, LimitsDep, RunIdPath, SettingsDep, model_response
+from .deps import (
+    AUTH_RESPONSES,
+    DetectorDep,
+    EngineDep,
+    IngestSlotsDep,
+    IngestToken,
+    LimitsDep,
+    ReadToken,
+    RunIdPath,
+    SettingsDep,
+    model_response,
+)
 from .errors import INVALID, TOO_LARGE
 
-router = APIRouter(prefix="/v1/runs/{run_id}", tags=["steps"])
+router = APIRouter(prefix="/v1/runs/{run_id}", tags=["steps"], responses=AUTH_RESPONSES)
 
 _BATCH_EXAMPLE = StepBatch.model_config["json_schema_extra"]["examples"][0]  # type: ignore[index]
 
@@ -28,7 +39,7 @@ _BATCH_EXAMPLE = StepBatch.model_config["json_schema_extra"]["examples"][0]  # t
     summary="Append a batch of steps (idempotent on run and step)",
     response_model=IngestResult,
     responses={
-        404: {"description": "unknown run: PUT it first"},
+        404: {"description": "unknown run (or another project's): PUT it first"},
         409: {"description": "a stored step was resent with different values; nothing was stored",
               "content": {"application/json": {"example": {"detail": {
                   "message": "1 step(s) of run 'r1' were already stored with different values", "steps": [3]}}}}},
@@ -43,7 +54,8 @@ _BATCH_EXAMPLE = StepBatch.model_config["json_schema_extra"]["examples"][0]  # t
                                          "description": "columns of little-endian numbers (docs/wire.md)"}}}}},
 )
 async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, settings: SettingsDep,
-                     detector: DetectorDep, ingest_slots: IngestSlotsDep, limits: LimitsDep) -> Response:
+                     detector: DetectorDep, ingest_slots: IngestSlotsDep, limits: LimitsDep,
+                     principal: IngestToken) -> Response:
     raw = await read_body(request, settings.max_body_bytes, binary=True)
     binary = content_type_of(request) == BINARY_CONTENT_TYPE
 
@@ -55,7 +67,7 @@ async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, set
             batch = parse_body(StepBatch, raw)
             limits.check_batch(len(batch.steps), batch.layers, (s.scalars for s in batch.steps))
         with write_transaction(engine) as conn:
-            outcome = append_steps(conn, run_id, batch, detector, limits=limits)
+            outcome = append_steps(conn, run_id, batch, detector, limits=limits, project=principal.project)
             open_now, _ = list_incidents(conn, run_pk=outcome.run_pk, status="open")
             raised: list[Incident] = []
             if outcome.raised_incidents:
@@ -75,6 +87,7 @@ async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, set
 async def get_steps(
     run_id: RunIdPath,
     engine: EngineDep,
+    principal: ReadToken,
     start: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="first step, inclusive")] = None,
     end: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="last step, inclusive")] = None,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
@@ -82,7 +95,7 @@ async def get_steps(
     def read() -> StepsPublic | None:
         with read_connection(engine) as conn:
             run = get_run_row(conn, run_id)
-            if run is None:
+            if run is None or not principal.sees(run.project):
                 return None
             rows = read_steps(conn, run.id, start=start, end=end, limit=limit)
         return StepsPublic(run_id=run_id, layers=list(run.layer_names), steps=rows)
@@ -102,6 +115,7 @@ async def get_steps(
 async def get_series(
     run_id: RunIdPath,
     engine: EngineDep,
+    principal: ReadToken,
     fields: Annotated[str, Query(description=f"comma-separated, of {', '.join(SERIES_FIELDS)}",
                                  examples=["loss,grad_norm,layer_grad_norms"])] = "loss,grad_norm",
     layers: Annotated[str | None, Query(description="comma-separated layer names for per-layer fields; "
@@ -122,7 +136,7 @@ async def get_series(
     def read() -> SeriesPublic | None:
         with read_connection(engine) as conn:
             run = get_run_row(conn, run_id)
-            if run is None:
+            if run is None or not principal.sees(run.project):
                 return None
             series = read_series(conn, run.id, list(run.layer_names), fields=field_list, layers=layer_list,
                                  start=start, end=end, max_points=max_points)
