@@ -480,8 +480,9 @@ def test_the_compose_stack_runs_the_login_script_on_first_start() -> None:
 
 def test_grafana_login_reads_every_migrated_table_and_changes_nothing() -> None:
     """In compose's order: the init script first (the group role does not need the migration), then `gradwatch db
-    upgrade`, then Grafana's login reads every table of the schema but the token hashes and is refused every write, twice over: its
-    sessions are read-only, and with a read-write transaction it still has no privilege to write."""
+    upgrade`, then Grafana's login reads every table of the schema but the token hashes and is refused every
+    write, twice over: its sessions are read-only, and with a read-write transaction it still has no privilege
+    to write."""
     require_postgres()
     schema = PostgresSchema()
     login = f"gw_test_login_{uuid.uuid4().hex[:12]}"
