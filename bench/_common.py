@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["BenchServer", "Receiver", "PrometheusServer", "duration_s", "fresh_database", "get_json", "post_json",
-           "print_table", "prometheus_rule", "rss_mb", "emit", "shipped_prometheus_config"]
+           "metrics_token_file", "print_table", "prometheus_rule", "rss_mb", "emit", "shipped_prometheus_config"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,10 +138,19 @@ def post_json(url: str, body: Any, timeout: float = 30.0) -> Any:
         return json.load(r)
 
 
-def shipped_prometheus_config(target: str, workdir: Path) -> tuple[Path, dict[str, Any]]:
-    """deploy/prometheus/prometheus.yml as shipped (intervals, rules.yml, alerting), with only the gradwatch
-    scrape target replaced by `target` (host:port) and the rule file given by its absolute path, written to
-    `workdir`. Returns the file and the config. (PyYAML comes with uvicorn[standard], the server extra.)"""
+def metrics_token_file(workdir: Path) -> Path:
+    """A fresh /metrics token in `workdir`: the server reads it (GRADWATCH_METRICS_TOKEN_FILE) and so does
+    Prometheus (the shipped job's credentials_file), as the compose stack's secret is read by both."""
+    path = workdir / "metrics-token"
+    path.write_text(secrets.token_urlsafe(32))
+    return path
+
+
+def shipped_prometheus_config(target: str, workdir: Path, token_file: Path) -> tuple[Path, dict[str, Any]]:
+    """deploy/prometheus/prometheus.yml as shipped (intervals, rules.yml, alerting, the bearer token), with only
+    the gradwatch scrape target replaced by `target` (host:port), its credentials_file by `token_file` and the
+    rule file given by its absolute path, written to `workdir`. Returns the file and the config. (PyYAML comes
+    with uvicorn[standard], the server extra.)"""
     import yaml
 
     deploy = REPO / "deploy" / "prometheus"
@@ -150,6 +160,7 @@ def shipped_prometheus_config(target: str, workdir: Path) -> tuple[Path, dict[st
     assert len(jobs) == 1, "prometheus.yml has no single gradwatch job"
     for static in jobs[0]["static_configs"]:
         static["targets"] = [target]
+    jobs[0]["authorization"]["credentials_file"] = str(token_file)
     path = workdir / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
     return path, config

@@ -35,6 +35,7 @@ from _common import (  # noqa: E402
     emit,
     fresh_database,
     get_json,
+    metrics_token_file,
     print_table,
     prometheus_rule,
     shipped_prometheus_config,
@@ -120,11 +121,12 @@ def prometheus_firing(backend: str, n_runs: int, workdir: Path) -> dict[str, Any
     workdir = workdir / "prometheus"
     workdir.mkdir()
     with fresh_database(backend, workdir) as url:
-        server = BenchServer(url, log_path=workdir / "server.log")
+        token_file = metrics_token_file(workdir)
+        server = BenchServer(url, log_path=workdir / "server.log", env={"GRADWATCH_METRICS_TOKEN_FILE": str(token_file)})
         server.start()
         prometheus = None
         try:
-            config_path, config = shipped_prometheus_config(f"127.0.0.1:{server.port}", workdir)
+            config_path, config = shipped_prometheus_config(f"127.0.0.1:{server.port}", workdir, token_file)
             job = next(j for j in config["scrape_configs"] if j["job_name"] == "gradwatch")
             scrape_s = duration_s(job.get("scrape_interval") or config.get("global", {}).get("scrape_interval", "1m"))
             eval_s = duration_s(group_interval or config.get("global", {}).get("evaluation_interval", "1m"))

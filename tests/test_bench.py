@@ -127,3 +127,15 @@ def test_dashboards_benchmark_reports_its_figures() -> None:
         assert figures[f"{panel}_ms"] > 0 and figures[f"{panel}_raw_ms"] > 0, panel
         assert figures[f"{panel}_width"] in (64, 256, 1024, 4096, 16384), panel  # 10^5 steps: a rollup level
         assert 0 < figures[f"{panel}_rows"] < figures[f"{panel}_raw_rows"], panel
+
+
+def test_soak_benchmark_reports_its_figures() -> None:
+    figures = _run("soak.py", "--seconds", "4", "--runs", "10", "--procs", "2")
+    for key in ("throughput_values_per_s", "p99_ms", "p99_ms_first_half", "p99_ms_second_half", "rss_mb_start",
+                "rss_mb_end"):
+        assert figures[key] > 0, key
+    assert isinstance(figures["rss_slope_mb_per_min_last_half"], float)
+    assert figures["errors"] == 0 and figures["runs"] == 10 and figures["batches"] > 0
+    series = figures["series"]
+    assert len(series) == 4 and sum(row["batches"] for row in series) == figures["batches"]
+    assert all(row["rss_mb"] > 0 and row["p50_ms"] <= row["p99_ms"] for row in series)

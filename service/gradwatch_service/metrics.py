@@ -18,7 +18,7 @@ from sqlalchemy import Engine, event
 from sqlalchemy.engine import ExceptionContext
 
 __all__ = ["MULTIPROC_ENV", "observe_request", "record_batch", "observe_detector_seconds", "count_incident_opened",
-           "count_database_errors", "serving_registry"]
+           "count_database_busy", "count_database_errors", "serving_registry"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -69,6 +69,11 @@ def count_database_errors(engine: Engine) -> None:
     @event.listens_for(engine, "handle_error")
     def _count(context: ExceptionContext) -> None:
         DATABASE_ERRORS.labels(type(context.original_exception).__name__).inc()
+
+
+def count_database_busy() -> None:
+    """SQLite's write lock held by another writer past the busy timeout: no driver error says so."""
+    DATABASE_ERRORS.labels("DatabaseBusy").inc()
 
 
 class _ThisProcess(Collector):

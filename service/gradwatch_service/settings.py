@@ -60,6 +60,12 @@ class Settings(BaseSettings):
         description="DetectorConfig overrides as JSON, e.g. GRADWATCH_DETECTOR='{\"layer_z\": 5}'",
     )
     db_pool_size: int = Field(default=8, ge=1, description="PostgreSQL connection pool size per process")
+    db_busy_timeout_s: float = Field(
+        default=10.0, gt=0, description="longest a request waits for the database: SQLite's write lock (the "
+        "writers' flock and SQLite's busy timeout), a PostgreSQL connection (connect timeout and pool wait); "
+        "past it the request is answered 503 with Retry-After")
+    db_retry_after_s: int = Field(
+        default=2, ge=1, description="the Retry-After (seconds) of a 503 answered while the database is unavailable")
     metrics: bool = Field(
         default=True, description="serve Prometheus metrics: the /metrics route, per-request and ingest counters "
                                   "(off: no /metrics, and requests and batches are not counted)")

@@ -127,6 +127,22 @@ def test_retry_after_is_honoured(recorder: Recorder, tmp_path: Path) -> None:
     assert posts[0]["body"] == posts[1]["body"] == posts[2]["body"]
 
 
+def test_a_503_with_retry_after_is_retried_no_sooner(recorder: Recorder, tmp_path: Path) -> None:
+    """What the service answers while its database is unavailable: the steps wait (spooled) and go later."""
+    recorder.script = [(503, {"detail": "database unavailable"}, {"Retry-After": "0.6"})]
+    run = start(recorder.url, tmp_path)
+    for step in range(7):
+        run.log(step, loss=1.0)
+    deadline = time.monotonic() + 5
+    while len(recorder.stored(run.run_id)) < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    report = run.finish()
+    posts = recorder.posts()
+    assert posts[1]["t"] - posts[0]["t"] >= 0.55 and posts[0]["body"] == posts[1]["body"]
+    assert report.delivered == 7 and report.lost == {} and report.spooled == 0
+    assert sorted(recorder.stored(run.run_id)) == list(range(7))
+
+
 def test_conflicting_steps_are_counted_and_the_rest_delivered(recorder: Recorder, tmp_path: Path) -> None:
     run = start(recorder.url, tmp_path)
     run.log(0, loss=1.0)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import httpx
 
 from ..support.databases import new_run_id
+from ..support.serverproc import ServerProcess
 
 
 def _run(http: httpx.Client, **fields: object) -> str:
@@ -84,9 +85,10 @@ def test_steps_range_and_limit(http: httpx.Client) -> None:
     assert all(s["time"] > 1.7e9 for s in got)  # stamped on receipt when the client sent none
 
 
-def test_health_and_readiness(http: httpx.Client) -> None:
+def test_health_and_readiness(http: httpx.Client, server: ServerProcess) -> None:
     assert http.get("/healthz").json() == {"status": "ok"}
-    assert http.get("/readyz").json() == {"status": "ok"}
+    database = "sqlite" if server.database_url.startswith("sqlite") else "postgresql"
+    assert http.get("/readyz").json() == {"status": "ok", "database": database}
 
 
 def test_openapi_documents_every_route_with_examples(http: httpx.Client) -> None:

@@ -1,17 +1,25 @@
-"""The service's domain errors (`errors.py`) as HTTP answers, registered once for every route, and the OpenAPI
-description of the 413 and 422 answers, so a client (and the schema fuzz test) knows their bodies."""
+"""The service's domain errors (`errors.py`) as HTTP answers, registered once for every route; a database that
+cannot be reached or written now as 503 with Retry-After, whichever route met it; and the OpenAPI description
+of the 413 and 422 answers, so a client (and the schema fuzz test) knows their bodies."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy import exc as sa_exc
 
+from ..db import DatabaseBusy
 from ..errors import InvalidInput, RunNotFound, RunOfAnotherProject, StepConflict
+from ..metrics import count_database_busy
+from .deps import app_state
 
-__all__ = ["INVALID", "TOO_LARGE", "ErrorAnswer", "install_error_handlers"]
+__all__ = ["DATABASE_UNAVAILABLE", "INVALID", "TOO_LARGE", "ErrorAnswer", "install_error_handlers"]
+
+log = logging.getLogger("gradwatch.database")
 
 
 class ErrorAnswer(BaseModel):
@@ -36,6 +44,15 @@ TOO_LARGE: dict[int | str, dict[str, Any]] = {413: {
     "content": {"application/json": {"example": {
         "detail": "request body is 17000000 bytes; the limit is 16777216 bytes (GRADWATCH_MAX_BODY_BYTES)"}}}}}
 
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    sa_exc.OperationalError,  # refused, cut, timed out, locked (SQLite), shutting down, deadlock (PostgreSQL)
+    sa_exc.InterfaceError,  # a connection the driver already knows is closed
+    sa_exc.TimeoutError,  # no pooled connection within db_busy_timeout_s
+    DatabaseBusy,  # SQLite's write lock held elsewhere longer than db_busy_timeout_s
+)
+"""Errors that say the database cannot serve the request now, not that the request or the code is wrong: a retry
+later can succeed, so they are 503s that say when to retry, never 500s."""
+
 
 async def _invalid_input(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, InvalidInput)
@@ -55,8 +72,23 @@ async def _step_conflict(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": {"message": str(exc), "steps": exc.steps}}, status_code=409)
 
 
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The driver's message stays in the log (it can name hosts and ports); the client hears the kind and when to
+    come back. Driver errors are already counted by `count_database_errors`; the writers' lock is counted here."""
+    state = app_state(request)
+    if isinstance(exc, DatabaseBusy) and state.settings.metrics:
+        count_database_busy()
+    kind = type(getattr(exc, "orig", None) or exc).__name__
+    log.warning("database unavailable for %s %s: %s", request.method, request.url.path, exc)
+    retry_after = state.settings.db_retry_after_s
+    return JSONResponse({"detail": f"database unavailable ({kind}); retry in {retry_after} s"}, status_code=503,
+                        headers={"Retry-After": str(retry_after)})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InvalidInput, _invalid_input)
     app.add_exception_handler(RunNotFound, _run_not_found)
     app.add_exception_handler(RunOfAnotherProject, _run_of_another_project)
     app.add_exception_handler(StepConflict, _step_conflict)
+    for kind in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(kind, _database_unavailable)

@@ -1,4 +1,9 @@
-"""Liveness and readiness: /healthz says the process serves, /readyz that the database is usable."""
+"""Liveness and readiness: /healthz says the process serves, /readyz that the database is usable.
+
+/healthz never touches the database: a database outage must not get a healthy process restarted. /readyz reads
+the database and checks its schema; on SQLite it also takes the write lock for an empty transaction, since
+readers keep working while another writer holds it and ingest cannot.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
+from ..db import is_sqlite, write_transaction
 from ..migrate import schema_problem
 from .deps import EngineDep
 
@@ -22,17 +28,26 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", summary="The database is reachable and its schema current",
             responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}},
                        503: {"description": "not ready", "content": {"application/json": {
-                "example": {"status": "unavailable", "detail": "database unreachable: ..."}}}}})
+                "example": {"status": "unavailable", "database": "postgresql",
+                            "detail": "database unreachable: ..."}}}}})
 async def readyz(engine: EngineDep) -> JSONResponse:
     def check() -> str | None:
         try:
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
-            return schema_problem(engine)
         except Exception as exc:  # noqa: BLE001 - any failure means not ready, and says why
             return f"database unreachable: {type(exc).__name__}: {exc}"
+        try:
+            problem = schema_problem(engine)
+            if problem is None and is_sqlite(engine):
+                with write_transaction(engine):
+                    pass
+            return problem
+        except Exception as exc:  # noqa: BLE001
+            return f"database not writable: {type(exc).__name__}: {exc}"
 
     problem = await run_in_threadpool(check)
     if problem:
-        return JSONResponse({"status": "unavailable", "detail": problem}, status_code=503)
-    return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable", "database": engine.dialect.name, "detail": problem},
+                            status_code=503)
+    return JSONResponse({"status": "ok", "database": engine.dialect.name})
