@@ -122,7 +122,8 @@ def prometheus_firing(backend: str, n_runs: int, workdir: Path) -> dict[str, Any
     workdir.mkdir()
     with fresh_database(backend, workdir) as url:
         token_file = metrics_token_file(workdir)
-        server = BenchServer(url, log_path=workdir / "server.log", env={"GRADWATCH_METRICS_TOKEN_FILE": str(token_file)})
+        server = BenchServer(url, log_path=workdir / "server.log",
+                             env={"GRADWATCH_METRICS_TOKEN_FILE": str(token_file)})
         server.start()
         prometheus = None
         try:
