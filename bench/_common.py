@@ -64,9 +64,10 @@ class BenchServer:
     """`gradwatch db upgrade`, then `gradwatch serve` on a free loopback port until `stop()` (SIGTERM)."""
 
     def __init__(self, database_url: str, log_path: Path, args: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, launcher: list[str] | None = None) -> None:
         self.env = {**os.environ, "GRADWATCH_DATABASE_URL": database_url, **(env or {})}
         self.log_path, self.args = log_path, list(args or [])
+        self.launcher = launcher or ["-m", "gradwatch_service"]  # what follows `python`: the `gradwatch` command
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -80,7 +81,7 @@ class BenchServer:
         return self.proc.pid
 
     def start(self, timeout: float = 60.0) -> None:
-        gradwatch = [sys.executable, "-m", "gradwatch_service"]
+        gradwatch = [sys.executable, *self.launcher]
         subprocess.run([*gradwatch, "db", "upgrade"], env=self.env, check=True, capture_output=True)
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen([*gradwatch, "serve", "--host", "127.0.0.1", "--port", str(self.port),

@@ -139,3 +139,15 @@ def test_soak_benchmark_reports_its_figures() -> None:
     series = figures["series"]
     assert len(series) == 4 and sum(row["batches"] for row in series) == figures["batches"]
     assert all(row["rss_mb"] > 0 and row["p50_ms"] <= row["p99_ms"] for row in series)
+
+
+@pytest.mark.slow
+def test_query_benchmark_reports_its_figures() -> None:
+    require_postgres()
+    figures = _run("query.py", "--steps", "20000", "--short", "3000", "--repeat", "2",
+                   "--ingest-steps", "500")
+    keys = {"series_p50_ms", "layer_p50_ms", "heatmap_p50_ms", "long_vs_short", "ingest_rollups_ratio"}
+    assert keys <= set(figures)
+    assert all(figures[k] > 0 for k in keys)
+    assert figures["ingest_rollups_ratio"] == min(figures["sqlite_ingest_rollups_ratio"],
+                                                  figures["postgres_ingest_rollups_ratio"])

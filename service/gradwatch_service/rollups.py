@@ -29,6 +29,7 @@ from gradwatch.wire import LAYER_FIELDS, MISSING_BITS, MISSING_BYTES, SCALAR_FIE
 
 from .codec import sqlite_real_out
 from .models import ROLLUP_SCALAR_STATS, ROLLUP_WIDTHS
+from .pg_arrays import float8_arrays
 from .steps_table import StepColumns
 
 __all__ = ["NONE_STEP", "STATS", "Layout", "FieldStats", "Units", "batch_units", "update_rollups", "rebuild_rollups",
@@ -301,7 +302,7 @@ def _upsert_sql(dialect: str) -> str:
     cols = ", ".join(_COLUMNS)
     updates = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS if c not in _KEY)
     if dialect == "postgresql":
-        marks = ", ".join("%s::float8[]" if c.startswith("layer_") else "%s" for c in _COLUMNS)
+        marks = ", ".join("%b" if c.startswith("layer_") else "%s" for c in _COLUMNS)  # pg_arrays' binary form
     else:
         marks = ", ".join("?" * len(_COLUMNS))
     return (f"INSERT INTO step_rollups ({cols}) VALUES ({marks}) "
@@ -336,18 +337,18 @@ def _rows(run_pk: int, width: int, u: Units, sqlite: bool) -> list[tuple[Any, ..
                 a = a.astype(object)
                 a[np.isnan(a.astype(np.float64)) & ~none] = "NaN"
             columns.append(_none_where(a, none))
-    for f in LAYER_FIELDS:
+    n_stats = len(STATS)
+    for f in LAYER_FIELDS:  # all of a field's statistics as one (k * n_stats, layers) matrix: one conversion
         a0, b0 = u.layout[f]
-        measured: list[bool] = np.asarray((st.last_step[:, a0:b0] >= 0).any(axis=1)).tolist()
-        for stat in STATS:
-            m = getattr(st, stat)[:, a0:b0].astype("<f8")
-            none = nones[stat][:, a0:b0]
-            if sqlite:
-                m.view("<u8")[none] = MISSING_BITS
-                columns.append([row.tobytes() if ok else None for row, ok in zip(m, measured, strict=True)])
-            else:
-                lists = _none_where(m, none)
-                columns.append([row if ok else None for row, ok in zip(lists, measured, strict=True)])
+        present = np.repeat((st.last_step[:, a0:b0] >= 0).any(axis=1), n_stats)
+        m = np.stack([getattr(st, stat)[:, a0:b0] for stat in STATS], axis=1).astype("<f8").reshape(k * n_stats, -1)
+        none = np.stack([nones[stat][:, a0:b0] for stat in STATS], axis=1).reshape(k * n_stats, -1)
+        if sqlite:
+            m.view("<u8")[none] = MISSING_BITS
+            arrays: list[Any] = [row.tobytes() if ok else None for row, ok in zip(m, present.tolist(), strict=True)]
+        else:
+            arrays = float8_arrays(m, none, present)
+        columns.extend(arrays[j::n_stats] for j in range(n_stats))
     return list(zip(*columns, strict=True))
 
 
