@@ -259,8 +259,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def rss_mb(pid: int) -> float:
-    """Resident set size of a process and its children (uvicorn workers), in MB."""
+def rss_mb(pid: int, kind: str = "VmRSS") -> float:
+    """Resident set size of a process and its children (uvicorn workers), in MB; `kind` "RssAnon" for the heap
+    alone (what a leak grows) or "RssFile" for mapped files (the database's pages, which the kernel may drop)."""
     total = 0
     pids = [pid]
     try:
@@ -271,7 +272,7 @@ def rss_mb(pid: int) -> float:
     for p in pids:
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+                if line.startswith(kind + ":"):
                     total += int(line.split()[1])
         except OSError:
             pass

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import os
 import socket
@@ -42,12 +41,10 @@ from typing import Any
 import torch
 
 import gradwatch
-from gradwatch._torch import tensor_norms
-from gradwatch._torch import watch as torch_watch
+from gradwatch import DENSE_STEPS, tensor_norms
 
 DIM, LAYERS, BATCH = 384, 25, 256
 DEVICE = torch.device("cpu")
-DENSE_STEPS = inspect.signature(torch_watch).parameters["dense_steps"].default  # measured on every step
 
 SINK = r"""
 import http.server, json, os, sys, threading
@@ -160,7 +157,7 @@ def step_overhead(url: str, pairs: int, spool: Path, **watch_options: int) -> di
     bare_model, bare_opt, x, y = build()
     model, opt, _, _ = build()
     run = gradwatch.init(project="bench", name="client_overhead", url=url, spool_dir=spool)
-    watch = torch_watch(model, opt, run, **watch_options)
+    watch = gradwatch.watch(model, opt, run, **watch_options)
     state = {"bare": 0, "watched": 0}
 
     def bare_step() -> None:

@@ -143,12 +143,14 @@ def _measure(server: BenchServer, runs: int, procs: int, seconds: float, interva
     for w in workers:
         w.start()
     rss: list[tuple[float, float]] = []
+    anon: list[tuple[float, float]] = []
     scrapes = 0
     next_scrape = start_at
     while time.monotonic() < start_at:
         time.sleep(0.05)
     while (now := time.monotonic()) < end_at:
         rss.append((now - start_at, rss_mb(server.pid)))
+        anon.append((now - start_at, rss_mb(server.pid, "RssAnon")))
         if now >= next_scrape:
             with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
                 r.read()
@@ -156,15 +158,17 @@ def _measure(server: BenchServer, runs: int, procs: int, seconds: float, interva
             next_scrape += scrape_s
         time.sleep(max(0.0, min(1.0, end_at - time.monotonic())))
     rss.append((time.monotonic() - start_at, rss_mb(server.pid)))
+    anon.append((time.monotonic() - start_at, rss_mb(server.pid, "RssAnon")))
     records: list[tuple[float, float, int, int]] = []
     for _ in workers:
         records += results.get(timeout=seconds + 120)
     for w in workers:
         w.join(30)
-    return _figures(records, rss, start_at, seconds, interval, runs, scrapes)
+    return _figures(records, rss, anon, start_at, seconds, interval, runs, scrapes)
 
 
-def _figures(records: list[tuple[float, float, int, int]], rss: list[tuple[float, float]], start_at: float,
+def _figures(records: list[tuple[float, float, int, int]], rss: list[tuple[float, float]],
+             anon: list[tuple[float, float]], start_at: float,
              seconds: float, interval: float, runs: int, scrapes: int) -> dict[str, Any]:
     ok = [(t - start_at, lat, v) for t, lat, v, status in records if status == 200]
     errors = sum(1 for *_, status in records if status != 200)
@@ -193,6 +197,8 @@ def _figures(records: list[tuple[float, float, int, int]], rss: list[tuple[float
         "rss_mb_end": round(rss[-1][1], 1),
         "rss_mb_max": round(max(mb for _, mb in rss), 1),
         "rss_slope_mb_per_min_last_half": round(slope_per_min(last_half), 3),
+        "rss_anon_mb_end": round(anon[-1][1], 1),
+        "rss_anon_slope_mb_per_min_last_half": round(slope_per_min([(t, mb) for t, mb in anon if t >= half]), 3),
         "series": series,
     }
 

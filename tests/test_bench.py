@@ -43,11 +43,7 @@ def _non_public_imports(script: Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("script", [
-    *sorted(p.name for p in BENCH.glob("*.py") if p.name != "client_overhead.py"),
-    pytest.param("client_overhead.py", marks=pytest.mark.xfail(
-        strict=True, reason="imports gradwatch._torch (tensor_norms, watch's dense_steps): no public name yet")),
-])
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")))
 def test_benchmarks_use_only_public_names_and_nothing_from_the_tests(script: str) -> None:
     assert _non_public_imports(BENCH / script) == []
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 from typing import Any as _Any
 
 from ._errors import CriticalIncident, GradwatchError
-from ._options import Options
+from ._options import DENSE_STEPS, Options
 from ._run import DeliveryReport, Run, init
 from ._sink import StepSink as _StepSink
 from .wire import VERSION as _VERSION
 
 __all__ = [
+    "DENSE_STEPS",
     "CriticalIncident",
     "DeliveryReport",
     "GradwatchError",
@@ -32,6 +33,7 @@ __all__ = [
     "Run",
     "clip_grad_norm_",
     "init",
+    "tensor_norms",
     "watch",
 ]
 
@@ -42,7 +44,7 @@ def watch(model: _Any, optimizer: _Any, run: _StepSink, **kwargs: _Any) -> _Any:
     """Instrument a PyTorch model and optimizer: per-layer gradient, weight and update norms for every step.
 
     See `gradwatch._torch.watch` for the options (scaler, start_step, weight_every, update_every,
-    dense_steps)."""
+    dense_steps, default DENSE_STEPS)."""
     from ._torch import watch as _watch
 
     return _watch(model, optimizer, run, **kwargs)
@@ -55,3 +57,12 @@ def clip_grad_norm_(parameters: _Any, max_norm: float, norm_type: float = 2.0,
     from ._torch import clip_grad_norm_ as _clip
 
     return _clip(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
+
+
+def tensor_norms(tensors: list[_Any], norm_type: float = 2.0, foreach: bool | None = None) -> tuple[list[_Any], _Any]:
+    """The norm of each tensor (0-d tensors, in input order) and their total, in one fused pass grouped and
+    ordered exactly as `torch.nn.utils.get_total_norm` does it (so the total is identical): what watch() and
+    clip_grad_norm_ compute per step, for a loop that wants the per-layer norms itself."""
+    from ._torch import tensor_norms as _norms
+
+    return _norms(tensors, norm_type, foreach)

@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["DEFAULT_URL", "OnCritical", "Options", "default_spool_dir"]
+__all__ = ["DEFAULT_URL", "DENSE_STEPS", "OnCritical", "Options", "default_spool_dir"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+DENSE_STEPS = 20
+"""watch() measures weight and update norms on every one of its first DENSE_STEPS steps (then it samples them):
+a run that blows up in its first updates shows it only there."""
 
 OnCritical = Literal["warn", "raise", "stop"]
 

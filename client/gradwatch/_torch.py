@@ -32,6 +32,7 @@ from torch.utils._foreach_utils import (
     _has_foreach_support,
 )
 
+from ._options import DENSE_STEPS
 from ._sink import StepSink
 
 __all__ = ["Cadence", "Watch", "clip_grad_norm_", "tensor_norms", "watch"]
@@ -152,7 +153,7 @@ class Watch:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: StepSink, *,
                  scaler: Any = None, start_step: int = 0, weight_every: int | None = None,
-                 update_every: int | None = None, dense_steps: int = 20):
+                 update_every: int | None = None, dense_steps: int = DENSE_STEPS):
         self.run = run
         self.optimizer = optimizer
         self.step = start_step
@@ -420,7 +421,7 @@ class Watch:
 
 def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: StepSink, *, scaler: Any = None,
           start_step: int = 0, weight_every: int | None = None, update_every: int | None = None,
-          dense_steps: int = 20) -> Watch:
+          dense_steps: int = DENSE_STEPS) -> Watch:
     """Log per-layer gradient norms (before clipping), weight norms and update norms for every step.
 
     scaler: the `torch.amp.GradScaler` in use, so that steps it skips are recorded as skipped.

@@ -14,12 +14,11 @@ from sqlalchemy import Connection, func, select
 from gradwatch.wire import LAYER_FIELDS
 
 from .codec import decode_scalars
-from .downsample import downsample_minmax
 from .models import FLAG_LATE, FLAG_SKIPPED, ROLLUP_WIDTHS, incidents, projects, runs, steps
 from .rollups import NONE_STEP, FieldStats, concat_units, raw_units, read_units, reduce_units, take_units
 from .schemas import Incident, RunPublic, Series, StepOut
 
-__all__ = ["get_run", "list_runs", "read_steps", "read_series", "plan_rollup_read", "RollupRead", "list_incidents",
+__all__ = ["get_run", "list_runs", "read_steps", "read_series", "plan_downsample", "Downsample", "list_incidents",
            "UnknownLayer"]
 
 _RUN_COLUMNS = (runs.c.id, runs.c.run_id, projects.c.name.label("project"), runs.c.name, runs.c.status,
@@ -102,10 +101,10 @@ def read_series(conn: Connection, run_pk: int, run_layers: Sequence[str], *, fie
     if missing:
         raise UnknownLayer(f"unknown layer(s) {missing[:5]}; this run has {len(run_layers)} layers")
     if max_points is not None:
-        plan = plan_rollup_read(conn, run_pk, start, end, max_points)
+        plan = plan_downsample(conn, run_pk, start, end, max_points)
         if plan is not None:
-            return _series_from_rollups(conn, run_pk, plan, fields, wanted_layers,
-                                        [position[name] for name in wanted_layers], len(run_layers))
+            return _downsampled(conn, run_pk, plan, fields, wanted_layers, [position[name] for name in wanted_layers],
+                                len(run_layers))
     columns = [steps.c.step] + [steps.c[f] for f in fields]
     q = _step_range(select(*columns).where(steps.c.run_pk == run_pk), start, end).order_by(steps.c.step)
     rows = conn.execute(q).all()
@@ -116,16 +115,17 @@ def read_series(conn: Connection, run_pk: int, run_layers: Sequence[str], *, fie
             for name in wanted_layers:
                 i = position[name]
                 values = [None if r[j] is None or i >= len(r[j]) else r[j][i] for r in rows]
-                out.append(_series(f, name, step_list, values, max_points))
+                out.append(Series(field=f, layer=name, steps=step_list, values=values))
         else:
-            out.append(_series(f, None, step_list, [r[j] for r in rows], max_points))
+            out.append(Series(field=f, layer=None, steps=step_list, values=[r[j] for r in rows]))
     return out
 
 
 @dataclass(frozen=True)
-class RollupRead:
+class Downsample:
     """How a downsampled series is read: `groups` groups of equal step span over lo..hi, built from whole
-    buckets of the `spans` (width, first bucket, last bucket) and the raw steps of `raw` (lo, hi) at the edges."""
+    buckets of the `spans` (width, first bucket, last bucket) and the raw steps of `raw` (lo, hi) at the edges,
+    or from raw steps alone (no spans, width 1) when the range is shorter than the finest level allows."""
 
     lo: int
     hi: int
@@ -141,10 +141,11 @@ def _edge_step(conn: Connection, run_pk: int, start: int | None, end: int | None
     return conn.execute(q.order_by(steps.c.step.desc() if last else steps.c.step).limit(1)).scalar()
 
 
-def plan_rollup_read(conn: Connection, run_pk: int, start: int | None, end: int | None,
-                     max_points: int) -> RollupRead | None:
+def plan_downsample(conn: Connection, run_pk: int, start: int | None, end: int | None,
+                    max_points: int) -> Downsample | None:
     """The coarsest rollup level that still has max_points // 2 buckets (each gives a minimum and a maximum)
-    over the stored steps of the range, or None when even the finest has fewer: then raw steps are read."""
+    over the stored steps of the range; raw steps grouped alike when even the finest has fewer; None when the
+    range holds no more steps than points (then every step is shown)."""
     lo = _edge_step(conn, run_pk, start, end, last=False)
     hi = _edge_step(conn, run_pk, start, end, last=True)
     if lo is None or hi is None:
@@ -155,11 +156,11 @@ def plan_rollup_read(conn: Connection, run_pk: int, start: int | None, end: int 
         return None
     usable = [i for i, w in enumerate(ROLLUP_WIDTHS) if span // w >= groups]
     if not usable:
-        return None
+        return Downsample(lo=lo, hi=hi, groups=groups, width=1, spans=[], raw=[(lo, hi)])
     spans: list[tuple[int, int, int]] = []
     raw: list[tuple[int, int]] = []
     _cover(lo, hi, usable[-1], spans, raw)
-    return RollupRead(lo=lo, hi=hi, groups=groups, width=ROLLUP_WIDTHS[usable[-1]], spans=spans, raw=raw)
+    return Downsample(lo=lo, hi=hi, groups=groups, width=ROLLUP_WIDTHS[usable[-1]], spans=spans, raw=raw)
 
 
 def _cover(lo: int, hi: int, level: int, spans: list[tuple[int, int, int]], raw: list[tuple[int, int]]) -> None:
@@ -184,10 +185,11 @@ _READ_STATS = ("min", "max", "min_step", "max_step", "nan_step", "posinf_step", 
 """What a downsampled series needs of a bucket: the points it shows, each at its step."""
 
 
-def _series_from_rollups(conn: Connection, run_pk: int, plan: RollupRead, fields: Sequence[str],
-                         layer_names: list[str], layer_index: list[int], n_layers: int) -> list[Series]:
-    """Each group of buckets keeps its finite minimum and maximum and its first NaN, +Infinity and -Infinity,
-    at their steps: downsample_minmax's points, over groups of equal step span."""
+def _downsampled(conn: Connection, run_pk: int, plan: Downsample, fields: Sequence[str], layer_names: list[str],
+                 layer_index: list[int], n_layers: int) -> list[Series]:
+    """Each group of equal step span keeps its finite minimum and maximum and its first NaN, +Infinity and
+    -Infinity, at their steps (a plain average would hide a spike among ordinary steps, and NaN would poison
+    it); a group is whole buckets and raw steps, merged as rollups merge."""
     columns = {f: (n_layers if f in LAYER_FIELDS else 1) for f in dict.fromkeys(fields)}
     parts = [read_units(conn, run_pk, plan.spans, columns, _READ_STATS, layer_index)]
     parts += [raw_units(conn, run_pk, a, b, columns, layer_index) for a, b in plan.raw]
@@ -214,15 +216,6 @@ def _points(field: str, layer: str | None, st: FieldStats, j: int) -> Series:
     shown = step_list != NONE_STEP
     step_list, first = np.unique(step_list[shown], return_index=True)
     return Series(field=field, layer=layer, steps=step_list.tolist(), values=values[shown][first].tolist())
-
-
-def _series(field: str, layer: str | None, step_list: list[int], values: list[float | None],
-            max_points: int | None) -> Series:
-    if max_points is not None:
-        s, v = downsample_minmax(step_list, values, max_points)
-    else:
-        s, v = step_list, values
-    return Series(field=field, layer=layer, steps=s, values=v)
 
 
 def list_incidents(conn: Connection, *, project: str | None = None, run_pk: int | None = None,

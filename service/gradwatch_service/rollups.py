@@ -1,7 +1,7 @@
 """Step rollups: the step_rollups table's maintenance (inside the ingest transaction) and its reads.
 
 A level of width w keeps one row per bucket of w steps (bucket = step // w) with, per scalar field and per layer
-of each per-layer field, the statistics a spike-keeping downsample needs (downsample.py): the finite minimum and
+of each per-layer field, the statistics a spike-keeping downsample needs (queries.py): the finite minimum and
 maximum with their steps, the first NaN, +Infinity and -Infinity with their steps, the non-finite count and the
 last measured value with its step. Every statistic merges exactly (min of mins, first of firsts, the last of
 the highest step), so a batch's buckets are built from its steps and merged with the stored rows, and each
@@ -18,7 +18,7 @@ blob); a per-layer field with nothing measured in a bucket is a NULL array.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -269,30 +269,45 @@ def batch_units(new: StepColumns, n_layers: int) -> Units:
 def update_rollups(conn: Connection, run_pk: int, new: Units, n_layers: int) -> None:
     """Merge new steps (ascending, none of them stored before) into every level's buckets, in the caller's
     transaction: the batch's buckets are built level by level from the finer one, the stored rows of those
-    buckets read, merged and written back (upsert)."""
+    buckets read, and all levels merged and written back (upsert) at once, keyed by (level, bucket)."""
     if not _maintained or len(new) == 0:
         return
     layout = layout_of(_all_fields(n_layers))
-    levels: list[tuple[int, Units]] = []
+    levels: list[Units] = []
     finer, finer_width = new, 1
     for width in ROLLUP_WIDTHS:
         finer = reduce_units(finer, finer.key // (width // finer_width))
         if finer_width == 1:
             finer = relayout(finer, layout)
         finer_width = width
-        levels.append((width, finer))
-    stored = _read_stored(conn, run_pk, [(w, u.key) for w, u in levels], layout)
-    rows: list[tuple[Any, ...]] = []
-    sqlite = conn.dialect.name != "postgresql"
-    for width, batch in levels:
-        old = stored.get(width)
-        merged = batch
-        if old is not None:
-            both = concat_units([old, batch], layout)
-            order = np.argsort(both.key, kind="stable")
-            merged = reduce_units(take_units(both, order), both.key[order])
-        rows.extend(_rows(run_pk, width, merged, sqlite))
-    conn.exec_driver_sql(_upsert_sql(conn.dialect.name), rows)
+        levels.append(finer)
+    batch = concat_units(levels, layout)
+    level_of = np.repeat(np.arange(len(levels), dtype=np.int64), [len(u) for u in levels])
+    batch_key = _level_key(level_of, batch.key)
+    stored, stored_width = _read_stored(conn, run_pk, [(w, u.key) for w, u in zip(ROLLUP_WIDTHS, levels,
+                                                                                     strict=True)], layout)
+    if len(stored):
+        stored_key = _level_key(np.searchsorted(ROLLUP_WIDTHS, stored_width), stored.key)
+        keep = np.flatnonzero(np.isin(stored_key, batch_key))
+        both = concat_units([take_units(stored, keep), batch], layout)
+        key = np.concatenate([stored_key[keep], batch_key])
+        order = np.argsort(key, kind="stable")
+        merged = reduce_units(take_units(both, order), key[order])
+    else:
+        merged = replace(batch, key=batch_key)  # already in (level, bucket) order, one unit a key
+    width_of = np.asarray(ROLLUP_WIDTHS, dtype=np.int64)[merged.key >> _LEVEL_SHIFT]
+    merged.key &= (1 << _LEVEL_SHIFT) - 1
+    conn.exec_driver_sql(_upsert_sql(conn.dialect.name), _rows(run_pk, width_of, merged,
+                                                               conn.dialect.name != "postgresql"))
+
+
+_LEVEL_SHIFT = 57
+"""(level, bucket) as one sortable int64: the level (< 8) in the top bits, a bucket (≤ MAX_STEP // 64 = 2^56)
+below them."""
+
+
+def _level_key(level: I8, bucket: I8) -> I8:
+    return (level.astype(np.int64) << _LEVEL_SHIFT) | bucket
 
 
 _COLUMNS = (*_KEY, *_BASE, *(f"{f}_{s}" for f in (*SCALAR_FIELDS, *LAYER_FIELDS) for s in STATS))
@@ -322,12 +337,13 @@ def _stat_nones(st: FieldStats) -> dict[str, Mask]:
             "posinf_step": st.posinf_step == NONE_STEP, "neginf_step": st.neginf_step == NONE_STEP}
 
 
-def _rows(run_pk: int, width: int, u: Units, sqlite: bool) -> list[tuple[Any, ...]]:
-    """Units (in the full layout) as step_rollups rows, in _COLUMNS' order, as the driver binds them."""
+def _rows(run_pk: int, width: I8, u: Units, sqlite: bool) -> list[tuple[Any, ...]]:
+    """Units (in the full layout) of the given widths as step_rollups rows, in _COLUMNS' order, as the driver
+    binds them."""
     k = len(u)
     st = u.stats
     nones = _stat_nones(st)
-    columns: list[Sequence[Any]] = [[run_pk] * k, [width] * k, u.key.tolist(), u.n.tolist(), u.first_step.tolist(),
+    columns: list[Sequence[Any]] = [[run_pk] * k, width.tolist(), u.key.tolist(), u.n.tolist(), u.first_step.tolist(),
                                     u.last_step.tolist(), u.time_min.tolist(), u.time_max.tolist()]
     for f in SCALAR_FIELDS:
         c = u.layout[f][0]
@@ -405,8 +421,12 @@ def _stats_from_matrices(k: int, n_cols: int, matrices: Mapping[str, F8]) -> Fie
     return st
 
 
-def _spans_sql(spans: Sequence[tuple[int, int, int]]) -> str:
-    return " OR ".join(f"(width = {int(w)} AND bucket BETWEEN {int(lo)} AND {int(hi)})" for w, lo, hi in spans)
+def _spans_sql(select_list: Sequence[str], mark: str, spans: Sequence[tuple[int, int, int]]) -> str:
+    """One index range search per span, UNION ALL: an OR of the spans under one `run_pk =` would make SQLite
+    walk every rollup row of the run (its plan searches run_pk only), so the cost would grow with the run."""
+    one = f"SELECT {', '.join(select_list)} FROM step_rollups WHERE run_pk = {mark}"
+    return " UNION ALL ".join(f"{one} AND width = {int(w)} AND bucket BETWEEN {int(lo)} AND {int(hi)}"
+                              for w, lo, hi in spans) + " ORDER BY first_step"
 
 
 def read_units(conn: Connection, run_pk: int, spans: Sequence[tuple[int, int, int]], fields: Mapping[str, int],
@@ -424,7 +444,7 @@ def read_units(conn: Connection, run_pk: int, spans: Sequence[tuple[int, int, in
         return relayout(step_units([], [], np.empty((0, 0)), None, {}), layout)
     select_list = ["bucket", *_BASE, "width"]
     plan: list[tuple[str, str, int | None]] = []  # (field, stat, layer or None for a whole array)
-    one_by_one = layer_index is not None and len(layer_index) <= 8
+    one_by_one = _few_layers(layer_index)
     for f in fields:
         for stat in stats:
             column = f"{f}_{stat}"
@@ -436,10 +456,8 @@ def read_units(conn: Connection, run_pk: int, spans: Sequence[tuple[int, int, in
             else:
                 select_list.append(column)
                 plan.append((f, stat, None))
-    mark = "?" if sqlite else "%s"
-    sql = (f"SELECT {', '.join(select_list)} FROM step_rollups WHERE run_pk = {mark} AND ({_spans_sql(spans)}) "
-           "ORDER BY first_step")
-    rows = conn.exec_driver_sql(sql, (run_pk,)).fetchall()
+    sql = _spans_sql(select_list, "?" if sqlite else "%s", spans)
+    rows = conn.exec_driver_sql(sql, (run_pk,) * len(spans)).fetchall()
     k = len(rows)
     by_column: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [()] * len(select_list)
     matrices = {stat: np.full((k, n_cols), np.nan) for stat in stats}
@@ -467,40 +485,66 @@ def read_units(conn: Connection, run_pk: int, spans: Sequence[tuple[int, int, in
                  stats=_stats_from_matrices(k, n_cols, matrices), layout=layout)
 
 
-def _read_stored(conn: Connection, run_pk: int, keys: Sequence[tuple[int, I8]], layout: Layout) -> dict[int, Units]:
-    """The stored rows of the batch's buckets, one Units per width (absent when none is stored), in one query.
-    An in-order batch finds at most the bucket it continues, one per level."""
+def _read_stored(conn: Connection, run_pk: int, keys: Sequence[tuple[int, I8]], layout: Layout) -> tuple[Units, I8]:
+    """The stored rows within the (width, the batch's buckets) spans and each row's width, in one query. An
+    in-order batch finds at most the bucket it continues, one per level."""
     spans = [(w, int(k[0]), int(k[-1])) for w, k in keys]
     fields = {f: b - a for f, (a, b) in layout.items()}
     widths: list[int] = []
     stored = read_units(conn, run_pk, spans, fields, widths_out=widths)
-    if not len(stored):
-        return {}
-    width_of = np.array(widths, dtype=np.int64)
-    out: dict[int, Units] = {}
-    for w, k in keys:
-        rows = np.flatnonzero((width_of == w) & np.isin(stored.key, k))
-        if len(rows):
-            out[w] = take_units(stored, rows)
-    return out
+    return stored, np.array(widths, dtype=np.int64)
+
+
+def _few_layers(layer_index: Sequence[int] | None) -> bool:
+    """Whether to read these layers one element each (a handful) rather than whole arrays."""
+    return layer_index is not None and len(layer_index) <= 8
+
+
+def _element_matrix(columns: Sequence[Sequence[Any]], sqlite: bool) -> tuple[F8, Mask | None]:
+    """Elements read one layer a column (8-byte blobs on SQLite, floats on PostgreSQL; None or an empty blob
+    where not measured) as a (k, layers) matrix and its not-measured mask."""
+    if sqlite:
+        section = b"".join(v if v else MISSING_BYTES for row in zip(*columns, strict=True) for v in row)
+        return _section(section, len(columns))
+    values = np.array(list(zip(*columns, strict=True)), dtype=np.float64).reshape(-1, len(columns))
+    missing = np.array([[v is None for v in row] for row in zip(*columns, strict=True)], dtype=bool) \
+        if any(None in c for c in columns) else None
+    return values, missing
 
 
 def raw_units(conn: Connection, run_pk: int, lo: int, hi: int, fields: Mapping[str, int],
               layer_index: Sequence[int] | None = None) -> Units:
-    """Stored steps lo..hi as units (one a step): the edges of a range no whole bucket covers, and the
-    backfill of an existing database."""
+    """Stored steps lo..hi as units (one a step): a range shorter than the finest rollup level, the edges of a
+    range no whole bucket covers, and the backfill of an existing database. A handful of layers is read one
+    element each: parsing whole arrays is most of the cost on PostgreSQL."""
     sqlite = conn.dialect.name != "postgresql"
     mark = "?" if sqlite else "%s"
-    sql = (f"SELECT step, time, {', '.join(fields)} FROM steps WHERE run_pk = {mark} AND step BETWEEN {mark} "
+    few = _few_layers(layer_index)
+    select_list: list[str] = []
+    for name in fields:
+        if name in LAYER_FIELDS and few:
+            assert layer_index is not None
+            select_list.extend(_element(conn, name, j) for j in layer_index)
+        else:
+            select_list.append(name)
+    sql = (f"SELECT step, time, {', '.join(select_list)} FROM steps WHERE run_pk = {mark} AND step BETWEEN {mark} "
            f"AND {mark} ORDER BY step")
     rows = conn.exec_driver_sql(sql, (run_pk, lo, hi)).fetchall()
     k = len(rows)
-    by_column: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [()] * (2 + len(fields))
+    by_column: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [()] * (2 + len(select_list))
     widths = {f: (len(layer_index) if layer_index is not None and f in LAYER_FIELDS else n)
               for f, n in fields.items()}
     layout = layout_of(widths)
     columns: dict[str, tuple[F8, Mask | None]] = {}
-    for name, values in zip(fields, by_column[2:], strict=True):
+    at = 2
+    for name in fields:
+        if name in LAYER_FIELDS and few:
+            n = widths[name]
+            columns[name] = _element_matrix(by_column[at: at + n], sqlite) if k else (np.empty((0, n)), None)
+            at += n
+            continue
+        values = by_column[at]
+        at += 1
         if name in LAYER_FIELDS:
             v, m = _section(_layer_rows(values, fields[name]), fields[name]) if k else \
                 (np.empty((0, fields[name])), None)

@@ -164,6 +164,18 @@ def test_without_clipping_total_equals_get_total_norm(recorder: Recorder, tmp_pa
     assert "layer_weight_norms" not in stored[0] and "update_norm" not in stored[0]
 
 
+def test_tensor_norms_are_torchs_norms_and_total_bit_for_bit() -> None:
+    model = tiny_model()
+    x, y = batch(0)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    grads = [p.grad for p in model.parameters()]
+    grads[1] = grads[1].double()  # two dtypes: two groups, summed in torch's order
+    for norm_type in (2.0, 1.0, math.inf):
+        norms, total = gradwatch.tensor_norms(grads, norm_type)
+        assert [n.item() for n in norms] == [torch.linalg.vector_norm(g, norm_type).item() for g in grads]
+        assert total.item() == torch.nn.utils.get_total_norm(grads, norm_type).item()
+
+
 def test_clip_matches_torch_exactly() -> None:
     a, b = tiny_model(), tiny_model()
     x, y = batch(0)

@@ -17,7 +17,7 @@ from gradwatch_service.db import read_connection, write_transaction
 from gradwatch_service.ingest import append_steps, upsert_run
 from gradwatch_service.limits import InputLimits
 from gradwatch_service.models import ROLLUP_SCALAR_STATS, ROLLUP_WIDTHS, step_rollups, steps
-from gradwatch_service.queries import get_run_row, plan_rollup_read, read_series, read_steps
+from gradwatch_service.queries import get_run_row, plan_downsample, read_series, read_steps
 from gradwatch_service.schemas import RunUpsert, StepBatch
 from gradwatch_service.settings import Settings
 from gradwatch_service.steps_table import StepColumns, insert_rows
@@ -34,7 +34,7 @@ def _kind(v: float) -> str:
 
 
 def _expected_stats(points: list[tuple[int, float | None]]) -> Stats:
-    """downsample.py's statistics of one series' (step, value) points, ascending; None = not measured."""
+    """What a downsampled group keeps of one series' (step, value) points, ascending; None = not measured."""
     out: Stats = {"min": None, "max": None, "min_step": None, "max_step": None, "last": None, "last_step": None,
                   "nonfinite": 0, "nan_step": None, "posinf_step": None, "neginf_step": None}
     for step, v in points:
@@ -255,7 +255,7 @@ def test_a_long_runs_series_comes_from_rollups_and_shows_the_spike_and_the_nan(e
     run_id = _long_run(engine, 100_000, spikes)
     with read_connection(engine) as conn:
         run_pk = get_run_row(conn, run_id).id
-        plan = plan_rollup_read(conn, run_pk, None, None, 400)
+        plan = plan_downsample(conn, run_pk, None, None, 400)
     assert plan is not None and plan.width == 256  # 100,000 // 256 = 390 ≥ 200 buckets; 1024 would give 97
     with write_transaction(engine) as conn:  # the raw steps are gone: what is read can only come from rollups
         conn.execute(delete(steps).where(steps.c.run_pk == run_pk, steps.c.step.between(1000, 98_000)))
@@ -283,7 +283,7 @@ def test_a_series_from_rollups_is_the_raw_downsample_of_the_same_groups(engine: 
     with read_connection(engine) as conn:
         run_pk = get_run_row(conn, run_id).id
         raw = {s.step: s for s in read_steps(conn, run_pk, start=1_234, end=38_765, limit=10**6)}
-        plan = plan_rollup_read(conn, run_pk, 1_234, 38_765, 200)
+        plan = plan_downsample(conn, run_pk, 1_234, 38_765, 200)
         series = read_series(conn, run_pk, ["a", "b", "c"], fields=["loss", "grad_norm", "layer_grad_norms"],
                              layers=["b"], start=1_234, end=38_765, max_points=200)
     assert plan is not None and plan.raw  # the range's edges fall inside buckets
@@ -306,11 +306,12 @@ def test_the_level_is_the_coarsest_with_enough_buckets_and_short_ranges_read_raw
     run_id = _long_run(engine, 70_000, {})
     with read_connection(engine) as conn:
         run_pk = get_run_row(conn, run_id).id
-        assert plan_rollup_read(conn, run_pk, 0, 999, 500) is None  # 1,000 steps: fewer than 250 buckets of 64
-        assert plan_rollup_read(conn, run_pk, 0, 400, 1000) is None  # fewer steps than points
+        short = plan_downsample(conn, run_pk, 0, 999, 500)  # 1,000 steps: fewer than 250 buckets of 64
+        assert short is not None and (short.width, short.spans, short.raw) == (1, [], [(0, 999)])
+        assert plan_downsample(conn, run_pk, 0, 400, 1000) is None  # fewer steps than points
         for start, end, points in [(0, None, 1000), (0, None, 100), (5, 69_990, 60), (123, 20_000, 200),
                                    (None, None, 2)]:
-            plan = plan_rollup_read(conn, run_pk, start, end, points)
+            plan = plan_downsample(conn, run_pk, start, end, points)
             assert plan is not None
             span = plan.hi - plan.lo + 1
             assert span // plan.width >= points // 2
@@ -321,3 +322,34 @@ def test_the_level_is_the_coarsest_with_enough_buckets_and_short_ranges_read_raw
             assert covered[0][0] == plan.lo and covered[-1][1] == plan.hi
             assert all(a[1] + 1 == b[0] for a, b in zip(covered, covered[1:], strict=False))  # tiled, no overlap
             assert all(hi - lo + 1 < ROLLUP_WIDTHS[0] for lo, hi in plan.raw)
+
+
+def test_a_short_range_reads_a_few_layers_element_by_element_and_agrees_with_whole_arrays(engine: Engine) -> None:
+    """Below the finest level the raw steps are grouped as buckets are; a handful of layers is read one array
+    element each (not whole arrays), and gives the same points, non-finite and unmeasured steps included."""
+    rng = random.Random(3)
+    layers = [f"l{i}" for i in range(10)]
+    run_id = _create(engine, layers)
+    batch = []
+    for t in range(3000):
+        s: dict[str, Any] = {"step": t, "loss": rng.uniform(1.0, 2.0)}
+        if t % 3:  # every third step measures no layer at all
+            s["layer_grad_norms"] = [rng.uniform(0.1, 0.2) for _ in layers]
+        batch.append(s)
+    batch[1000]["layer_grad_norms"][3] = math.nan
+    batch[1001]["layer_grad_norms"][3] = math.inf
+    batch[2002]["layer_grad_norms"][3] = 7.5
+    batch[2500]["layer_grad_norms"][3] = None  # this layer alone not measured
+    _send(engine, run_id, {"layers": layers, "steps": batch}, binary=False)
+    with read_connection(engine) as conn:
+        run_pk = get_run_row(conn, run_id).id
+        plan = plan_downsample(conn, run_pk, None, None, 200)
+        args = dict(fields=["layer_grad_norms"], start=None, end=None, max_points=200)
+        (one,) = read_series(conn, run_pk, layers, layers=["l3"], **args)  # type: ignore[arg-type]
+        whole = read_series(conn, run_pk, layers, layers=None, **args)  # type: ignore[arg-type]
+    assert plan is not None and plan.spans == [] and plan.raw == [(0, 2999)]
+    assert (one.steps, [_canon(v) for v in one.values]) == (whole[3].steps, [_canon(v) for v in whole[3].values])
+    got = dict(zip(one.steps, one.values, strict=True))
+    assert math.isnan(got[1000]) and got[1001] == math.inf and got[2002] == 7.5
+    assert 2500 not in got and all(t % 3 for t in got)  # unmeasured steps are never shown
+    assert 150 <= len(one.steps) <= 202
