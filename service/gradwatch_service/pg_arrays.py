@@ -1,19 +1,22 @@
 """PostgreSQL `double precision[]` values in the binary protocol, built from numpy matrices a whole matrix at once.
 
-psycopg dumps a Python list element by element in Python (about 0.1 ms for 50 floats); the rollups write tens of
-such arrays per row on every batch. Here each row of a (k, C) matrix becomes array_send's bytes (a header, then
-per element its length, 8 or -1 for NULL, and the big-endian float) in a few numpy operations, and a binary
-dumper hands them to the server as they are. NaN and ±Infinity are floats like any other, so they go in exactly.
+psycopg dumps a Python list element by element in Python (about 0.1 ms for 50 floats), and parses a text array
+back the same way; the rollups write tens of such arrays per row on every batch, and a heatmap reads thousands.
+Here each row of a (k, C) matrix becomes array_send's bytes (a header, then per element its length, 8 or -1 for
+NULL, and the big-endian float) in a few numpy operations, and a binary dumper hands them to the server as they
+are; reads select `array_send(column)` and turn the bytes back into a matrix the same way. NaN and ±Infinity
+are floats like any other, so they go both ways exactly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Float8Array", "float8_arrays"]
+__all__ = ["Float8Array", "float8_arrays", "float8_matrix"]
 
 _FLOAT8, _FLOAT8_ARRAY = 701, 1022  # pg_type oids
 _ELEMENT = np.dtype([("length", ">i4"), ("value", ">f8")])  # 12 bytes, unaligned, as on the wire
@@ -80,3 +83,32 @@ def float8_arrays(values: npt.NDArray[np.float64], null: npt.NDArray[np.bool_] |
     if present is None:
         return [Float8Array(r) for r in rows]
     return [Float8Array(r) if ok else None for r, ok in zip(rows, present.tolist(), strict=True)]
+
+
+def float8_matrix(payloads: Sequence[bytes | None], n_cols: int) -> tuple[npt.NDArray[np.float64],
+                                                                          npt.NDArray[np.bool_]]:
+    """`array_send` bytes of k one-dimensional float8 arrays as a (k, n_cols) matrix and its NULL mask (a NULL
+    array, a NULL element and an element past a shorter array's end are all NULL; NaN there in the matrix)."""
+    k = len(payloads)
+    full = 20 + 12 * n_cols
+    values = np.full((k, n_cols), np.nan)
+    null = np.ones((k, n_cols), dtype=bool)
+    plain = [i for i, p in enumerate(payloads) if p is not None and len(p) == full and p[7] == 0]  # no NULL in it
+    if plain:
+        raw = np.frombuffer(b"".join(payloads[i] for i in plain), dtype=np.uint8).reshape(len(plain), full)  # type: ignore[misc]
+        values[plain] = raw[:, 20:].copy().view(_ELEMENT)["value"]
+        null[plain] = False
+    if len(plain) == k:
+        return values, null
+    for i, p in enumerate(payloads):  # arrays with NULL elements, or of another length: element by element
+        if p is None or (len(p) == full and p[7] == 0) or len(p) < 20:  # done above, NULL, or empty
+            continue
+        at = 20
+        for j in range(min(int.from_bytes(p[12:16], "big", signed=True), n_cols)):
+            length = int.from_bytes(p[at: at + 4], "big", signed=True)
+            at += 4
+            if length == 8:
+                values[i, j] = np.frombuffer(p, dtype=">f8", count=1, offset=at)[0]
+                null[i, j] = False
+                at += 8
+    return values, null

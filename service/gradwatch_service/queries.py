@@ -193,8 +193,12 @@ def _downsampled(conn: Connection, run_pk: int, plan: Downsample, fields: Sequen
     columns = {f: (n_layers if f in LAYER_FIELDS else 1) for f in dict.fromkeys(fields)}
     parts = [read_units(conn, run_pk, plan.spans, columns, _READ_STATS, layer_index)]
     parts += [raw_units(conn, run_pk, a, b, columns, layer_index) for a, b in plan.raw]
-    units = concat_units(parts, parts[0].layout)
-    units = take_units(units, np.argsort(units.first_step, kind="stable"))
+    filled = [p for p in parts if len(p)]
+    if len(filled) == 1:  # raw steps alone (a short range), or buckets alone: already in step order
+        units = filled[0]
+    else:
+        units = concat_units(parts, parts[0].layout)
+        units = take_units(units, np.argsort(units.first_step, kind="stable"))
     grouped = reduce_units(units, (units.first_step - plan.lo) * plan.groups // (plan.hi - plan.lo + 1))
     out: list[Series] = []
     for f in fields:

@@ -29,7 +29,7 @@ from gradwatch.wire import LAYER_FIELDS, MISSING_BITS, MISSING_BYTES, SCALAR_FIE
 
 from .codec import sqlite_real_out
 from .models import ROLLUP_SCALAR_STATS, ROLLUP_WIDTHS
-from .pg_arrays import float8_arrays
+from .pg_arrays import float8_arrays, float8_matrix
 from .steps_table import StepColumns
 
 __all__ = ["NONE_STEP", "STATS", "Layout", "FieldStats", "Units", "batch_units", "update_rollups", "rebuild_rollups",
@@ -453,8 +453,9 @@ def read_units(conn: Connection, run_pk: int, spans: Sequence[tuple[int, int, in
                 for j in layer_index:
                     select_list.append(_element(conn, column, j))
                     plan.append((f, stat, j))
-            else:
-                select_list.append(column)
+            else:  # NULL elements as NaN, which is "none" here too: array_send's form stays fixed-size
+                select_list.append(column if sqlite or f not in LAYER_FIELDS else
+                                   f"array_send(array_replace({column}, NULL, 'NaN'::float8))")
                 plan.append((f, stat, None))
     sql = _spans_sql(select_list, "?" if sqlite else "%s", spans)
     rows = conn.exec_driver_sql(sql, (run_pk,) * len(spans)).fetchall()
@@ -476,7 +477,7 @@ def read_units(conn: Connection, run_pk: int, spans: Sequence[tuple[int, int, in
             else:
                 matrices[stat][:, a + at] = [np.nan if v is None else v for v in values]
         else:
-            full = _layer_matrix(values, fields[f])
+            full = _layer_matrix(values, fields[f]) if sqlite else float8_matrix(values, fields[f])[0]
             matrices[stat][:, a:b] = full if layer_index is None else full[:, layer_index]
     base = by_column[:6]
     return Units(key=np.array(base[0], dtype=np.int64), n=np.array(base[1], dtype=np.int64),
@@ -506,9 +507,14 @@ def _element_matrix(columns: Sequence[Sequence[Any]], sqlite: bool) -> tuple[F8,
     if sqlite:
         section = b"".join(v if v else MISSING_BYTES for row in zip(*columns, strict=True) for v in row)
         return _section(section, len(columns))
-    values = np.array(list(zip(*columns, strict=True)), dtype=np.float64).reshape(-1, len(columns))
-    missing = np.array([[v is None for v in row] for row in zip(*columns, strict=True)], dtype=bool) \
-        if any(None in c for c in columns) else None
+    values = np.empty((len(columns[0]) if columns else 0, len(columns)))
+    missing = None
+    for j, column in enumerate(columns):
+        values[:, j] = np.array(column, dtype=np.float64)  # None becomes NaN; the mask tells them apart
+        if None in column:
+            if missing is None:
+                missing = np.zeros(values.shape, dtype=bool)
+            missing[:, j] = [v is None for v in column]
     return values, missing
 
 
@@ -526,7 +532,7 @@ def raw_units(conn: Connection, run_pk: int, lo: int, hi: int, fields: Mapping[s
             assert layer_index is not None
             select_list.extend(_element(conn, name, j) for j in layer_index)
         else:
-            select_list.append(name)
+            select_list.append(name if sqlite or name not in LAYER_FIELDS else f"array_send({name})")
     sql = (f"SELECT step, time, {', '.join(select_list)} FROM steps WHERE run_pk = {mark} AND step BETWEEN {mark} "
            f"AND {mark} ORDER BY step")
     rows = conn.exec_driver_sql(sql, (run_pk, lo, hi)).fetchall()
@@ -546,8 +552,12 @@ def raw_units(conn: Connection, run_pk: int, lo: int, hi: int, fields: Mapping[s
         values = by_column[at]
         at += 1
         if name in LAYER_FIELDS:
-            v, m = _section(_layer_rows(values, fields[name]), fields[name]) if k else \
-                (np.empty((0, fields[name])), None)
+            if not k:
+                v, m = np.empty((0, fields[name])), None
+            elif sqlite:
+                v, m = _section(_layer_rows(values, fields[name]), fields[name])
+            else:
+                v, m = float8_matrix(values, fields[name])
             if layer_index is not None:
                 v, m = v[:, layer_index], (None if m is None else m[:, layer_index])
             columns[name] = (v, m)
