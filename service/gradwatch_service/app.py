@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gradwatch.wire import VERSION
 
 from . import __doc__ as package_doc
+from .allocator import tune_malloc
 from .api import health, incidents, metrics, runs, steps, tokens, webhooks
 from .api.deps import AppState
 from .api.errors import install_error_handlers
@@ -33,6 +34,7 @@ class SchemaOutdated(RuntimeError):
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    tune_malloc()
     settings = settings or get_settings()
     engine = engine or make_engine(settings.database_url, settings)
 

@@ -421,12 +421,13 @@ def _stats_from_matrices(k: int, n_cols: int, matrices: Mapping[str, F8]) -> Fie
     return st
 
 
-def _spans_sql(select_list: Sequence[str], mark: str, spans: Sequence[tuple[int, int, int]]) -> str:
-    """One index range search per span, UNION ALL: an OR of the spans under one `run_pk =` would make SQLite
-    walk every rollup row of the run (its plan searches run_pk only), so the cost would grow with the run."""
-    one = f"SELECT {', '.join(select_list)} FROM step_rollups WHERE run_pk = {mark}"
-    return " UNION ALL ".join(f"{one} AND width = {int(w)} AND bucket BETWEEN {int(lo)} AND {int(hi)}"
-                              for w, lo, hi in spans) + " ORDER BY first_step"
+def _spans_sql(select_list: Sequence[str], mark: str, n_spans: int) -> str:
+    """One index range search per span, UNION ALL (an OR of the spans under one `run_pk =` would make SQLite
+    walk every rollup row of the run: its plan searches run_pk only, so the cost would grow with the run). The
+    spans are parameters, so the text repeats and the driver's prepared statement is reused."""
+    one = (f"SELECT {', '.join(select_list)} FROM step_rollups WHERE run_pk = {mark} AND width = {mark} "
+           f"AND bucket BETWEEN {mark} AND {mark}")
+    return " UNION ALL ".join([one] * n_spans) + " ORDER BY first_step"
 
 
 def read_units(conn: Connection, run_pk: int, spans: Sequence[tuple[int, int, int]], fields: Mapping[str, int],
@@ -457,8 +458,9 @@ def read_units(conn: Connection, run_pk: int, spans: Sequence[tuple[int, int, in
                 select_list.append(column if sqlite or f not in LAYER_FIELDS else
                                    f"array_send(array_replace({column}, NULL, 'NaN'::float8))")
                 plan.append((f, stat, None))
-    sql = _spans_sql(select_list, "?" if sqlite else "%s", spans)
-    rows = conn.exec_driver_sql(sql, (run_pk,) * len(spans)).fetchall()
+    sql = _spans_sql(select_list, "?" if sqlite else "%s", len(spans))
+    params = tuple(v for w, lo, hi in spans for v in (run_pk, int(w), int(lo), int(hi)))
+    rows = conn.exec_driver_sql(sql, params).fetchall()
     k = len(rows)
     by_column: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [()] * len(select_list)
     matrices = {stat: np.full((k, n_cols), np.nan) for stat in stats}
