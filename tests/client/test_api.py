@@ -11,8 +11,8 @@ import gradwatch
 
 def test_public_surface_is_exactly_this() -> None:
     assert sorted(gradwatch.__all__) == [
-        "CriticalIncident", "DeliveryReport", "GradwatchError", "Options", "Run", "clip_grad_norm_", "init",
-        "watch",
+        "CriticalIncident", "DENSE_STEPS", "DeliveryReport", "GradwatchError", "Options", "Run",
+        "clip_grad_norm_", "init", "tensor_norms", "watch",
     ]
     for name in gradwatch.__all__:
         assert getattr(gradwatch, name) is not None
