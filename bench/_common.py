@@ -7,6 +7,7 @@ tests/: they must keep measuring the product, whatever the tests' helpers become
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -23,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["BenchServer", "Receiver", "PrometheusServer", "duration_s", "fresh_database", "get_json", "post_json",
-           "metrics_token_file", "print_table", "prometheus_rule", "rss_mb", "emit", "shipped_prometheus_config"]
+           "metrics_token_file", "percentile", "print_table", "prometheus_rule", "rss_mb", "emit",
+           "shipped_prometheus_config"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -257,6 +259,14 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (`q` in 0..1): a latency that was observed, never an interpolation; NaN for none."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def rss_mb(pid: int, kind: str = "VmRSS") -> float:

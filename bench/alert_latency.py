@@ -36,6 +36,7 @@ from _common import (  # noqa: E402
     fresh_database,
     get_json,
     metrics_token_file,
+    percentile,
     print_table,
     prometheus_rule,
     shipped_prometheus_config,
@@ -67,10 +68,6 @@ class Arrivals:
             return self.at[run]
 
 
-def _pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
-
 
 def measure(backend: str, n_runs: int, workdir: Path, arrivals: Arrivals) -> dict[str, float]:
     import httpx
@@ -100,9 +97,9 @@ def measure(backend: str, n_runs: int, workdir: Path, arrivals: Arrivals) -> dic
                     after_ack.append((arrived - t_ack) * 1000)
         finally:
             server.stop()
-    return {"webhook_p50_ms": statistics.median(latencies), "webhook_p99_ms": _pct(latencies, 99),
+    return {"webhook_p50_ms": statistics.median(latencies), "webhook_p99_ms": percentile(latencies, 0.99),
             "webhook_max_ms": max(latencies), "ingest_ack_p50_ms": statistics.median(acks),
-            "ingest_ack_p99_ms": _pct(acks, 99), "after_ack_p99_ms": _pct(after_ack, 99),
+            "ingest_ack_p99_ms": percentile(acks, 0.99), "after_ack_p99_ms": percentile(after_ack, 0.99),
             "after_ack_p50_ms": statistics.median(after_ack), "runs": n_runs,
             "_samples": latencies}  # type: ignore[dict-item]
 
@@ -193,7 +190,7 @@ def main() -> None:
             pooled += out.pop("_samples")
             figures.update({f"{backend}_{k}": round(v, 2) if isinstance(v, float) else v for k, v in out.items()})
         figures["webhook_p50_ms"] = round(statistics.median(pooled), 2)
-        figures["webhook_p99_ms"] = round(_pct(pooled, 99), 2)
+        figures["webhook_p99_ms"] = round(percentile(pooled, 0.99), 2)
         if not args.json:
             print_table(f"NaN ingest request sent -> webhook received, {n_runs} runs per database (ms)",
                         [(k, v) for k, v in figures.items()])

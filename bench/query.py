@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BenchServer, emit, fresh_database, print_table  # noqa: E402
+from _common import BenchServer, emit, fresh_database, percentile, print_table  # noqa: E402
 from ingest import end_to_end  # noqa: E402
 
 from gradwatch.wire import BINARY_CONTENT_TYPE, BINARY_MAGIC, MISSING_BITS  # noqa: E402
@@ -149,10 +149,6 @@ def time_queries(api: Api, runs: dict[str, tuple[str, float]], n_layers: int, re
     return times
 
 
-def p99(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
-
 
 def query_figures(backend: str, n_long: int, n_short: int, n_layers: int, repeat: int,
                   workdir: Path) -> dict[str, Any]:
@@ -172,7 +168,7 @@ def query_figures(backend: str, n_long: int, n_short: int, n_layers: int, repeat
             server.stop()
     for key, values in times.items():
         out[f"{key}_p50_ms"] = round(statistics.median(values), 1)
-        out[f"{key}_p99_ms"] = round(p99(values), 1)
+        out[f"{key}_p99_ms"] = round(percentile(values, 0.99), 1)
     out["long_vs_short"] = round(max(out[f"{q}_long_p50_ms"] / out[f"{q}_short_p50_ms"] for q in QUERIES), 2)
     return out
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BenchServer, emit, fresh_database, print_table, rss_mb  # noqa: E402
+from _common import BenchServer, emit, fresh_database, percentile, print_table, rss_mb  # noqa: E402
 
 from gradwatch.wire import BINARY_CONTENT_TYPE, encode_binary_batch  # noqa: E402
 
@@ -102,12 +102,6 @@ def client_process(url: str, run_ids: list[str], seed: int, batch: int, period: 
         t.join()
     results.put([rec for out in outs for rec in out])
 
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def slope_per_min(samples: list[tuple[float, float]]) -> float:
