@@ -16,6 +16,8 @@ Measured on CPU on a 3.7M-parameter MLP with 50 parameter tensors (25 Linear(384
   (`step_overhead_pct_every_step`, its own pairs) are weighed by the sampling period watch() chose for this
   model (`sample_period`, held fixed while measuring): (period - 1) plain steps and one sampled step. The
   few sampled pairs of the default run alone would give too noisy a median for the sample's cost.
+- aa_step_pct: the same paired estimator between two bare models (no gradwatch on either side): what the
+  method reads where there is nothing to find, the noise floor of plain_step_pct on this machine.
 - log_p99_us_up / _down / _hung: run.log() call latency with the service up (a local HTTP sink in another
   process), down (connection refused) and hung (a socket that accepts and never answers).
 - wandb_watch_step_overhead_pct: the same step with wandb.watch(model, log="gradients", log_freq=1) in
@@ -216,6 +218,22 @@ def paired(bare: Callable[[], Any], other: Callable[[], Any], pairs: int, sample
             "plain_pct": (statistics.median(plain) - 1) * 100 if plain else (r_heavy - 1) * 100}
 
 
+def aa_control(pairs: int) -> dict[str, float]:
+    """The paired estimator on two bare models: the bias and noise of plain_step_pct where the truth is 0."""
+    a_model, a_opt, x, y = build()
+    b_model, b_opt, _, _ = build()
+
+    def a_step() -> None:
+        plain_step(a_model, a_opt, x, y)
+
+    def b_step() -> None:
+        plain_step(b_model, b_opt, x, y)
+
+    timed(a_step, 3)
+    timed(b_step, 3)
+    return paired(a_step, b_step, pairs, lambda: False, 1)
+
+
 def wandb_overhead(pairs: int) -> tuple[dict[str, float] | None, str | None]:
     try:
         import wandb
@@ -305,6 +323,8 @@ def main() -> int:
             say(f"step: bare {default['bare_ms']:.1f} ms, watch()+log {default['watched_ms']:.1f} ms "
                 f"= {default['plain_pct']:+.2f}% without a sample; with one every {period} steps (as watch() "
                 f"chose): {overall:+.2f}% (target <= 1%)")
+            control = aa_control(pairs // 4)
+            say(f"step: two bare models, the same estimator: {control['plain_pct']:+.2f}% (the noise floor)")
             up = log_latency(url, n_logs, spool)
         down = log_latency(closed_port_url(), n_logs, spool)
         with hung_server() as url:
@@ -330,6 +350,7 @@ def main() -> int:
             "step_overhead_pct_every_step": round(every["overhead_pct"], 2),
             "sample_period": default["sample_period"],
             "plain_step_pct": round(default["plain_pct"], 2),
+            "aa_step_pct": round(control["plain_pct"], 2),
             "log_p99_us_up": round(up["p99_us"], 1),
             "log_p99_us_down": round(down["p99_us"], 1),
             "log_p99_us_hung": round(hung["p99_us"], 1),

@@ -90,7 +90,8 @@ def test_detect_benchmark_reports_its_figures() -> None:
 def test_client_overhead_benchmark_reports_its_figures() -> None:
     pytest.importorskip("torch")
     figures = _run("client_overhead.py")
-    for key in ("norms_vs_floor", "step_overhead_pct", "log_p99_us_up", "log_p99_us_down", "log_p99_us_hung"):
+    for key in ("norms_vs_floor", "step_overhead_pct", "plain_step_pct", "aa_step_pct", "log_p99_us_up",
+                "log_p99_us_down", "log_p99_us_hung"):
         assert isinstance(figures[key], float), key
     assert figures["norms_vs_floor"] > 0 and figures["log_p99_us_hung"] > 0
     assert "wandb_watch_step_overhead_pct" in figures  # null with --quick, and the reason says so

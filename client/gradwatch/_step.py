@@ -47,7 +47,7 @@ class StepRecord:
                 continue
             if key in ("grad_norms", "weight_norms", "update_norms", "scalars"):
                 target: dict[str, float | None] = getattr(self, key)
-                if overwrite:
+                if overwrite or not target:
                     target.update(value)
                 else:
                     for name, v in value.items():

@@ -23,7 +23,7 @@ import types
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._foreach_utils import (
@@ -81,9 +81,18 @@ def tensor_norms(tensors: list[torch.Tensor], norm_type: float = 2.0,
                  foreach: bool | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The norm of each tensor (0-d tensors, in input order) and their total, computed exactly as
     `torch.nn.utils.get_total_norm` computes them (same grouping, same order), so the totals are identical."""
+    norms, _, total = _norms(tensors, norm_type, foreach)
+    return norms, total
+
+
+def _norms(tensors: list[torch.Tensor], norm_type: float = 2.0,
+           foreach: bool | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]:
+    """`tensor_norms`, and the norms as one 1-d tensor in input order where they are (one device and dtype:
+    the stack the total is taken of), else None: a step's read-back then needs no stack of its own."""
     grouped: dict[Any, Any] = _group_tensors_by_device_and_dtype([tensors], with_indices=True)  # type: ignore[list-item]
     out: list[torch.Tensor | None] = [None] * len(tensors)
     in_group_order: list[torch.Tensor] = []
+    in_input_order = len(grouped) == 1
     for (device, _), ([group], indices) in grouped.items():
         norms: Any
         if (foreach is None and _has_foreach_support(group, device)) or (
@@ -97,9 +106,11 @@ def tensor_norms(tensors: list[torch.Tensor], norm_type: float = 2.0,
         in_group_order.extend(norms)
         for index, norm in zip(indices, norms, strict=True):
             out[index] = norm
+        in_input_order = in_input_order and list(indices) == list(range(len(tensors)))
     first_device = tensors[0].device
-    total = torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in in_group_order]), norm_type)
-    return out, total  # type: ignore[return-value]
+    stacked = torch.stack([n.to(first_device) for n in in_group_order])
+    total = torch.linalg.vector_norm(stacked, norm_type)
+    return out, stacked if in_input_order else None, total  # type: ignore[return-value]
 
 
 @torch.no_grad()
@@ -118,21 +129,29 @@ def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0, er
     if not with_grad:
         return torch.tensor(0.0)
     norm_type = float(norm_type)
-    norms, total = tensor_norms([p.grad for p in with_grad], norm_type, foreach)
+    norms, stacked, total = _norms([p.grad for p in with_grad], norm_type, foreach)
     if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
             "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
             "`error_if_nonfinite=False`")
-    if norm_type == 2.0:
-        by_param = {id(p): n for p, n in zip(with_grad, norms, strict=True)}
+    if norm_type == 2.0 and _watches:
+        clip = _ClipNorms([id(p) for p in with_grad], norms, stacked, total)
         for w in list(_watches):
             try:
-                w._take_clip_norms(by_param, total)
+                w._take_clip_norms(clip)
             except Exception as exc:
                 w.run.instrumentation_error(exc)
     torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach)
     return total
+
+
+class _ClipNorms(NamedTuple):
+    """What a clip measured, for the watches of those parameters: their ids and norms in the clip's order."""
+    ids: list[int]
+    norms: list[torch.Tensor]
+    stacked: torch.Tensor | None
+    total: torch.Tensor
 
 
 def _guarded(method: Callable[..., None]) -> Callable[..., None]:
@@ -175,8 +194,9 @@ class Watch:
                 self.names.append(name)
                 self.params.append(p)
         self._ids = [id(p) for p in self.params]
-        self._clip: tuple[dict[int, torch.Tensor], torch.Tensor] | None = None
-        self._grad: tuple[list[int], torch.Tensor | None, list[torch.Tensor]] | None = None
+        self._id_set = frozenset(self._ids)
+        self._clip: _ClipNorms | None = None
+        self._grad: tuple[list[int], torch.Tensor | None, list[torch.Tensor], torch.Tensor | None] | None = None
         self._snapshot: list[torch.Tensor] | None = None
         self._buffers: list[torch.Tensor] | None = None
         self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
@@ -205,9 +225,9 @@ class Watch:
         _watches.discard(self)
 
     # -- hooks -------------------------------------------------------------------------------------------
-    def _take_clip_norms(self, by_param: dict[int, torch.Tensor], total: torch.Tensor) -> None:
-        if any(i in by_param for i in self._ids):
-            self._clip = (by_param, total)
+    def _take_clip_norms(self, clip: _ClipNorms) -> None:
+        if clip.ids == self._ids or not self._id_set.isdisjoint(clip.ids):
+            self._clip = clip
 
     @_guarded
     @torch.no_grad()
@@ -223,17 +243,21 @@ class Watch:
         present = [i for i, p in enumerate(self.params) if p.grad is not None]
         clip, self._clip = self._clip, None
         norms: list[torch.Tensor] = []
-        total = None
+        stacked = total = None
         if present:
-            if clip is not None and all(self._ids[i] in clip[0] for i in present):
-                norms = [clip[0][self._ids[i]] for i in present]
-                if len(present) == len(clip[0]):
-                    total = clip[1]
+            if clip is not None and len(present) == len(self._ids) and clip.ids == self._ids:
+                norms, stacked, total = clip.norms, clip.stacked, clip.total  # the usual case: nothing to redo
             else:
-                norms, total = tensor_norms([self.params[i].grad for i in present])  # type: ignore[misc]
+                by_id = dict(zip(clip.ids, clip.norms, strict=True)) if clip is not None else {}
+                if by_id and all(self._ids[i] in by_id for i in present):
+                    norms = [by_id[self._ids[i]] for i in present]
+                    if len(present) == len(by_id):
+                        total = clip.total  # type: ignore[union-attr]
+                else:
+                    norms, stacked, total = _norms([self.params[i].grad for i in present])  # type: ignore[misc]
             if total is None:
-                total = tensor_norms(norms)[1]
-        self._grad = (present, total, norms)
+                _, stacked, total = _norms(norms)  # the norms of the norms are the norms
+        self._grad = (present, total, norms, stacked)
         if self._due(self.update_every):
             started = self._timer()
             self._snapshot = self._copy_weights()
@@ -244,10 +268,10 @@ class Watch:
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self.run.finished:
             return
-        present, total, norms = self._grad or ([], None, [])
+        present, total, norms, stacked = self._grad or ([], None, [], None)
         self._grad = None
-        parts = list(norms)
-        layout = {"grad": len(parts), "total": total is not None}
+        parts = [stacked] if stacked is not None else list(norms)
+        layout = {"grad": len(norms), "total": total is not None}
         if total is not None:
             parts.append(total)
         weights_due = self._due(self.weight_every)
@@ -274,7 +298,7 @@ class Watch:
                 self.last_sample = self.step
             self._hook_at = None  # the next interval includes this sample: not a plain step
         lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
-        packed = self._pack(parts) if parts else None
+        packed = self._pack(parts) if parts else []
         if isinstance(packed, tuple) or self._pending:
             self._pending.append((self.step, present, layout, packed, lr))
             self.run.hold(self.step)
@@ -336,13 +360,22 @@ class Watch:
             return self._buffers
         return list(torch._foreach_mul(weights, 1.0))
 
-    def _pack(self, parts: list[torch.Tensor]) -> Any:
+    def _pack(self, parts: list[torch.Tensor]) -> list[float] | tuple[torch.Tensor, Any]:
+        """A step's results (0-d and 1-d tensors): read on the spot on CPU, where there is no device to wait
+        for; elsewhere packed into one tensor copied to pinned host memory without blocking (a slot)."""
         device = parts[0].device
+        if device.type != "cuda":
+            values: list[float] = []
+            for t in parts:
+                v = t.tolist()
+                if isinstance(v, list):
+                    values += v
+                else:
+                    values.append(v)
+            return values
         if any(t.device != device for t in parts):
             parts = [t.to(device) for t in parts]
-        packed = torch.stack(parts).float()
-        if device.type != "cuda":
-            return packed
+        packed = torch.cat([t.reshape(-1) for t in parts]).float()
         slot = self._slots.pop() if self._slots else None
         if slot is None or slot[0].numel() != packed.numel():
             slot = (torch.empty(packed.shape, dtype=torch.float32, pin_memory=True), torch.cuda.Event())
@@ -364,17 +397,18 @@ class Watch:
 
     def _log_result(self, step: int, present: list[int], layout: dict[str, Any], packed: Any, lr: Any,
                     held: bool = True) -> None:
-        values: list[float] = []
         if isinstance(packed, tuple):
             host, event = packed
             event.synchronize()  # already complete unless the device is MAX_IN_FLIGHT steps behind
-            values = host.tolist()
+            values: list[float] = host.tolist()
             self._slots.append(packed)
-        elif packed is not None:
-            values = packed.tolist()
+        else:
+            values = packed
         fields: dict[str, Any] = {}
         k = layout["grad"]
-        if k:
+        if k == len(self.names):
+            fields["grad_norms"] = dict(zip(self.names, values[:k], strict=True))
+        elif k:
             fields["grad_norms"] = {self.names[i]: v for i, v in zip(present, values[:k], strict=True)}
         pos = k
         if layout["total"]:

@@ -77,6 +77,43 @@ def test_norms_equal_a_reference_and_total_equals_torch_clip(recorder: Recorder,
         assert math.isclose(s["update_norm"], total_update, rel_tol=1e-5)
 
 
+def test_a_clip_in_another_order_or_without_a_layer_still_gives_each_layer_its_norm(
+        recorder: Recorder, tmp_path: Path) -> None:
+    """The clip's norms are reused by parameter, not by position: a clip over the parameters in reverse order,
+    and steps where one layer got no gradient (grad None), log the same pre-clip norms as a reference."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(8, 16), "b": torch.nn.Linear(16, 4),
+                                 "unused": torch.nn.Linear(8, 4)})
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    run = gradwatch.init(url=recorder.url, spool_dir=tmp_path, **FAST)
+    gradwatch.watch(model, opt, run, weight_every=0, update_every=0)
+    reference = {}
+    for step in range(4):
+        x, y = batch(step)
+        opt.zero_grad(set_to_none=True)
+        out = model["b"](torch.tanh(model["a"](x)))
+        if step % 2:
+            out = out + model["unused"](x)  # its layer has a gradient on odd steps only
+        loss = torch.nn.functional.mse_loss(out, y)
+        loss.backward()
+        with_grad = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+        reference[step] = {n: torch.linalg.vector_norm(p.grad).item() for n, p in with_grad}
+        total = gradwatch.clip_grad_norm_([p for _, p in with_grad][::-1], max_norm=0.05)
+        reference[step]["total"] = total.item()
+        opt.step()
+        run.log(step, loss=loss)
+    run.finish()
+    stored = recorder.stored(run.run_id)
+    for step, norms in reference.items():
+        s = stored[step]
+        assert math.isclose(s["grad_norm"], norms.pop("total"), rel_tol=1e-6)
+        logged = {n: v for n, v in ((n, layer(s, "layer_grad_norms", n)) for n in s["layer_grad_norms"])
+                  if v is not None}
+        assert logged.keys() == norms.keys()
+        for name, value in norms.items():
+            assert math.isclose(logged[name], value, rel_tol=1e-6), (step, name)
+
+
 @pytest.mark.parametrize("dense_steps", [20, 0])
 def test_weights_and_updates_are_measured_on_every_first_step_then_every_n(
         recorder: Recorder, tmp_path: Path, dense_steps: int) -> None:
