@@ -68,7 +68,6 @@ class Arrivals:
             return self.at[run]
 
 
-
 def measure(backend: str, n_runs: int, workdir: Path, arrivals: Arrivals) -> dict[str, float]:
     import httpx
 

@@ -149,7 +149,6 @@ def time_queries(api: Api, runs: dict[str, tuple[str, float]], n_layers: int, re
     return times
 
 
-
 def query_figures(backend: str, n_long: int, n_short: int, n_layers: int, repeat: int,
                   workdir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}

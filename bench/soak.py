@@ -103,7 +103,6 @@ def client_process(url: str, run_ids: list[str], seed: int, batch: int, period: 
     results.put([rec for out in outs for rec in out])
 
 
-
 def slope_per_min(samples: list[tuple[float, float]]) -> float:
     """Least-squares slope of (seconds, MB) samples, in MB per minute."""
     if len(samples) < 2:

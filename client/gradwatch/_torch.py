@@ -226,7 +226,7 @@ class Watch:
 
     # -- hooks -------------------------------------------------------------------------------------------
     def _take_clip_norms(self, clip: _ClipNorms) -> None:
-        if clip.ids == self._ids or not self._id_set.isdisjoint(clip.ids):
+        if not self._id_set.isdisjoint(clip.ids):
             self._clip = clip
 
     @_guarded
