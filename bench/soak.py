@@ -8,7 +8,9 @@ connection per run. Every run sends a batch of `--batch` steps × 50 values (los
 answer (a closed loop, as gradwatch's sender does: a slow service slows the runs down instead of piling requests
 up). The values are a healthy run's, drawn once per client process and reused with new step numbers.
 Per interval (`--interval`): steps and values per second, p50/p99 latency of a batch, the service's RSS.
-Run: `python bench/soak.py [--seconds 600] [--backend sqlite|postgres] [--quick] [--json]`.
+With `--probe-memory` the service runs under bench/_memory_probe.py, and `memory` tells where RSS went: the
+allocators' in-use bytes and live Python objects (a leak grows those) against memory malloc keeps freed.
+Run: `python bench/soak.py [--seconds 600] [--backend sqlite|postgres] [--probe-memory] [--quick] [--json]`.
 """
 
 from __future__ import annotations
@@ -114,14 +116,35 @@ def slope_per_min(samples: list[tuple[float, float]]) -> float:
 
 
 def soak(backend: str, runs: int, procs: int, seconds: float, interval: float, batch: int, period: float,
-         scrape_s: float, workdir: Path) -> dict[str, Any]:
+         scrape_s: float, workdir: Path, probe_memory: bool = False) -> dict[str, Any]:
+    probe = workdir / "memory.jsonl"
+    launcher = {"launcher": [str(Path(__file__).with_name("_memory_probe.py"))],
+                "env": {"GRADWATCH_MEMORY_PROBE": str(probe), "GRADWATCH_MEMORY_PROBE_EVERY": str(min(5.0, interval))}}
     with fresh_database(backend, workdir) as url:
-        server = BenchServer(url, workdir / f"soak-{backend}.log")
+        server = BenchServer(url, workdir / f"soak-{backend}.log", **(launcher if probe_memory else {}))
         server.start()
         try:
-            return _measure(server, runs, procs, seconds, interval, batch, period, scrape_s)
+            figures = _measure(server, runs, procs, seconds, interval, batch, period, scrape_s)
         finally:
             server.stop()
+    if probe_memory:
+        figures["memory"] = memory_figures([json.loads(line) for line in probe.read_text().splitlines()], seconds)
+    return figures
+
+
+PROBED = ("rss_anon_mb", "malloc_in_use_mb", "malloc_free_mb", "python_blocks", "gc_objects", "threads")
+
+
+def memory_figures(samples: list[dict[str, float]], seconds: float) -> dict[str, Any]:
+    """Each probed quantity at the soak's start and end and its slope per minute over the last half. The probe's
+    clock starts with the server, a few seconds before the soak: the soak's own start is its last `seconds`."""
+    end = samples[-1]["t_s"]
+    start = end - seconds
+    last_half = [s for s in samples if s["t_s"] >= start + seconds / 2]
+    first = next((s for s in samples if s["t_s"] >= start), samples[0])
+    return {key: {"start": first[key], "end": samples[-1][key],
+                  "slope_per_min_last_half": round(slope_per_min([(s["t_s"], s[key]) for s in last_half]), 3)}
+            for key in PROBED}
 
 
 def _measure(server: BenchServer, runs: int, procs: int, seconds: float, interval: float, batch: int,
@@ -207,21 +230,27 @@ def main() -> int:
     ap.add_argument("--procs", type=int, default=4, help="client processes the runs are spread over")
     ap.add_argument("--batch", type=int, default=100, help="steps per batch")
     ap.add_argument("--period", type=float, default=1.0, help="seconds between a run's batches")
+    ap.add_argument("--probe-memory", action="store_true",
+                    help="run the service under bench/_memory_probe.py and report where its memory is")
     args = ap.parse_args()
     seconds = args.seconds or (6.0 if args.quick else 600.0)
     interval = args.interval or (1.0 if args.quick else 30.0)
     with tempfile.TemporaryDirectory() as tmp:
         figures = soak(args.backend, args.runs, args.procs, seconds, interval, args.batch, args.period,
-                       scrape_s=1.0 if args.quick else 5.0, workdir=Path(tmp))
+                       scrape_s=1.0 if args.quick else 5.0, workdir=Path(tmp), probe_memory=args.probe_memory)
     if args.json:
         emit(figures, True)
     else:
         print_table(f"soak: {args.runs} runs × {args.batch}-step batches every {args.period:g} s, {seconds:g} s on "
-                    f"{args.backend}", [(k, v) for k, v in figures.items() if k != "series"])
+                    f"{args.backend}", [(k, v) for k, v in figures.items() if k not in ("series", "memory")])
         print(f"{'t (s)':>8} {'values/s':>12} {'batches':>8} {'p50 ms':>8} {'p99 ms':>8} {'RSS MB':>8}")
         for row in figures["series"]:
             print(f"{row['t_s']:>8} {row['values_per_s']:>12,} {row['batches']:>8} {row['p50_ms']:>8} "
                   f"{row['p99_ms']:>8} {row['rss_mb']:>8}")
+        if "memory" in figures:
+            print(f"{'memory':>18} {'start':>12} {'end':>12} {'/min, last half':>16}")
+            for key, m in figures["memory"].items():
+                print(f"{key:>18} {m['start']:>12,} {m['end']:>12,} {m['slope_per_min_last_half']:>16,}")
     return 1 if figures["errors"] else 0
 
 

@@ -127,7 +127,7 @@ def test_dashboards_benchmark_reports_its_figures() -> None:
 
 
 def test_soak_benchmark_reports_its_figures() -> None:
-    figures = _run("soak.py", "--seconds", "4", "--runs", "10", "--procs", "2")
+    figures = _run("soak.py", "--seconds", "4", "--runs", "10", "--procs", "2", "--probe-memory")
     for key in ("throughput_values_per_s", "p99_ms", "p99_ms_first_half", "p99_ms_second_half", "rss_mb_start",
                 "rss_mb_end"):
         assert figures[key] > 0, key
@@ -136,6 +136,11 @@ def test_soak_benchmark_reports_its_figures() -> None:
     series = figures["series"]
     assert len(series) == 4 and sum(row["batches"] for row in series) == figures["batches"]
     assert all(row["rss_mb"] > 0 and row["p50_ms"] <= row["p99_ms"] for row in series)
+    memory = figures["memory"]  # bench/_memory_probe.py's view from inside the service
+    assert 0 < memory["malloc_in_use_mb"]["end"] < memory["rss_anon_mb"]["end"] <= figures["rss_mb_end"]
+    assert memory["python_blocks"]["end"] > 10_000 and memory["gc_objects"]["end"] > 10_000
+    assert memory["threads"]["end"] >= 2  # the service's own and the probe's
+    assert all(isinstance(m["slope_per_min_last_half"], float) for m in memory.values())
 
 
 @pytest.mark.slow

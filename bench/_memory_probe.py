@@ -1,0 +1,76 @@
+"""`python bench/_memory_probe.py serve ...` is `gradwatch serve ...` that also writes, every few seconds, where
+its memory is: what the OS holds for it against what its allocators hand out.
+
+bench/soak.py starts it with `--probe-memory` to tell a leak (objects that pile up: live Python blocks and
+malloc's in-use bytes grow) from an allocator keeping freed memory for reuse (RSS grows while both stay flat).
+Every GRADWATCH_MEMORY_PROBE_EVERY seconds (default 5) one JSON line is appended to GRADWATCH_MEMORY_PROBE:
+`t_s`, `rss_anon_mb` (/proc: the process's anonymous pages), `malloc_in_use_mb` and `malloc_free_mb` (glibc's
+mallinfo2 over all arenas: in use, and freed but kept; mmapped blocks count as in use), `python_blocks` (live
+pymalloc blocks, `sys.getallocatedblocks()`), `gc_objects` (objects the collector tracks) and `threads`.
+Sampling takes a millisecond or so; nothing else changes in the service.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from gradwatch.cli import main
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2() -> _Mallinfo2 | None:
+    try:
+        fn = ctypes.CDLL(None).mallinfo2  # glibc 2.33 and newer
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _Mallinfo2
+    return fn()
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def sample(t0: float) -> dict[str, float]:
+    info = _mallinfo2()
+    mb = 1 / (1 << 20)
+    return {
+        "t_s": round(time.monotonic() - t0, 2),
+        "rss_anon_mb": round(_status_mb("RssAnon"), 2),
+        "malloc_in_use_mb": round((info.uordblks + info.hblkhd) * mb, 2) if info else float("nan"),
+        "malloc_free_mb": round(info.fordblks * mb, 2) if info else float("nan"),
+        "python_blocks": sys.getallocatedblocks(),
+        "gc_objects": len(gc.get_objects()),
+        "threads": threading.active_count(),
+    }
+
+
+def _probe(path: Path, every: float) -> None:
+    t0 = time.monotonic()
+    with path.open("a") as out:
+        while True:
+            out.write(json.dumps(sample(t0)) + "\n")
+            out.flush()
+            time.sleep(every)
+
+
+if __name__ == "__main__":
+    target = os.environ.get("GRADWATCH_MEMORY_PROBE")
+    if target and sys.argv[1:2] == ["serve"]:
+        every = float(os.environ.get("GRADWATCH_MEMORY_PROBE_EVERY", "5"))
+        threading.Thread(target=_probe, args=(Path(target), every), name="memory-probe", daemon=True).start()
+    raise SystemExit(main())
