@@ -5,9 +5,12 @@ bench/soak.py starts it with `--probe-memory` to tell a leak (objects that pile 
 malloc's in-use bytes grow) from an allocator keeping freed memory for reuse (RSS grows while both stay flat).
 Every GRADWATCH_MEMORY_PROBE_EVERY seconds (default 5) one JSON line is appended to GRADWATCH_MEMORY_PROBE:
 `t_s`, `rss_anon_mb` (/proc: the process's anonymous pages), `malloc_in_use_mb` and `malloc_free_mb` (glibc's
-mallinfo2 over all arenas: in use, and freed but kept; mmapped blocks count as in use), `python_blocks` (live
-pymalloc blocks, `sys.getallocatedblocks()`), `gc_objects` (objects the collector tracks) and `threads`.
-Sampling takes a millisecond or so; nothing else changes in the service.
+mallinfo2 over all arenas: in use, and freed but kept; mmapped blocks count as in use), `pymalloc_arenas_mb` and
+`pymalloc_in_use_mb` (Python's own allocator for small objects, which maps 1 MiB arenas outside malloc: the
+arenas held, and the bytes of live blocks in them; from `sys._debugmallocstats`), `python_blocks` (live pymalloc
+blocks), `gc_objects` (objects the collector tracks) and `threads`. Sampling takes a few milliseconds; nothing
+else changes in the service, but a line written to stderr at that moment by C code would land in the probe's
+scratch file (Python code cannot write then: the probe holds the GIL).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import ctypes
 import gc
 import json
 import os
+import re
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -45,14 +50,36 @@ def _status_mb(field: str) -> float:
     return float("nan")
 
 
+def _pymalloc_mb() -> tuple[float, float]:
+    """(arenas held, bytes in live blocks) of pymalloc in MB; it prints them on the C-level stderr only."""
+    with tempfile.TemporaryFile() as scratch:
+        saved = os.dup(2)
+        try:
+            os.dup2(scratch.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        scratch.seek(0)
+        text = scratch.read().decode(errors="replace")
+    arenas = re.search(r"# arenas allocated current\s*=\s*([\d,]+)", text)
+    in_use = re.search(r"# bytes in allocated blocks\s*=\s*([\d,]+)", text)
+    if not arenas or not in_use:
+        return float("nan"), float("nan")
+    return int(arenas[1].replace(",", "")) * 1.0, int(in_use[1].replace(",", "")) / (1 << 20)
+
+
 def sample(t0: float) -> dict[str, float]:
     info = _mallinfo2()
+    arenas_mb, pymalloc_in_use_mb = _pymalloc_mb()
     mb = 1 / (1 << 20)
     return {
         "t_s": round(time.monotonic() - t0, 2),
         "rss_anon_mb": round(_status_mb("RssAnon"), 2),
         "malloc_in_use_mb": round((info.uordblks + info.hblkhd) * mb, 2) if info else float("nan"),
         "malloc_free_mb": round(info.fordblks * mb, 2) if info else float("nan"),
+        "pymalloc_arenas_mb": round(arenas_mb, 2),
+        "pymalloc_in_use_mb": round(pymalloc_in_use_mb, 2),
         "python_blocks": sys.getallocatedblocks(),
         "gc_objects": len(gc.get_objects()),
         "threads": threading.active_count(),

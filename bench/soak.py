@@ -132,7 +132,8 @@ def soak(backend: str, runs: int, procs: int, seconds: float, interval: float, b
     return figures
 
 
-PROBED = ("rss_anon_mb", "malloc_in_use_mb", "malloc_free_mb", "python_blocks", "gc_objects", "threads")
+PROBED = ("rss_anon_mb", "malloc_in_use_mb", "malloc_free_mb", "pymalloc_arenas_mb", "pymalloc_in_use_mb",
+          "python_blocks", "gc_objects", "threads")
 
 
 def memory_figures(samples: list[dict[str, float]], seconds: float) -> dict[str, Any]:

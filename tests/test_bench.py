@@ -139,6 +139,7 @@ def test_soak_benchmark_reports_its_figures() -> None:
     memory = figures["memory"]  # bench/_memory_probe.py's view from inside the service
     assert 0 < memory["malloc_in_use_mb"]["end"] < memory["rss_anon_mb"]["end"] <= figures["rss_mb_end"]
     assert memory["python_blocks"]["end"] > 10_000 and memory["gc_objects"]["end"] > 10_000
+    assert 0 < memory["pymalloc_in_use_mb"]["end"] <= memory["pymalloc_arenas_mb"]["end"] < figures["rss_mb_end"]
     assert memory["threads"]["end"] >= 2  # the service's own and the probe's
     assert all(isinstance(m["slope_per_min_last_half"], float) for m in memory.values())
 

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gradwatch.wire import VERSION
 
 from . import __doc__ as package_doc
-from .allocator import FreeMemoryReleaser, tune_malloc
+from .allocator import tune_malloc
 from .api import health, incidents, metrics, runs, steps, tokens, webhooks
 from .api.deps import AppState
 from .api.errors import install_error_handlers
@@ -45,9 +45,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             raise SchemaOutdated(problem)
         worker = DeliveryWorker(engine, settings).start() if settings.webhook_delivery else None
         state.webhook_worker = worker
-        releaser = FreeMemoryReleaser(settings.release_free_memory_s).start()
         yield
-        releaser.stop()
         if worker is not None:
             worker.stop()
         engine.dispose()

@@ -54,9 +54,6 @@ class Settings(BaseSettings):
     )
     ingest_concurrency: int = Field(
         default=1, ge=1, description="batches processed at once per process; scale out with workers or replicas")
-    release_free_memory_s: float = Field(
-        default=60.0, ge=0, description="how often freed memory that malloc keeps is handed back to the OS "
-        "(malloc_trim; allocator.py): without it a long-running service's RSS creeps up; 0: never")
     detection: bool = Field(default=True, description="run the explosion detectors on every ingested batch")
     detector: dict[str, Any] = Field(
         default_factory=dict,
