@@ -66,7 +66,8 @@ def _pymalloc_mb() -> tuple[float, float]:
     in_use = re.search(r"# bytes in allocated blocks\s*=\s*([\d,]+)", text)
     if not arenas or not in_use:
         return float("nan"), float("nan")
-    return int(arenas[1].replace(",", "")) * 1.0, int(in_use[1].replace(",", "")) / (1 << 20)
+    arena_mb = 1.0  # pymalloc's arena size since CPython 3.10 (256 KiB before)
+    return int(arenas[1].replace(",", "")) * arena_mb, int(in_use[1].replace(",", "")) / (1 << 20)
 
 
 def sample(t0: float) -> dict[str, float]:
