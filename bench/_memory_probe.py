@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from _common import rss_mb  # this script's folder, bench/, is first on sys.path
+
 from gradwatch.cli import main
 
 
@@ -41,13 +43,6 @@ def _mallinfo2() -> _Mallinfo2 | None:
         return None
     fn.restype = _Mallinfo2
     return fn()
-
-
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _pymalloc_mb() -> tuple[float, float]:
@@ -76,7 +71,7 @@ def sample(t0: float) -> dict[str, float]:
     mb = 1 / (1 << 20)
     return {
         "t_s": round(time.monotonic() - t0, 2),
-        "rss_anon_mb": round(_status_mb("RssAnon"), 2),
+        "rss_anon_mb": round(rss_mb(os.getpid(), "RssAnon"), 2),
         "malloc_in_use_mb": round((info.uordblks + info.hblkhd) * mb, 2) if info else float("nan"),
         "malloc_free_mb": round(info.fordblks * mb, 2) if info else float("nan"),
         "pymalloc_arenas_mb": round(arenas_mb, 2),
