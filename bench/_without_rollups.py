@@ -1,11 +1,12 @@
-"""`python bench/_without_rollups.py serve ...` is `gradwatch serve ...` with rollup maintenance switched off.
+"""`python bench/_without_rollups.py serve ...` is `gradwatch serve ...` whose rollup worker merges nothing.
 
 bench/query.py starts one beside a normal gradwatch to measure, side by side, what keeping the step rollups costs
-ingest. Its database's rollups are wrong (downsampled reads from them would be too): for a benchmark only.
+ingest. Ingest leaves the rollups to the worker, which is told of no batch here: the database's rollups stay
+empty, and series read raw steps. For a benchmark only; the switch lives here, not in the service.
 """
 
 from gradwatch.cli import main
-from gradwatch_service import rollups
+from gradwatch_service.rollup_worker import RollupWorker
 
-rollups.set_maintenance(False)
+RollupWorker.note = lambda self, run_pk: None  # type: ignore[method-assign]
 raise SystemExit(main())

@@ -12,8 +12,14 @@ subscription to a receiver in this process, and a scraper reading /metrics every
 `--alerting off` (the default) sets GRADWATCH_METRICS=false and subscribes nobody; `--alerting both` measures
 back-to-back pairs of the two in alternating order and reports the median ratio. The steps are healthy, so
 incidents (and webhooks) are rare: what a webhook costs per incident is bench/alert_latency.py's figure.
+`--against PATH` compares this tree with another checkout of gradwatch (made with, say, `git worktree add
+/tmp/gw-410af75 410af75`) in back-to-back pairs, in alternating order, on each database: the same clients and
+bodies, this virtualenv, the other checkout's service code (`gradwatch_service`, its migrations and the client
+package it imports) put first on the server's PYTHONPATH. It prints each side's median, every pair's ratio
+(this tree ÷ the other) and their median, and for this tree how long after the last acknowledgement the step
+rollups held every step (the rollup worker merges them after the commit).
 Run: `python bench/ingest.py [--quick] [--json] [--wire binary|json|both] [--detection on|off]
-[--alerting on|off|both] [--pairs N]`.
+[--alerting on|off|both] [--pairs N] [--against PATH]`.
 """
 
 from __future__ import annotations
@@ -125,7 +131,10 @@ class Scraper:
 
 def end_to_end(url: str, n_clients: int, n_steps: int, batch_size: int, server: BenchServer,
                use_gzip: bool = True, wire: str = "binary", prefix: str = "bench",
-               scraper: Scraper | None = None) -> tuple[float, float]:
+               scraper: Scraper | None = None, settled: Any = None) -> tuple[float, float]:
+    """Values per second from the start to the last client's last acknowledgement, and the service's peak RSS.
+    With `settled` (a callable), it is called once that is measured and until it answers True (seconds after the
+    last acknowledgement go to `server.settled_s`)."""
     ctx = mp.get_context("spawn")
     start, done = ctx.Barrier(n_clients + 1), ctx.Queue()
     procs = [ctx.Process(target=client, args=(url, f"{prefix}-{k}", n_steps, batch_size, k, start, done, use_gzip,
@@ -148,6 +157,10 @@ def end_to_end(url: str, n_clients: int, n_steps: int, batch_size: int, server: 
     if scraper is not None:
         scraper.start()
     ends = [done.get(timeout=600) for _ in procs]
+    if settled is not None:
+        while not settled():
+            time.sleep(0.002)
+        server.settled_s = time.perf_counter() - max(ends)
     if scraper is not None:
         scraper.stop()
     for p in procs:
@@ -269,6 +282,66 @@ def alerting_pairs(backend: str, args: argparse.Namespace, n_steps: int, workdir
             "ratio": statistics.median(ratios), "ratios": ratios, "scrapes": scrapes, "webhooks": webhooks}
 
 
+def overlay_of(checkout: Path, workdir: Path) -> Path:
+    """A folder whose `gradwatch` and `gradwatch_service` are the checkout's (its migrations inside, as the
+    wheel ships them): first on a server's PYTHONPATH, it runs that checkout's code in this virtualenv."""
+    out = workdir / f"overlay-{checkout.name}"
+    if out.exists():
+        return out
+    (out / "gradwatch_service").mkdir(parents=True)
+    (out / "gradwatch").symlink_to(checkout / "client" / "gradwatch")
+    for entry in (checkout / "service" / "gradwatch_service").iterdir():
+        if entry.name not in ("__pycache__", "migrations"):
+            (out / "gradwatch_service" / entry.name).symlink_to(entry)
+    (out / "gradwatch_service" / "migrations").symlink_to(checkout / "migrations")
+    return out
+
+
+def rollups_settled(url: str) -> Any:
+    """True once no run's stored steps go beyond its rollups (this tree's own check)."""
+    from gradwatch_service.db import make_engine, read_connection
+    from gradwatch_service.rollups import lagging_runs
+
+    engine = make_engine(url)
+
+    def settled() -> bool:
+        with read_connection(engine) as conn:
+            return not lagging_runs(conn)
+
+    return settled
+
+
+def against_pairs(backend: str, args: argparse.Namespace, n_steps: int, workdir: Path,
+                  env: dict[str, str]) -> dict[str, Any]:
+    """Back-to-back pairs of this tree and the checkout at `args.against`, in alternating order."""
+    other = overlay_of(Path(args.against).resolve(), workdir)
+    rates: dict[str, list[float]] = {"this": [], "other": []}
+    ratios, settled = [], []
+    for i in range(args.pairs):
+        rate = {}
+        for side in ("this", "other") if i % 2 == 0 else ("other", "this"):
+            side_env = dict(env, GRADWATCH_METRICS="false")
+            if side == "other":
+                side_env["PYTHONPATH"] = str(other)
+            with fresh_database(backend, workdir) as url:
+                server = BenchServer(url, log_path=workdir / f"server-{backend}-{side}.log",
+                                     args=["--workers", str(args.workers)], env=side_env)
+                server.start()
+                try:
+                    rate[side], _ = end_to_end(server.url, args.clients, n_steps, args.batch, server,
+                                               prefix=f"{side}{i}",
+                                               settled=rollups_settled(url) if side == "this" else None)
+                finally:
+                    server.stop()
+            if side == "this":
+                settled.append(server.settled_s)  # type: ignore[attr-defined]
+            rates[side].append(rate[side])
+        ratios.append(rate["this"] / rate["other"])
+    return {"this": statistics.median(rates["this"]), "other": statistics.median(rates["other"]),
+            "ratio": statistics.median(ratios), "ratios": ratios, "rates": rates,
+            "settled_ms": statistics.median(settled) * 1000}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small run for CI")
@@ -287,8 +360,11 @@ def main() -> int:
                     help="on: metrics on, a webhook subscription, /metrics scraped every second; off (default): "
                          "GRADWATCH_METRICS=false, no subscription; both: the main figures with it off, plus "
                          "pairs of off and on runs and their ratio")
-    ap.add_argument("--pairs", type=int, help="with --alerting both: off/on pairs per database (default 5, quick 1)")
+    ap.add_argument("--pairs", type=int,
+                    help="with --alerting both or --against: pairs per database (default 5, quick 1)")
     ap.add_argument("--workers", type=int, default=1, help="service worker processes")
+    ap.add_argument("--against", metavar="PATH", help="another checkout of gradwatch: pairs of this tree and it, "
+                                                      "alternating, instead of the usual figures")
     args = ap.parse_args()
     n_steps = args.steps or (2000 if args.quick else 25000)
     args.pairs = args.pairs or (1 if args.quick else 5)
@@ -296,6 +372,8 @@ def main() -> int:
     rss = 0.0
     env = {"GRADWATCH_DETECTION": "true" if args.detection == "on" else "false"}
     on_vs_off: list[float] = []
+    if args.against:
+        return compare(args, n_steps, env)
     with tempfile.TemporaryDirectory(prefix="gradwatch-bench-") as tmp:
         for backend in args.backends.split(","):
             wires = ("binary", "json") if args.wire == "both" else (args.wire,)
@@ -339,6 +417,37 @@ def main() -> int:
     if on_vs_off:  # the worse database: the target (within 10 %) must hold on each
         figures["ingest_alerting_on_vs_off"] = round(min(on_vs_off), 3)
     figures["service_rss_mb"] = round(rss, 1)
+    emit(figures, args.json)
+    return 0
+
+
+def compare(args: argparse.Namespace, n_steps: int, env: dict[str, str]) -> int:
+    figures: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="gradwatch-bench-") as tmp:
+        for backend in args.backends.split(","):
+            name = "postgres" if backend.startswith("postgres") else "sqlite"
+            pairs = against_pairs(backend, args, n_steps, Path(tmp), env)
+            figures[f"{name}_values_per_s"] = round(pairs["this"])
+            figures[f"{name}_against_values_per_s"] = round(pairs["other"])
+            figures[f"{name}_ratio_to_against"] = round(pairs["ratio"], 3)
+            figures[f"{name}_ratio_to_against_pairs"] = [round(r, 3) for r in pairs["ratios"]]
+            figures[f"{name}_rollups_settled_ms"] = round(pairs["settled_ms"], 1)
+            if not args.json:
+                title = (f"ingest, {name}: this tree against {args.against}, {args.pairs} back-to-back pair(s) "
+                         f"in alternating order; {args.clients} clients x {n_steps} steps x {VALUES_PER_STEP} "
+                         f"values, batches of {args.batch}, detection {args.detection}, metrics off")
+                print(title)
+                print("-" * len(title))
+                print(f"{'':<14}{'this tree':>16}{'against':>16}{'this / against':>16}")
+                print(f"{'values/s':<14}{pairs['this']:>16,.0f}{pairs['other']:>16,.0f}{pairs['ratio']:>16.3f}")
+                ratios = pairs["ratios"]
+                print(f"pairs' ratios: {', '.join(f'{r:.3f}' for r in ratios)} (min {min(ratios):.3f}, "
+                      f"max {max(ratios):.3f})")
+                print(f"values/s, this tree: {', '.join(f'{r:,.0f}' for r in pairs['rates']['this'])}")
+                print(f"values/s, against:   {', '.join(f'{r:,.0f}' for r in pairs['rates']['other'])}")
+                print(f"rollups held every step {pairs['settled_ms']:.0f} ms after the last acknowledgement "
+                      "(median, this tree)")
+                print()
     emit(figures, args.json)
     return 0
 

@@ -24,7 +24,9 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
+from gradwatch_service.db import make_engine, read_connection
 from gradwatch_service.models import ROLLUP_WIDTHS
+from gradwatch_service.rollups import lagging_runs
 
 from .support.databases import PostgresSchema, new_run_id, require_postgres
 from .support.prometheus import REPO, get_json, prometheus_server
@@ -189,10 +191,27 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
                 assert r.status_code == 200, r.text
             signatures = {i["signature"] for i in http.get(f"/v1/runs/{run_id}/incidents").json()["incidents"]}
         assert "nonfinite" in signatures, signatures
+        _wait_for_rollups(schema.url)
         yield Seeded(server, schema, run_id, t0 - 30, time.time() + 30)
     finally:
         server.stop()
         schema.drop()
+
+
+def _wait_for_rollups(url: str, timeout_s: float = 30.0) -> None:
+    """The server's rollup worker merges acknowledged steps after their commit: the dashboards read what it
+    wrote, so the checks start once it holds every step."""
+    engine = make_engine(url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            with read_connection(engine) as conn:
+                if not lagging_runs(conn):
+                    return
+            assert time.monotonic() < deadline, "the rollups did not catch up with the steps"
+            time.sleep(0.05)
+    finally:
+        engine.dispose()
 
 
 def grafana_sql(sql: str, *, time_from: float, time_to: float, interval_ms: int, run_id: str) -> str:

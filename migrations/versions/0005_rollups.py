@@ -77,11 +77,11 @@ def _backfill() -> None:
     definition of what a rollup holds). Should a later revision change step_rollups, this must then be frozen
     to the columns this revision creates."""
     from gradwatch_service.models import runs
-    from gradwatch_service.rollups import rebuild_rollups
+    from gradwatch_service.rollups import catch_up_rollups
 
     conn = op.get_bind()
     for run_pk, layer_names in conn.execute(sa.select(runs.c.id, runs.c.layer_names).order_by(runs.c.id)).all():
-        rebuild_rollups(conn, int(run_pk), len(layer_names or []))
+        catch_up_rollups(conn, int(run_pk), len(layer_names or []))
 
 
 def downgrade() -> None:

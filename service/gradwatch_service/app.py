@@ -23,6 +23,7 @@ from .delivery import DeliveryWorker
 from .metrics import count_database_errors
 from .migrate import schema_problem
 from .request_metrics import RequestMetrics
+from .rollup_worker import RollupWorker
 from .schemas import RunUpsert, StepBatch
 from .settings import Settings, get_settings
 
@@ -45,7 +46,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             raise SchemaOutdated(problem)
         worker = DeliveryWorker(engine, settings).start() if settings.webhook_delivery else None
         state.webhook_worker = worker
+        state.rollup_worker = rollups = RollupWorker(engine).start()
         yield
+        state.rollup_worker = None
+        rollups.stop()
         if worker is not None:
             worker.stop()
         engine.dispose()

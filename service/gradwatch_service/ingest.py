@@ -32,7 +32,7 @@ from .errors import InvalidInput, RunNotFound, RunOfAnotherProject, StepConflict
 from .incidents import advance_detection
 from .limits import InputLimits
 from .models import FLAG_SKIPPED, projects, runs
-from .rollups import batch_units, update_rollups
+from .rollups import roll_up_batch
 from .schemas import RunUpsert, StepBatch, StepIn
 from .steps_table import LayerRow, StepColumns, insert_rows, stored_steps
 
@@ -67,6 +67,11 @@ class BatchOutcome:
     """how long the detectors took over the batch; None when they did not run"""
     opened_incidents: list[tuple[str, str]] = field(default_factory=list)
     """(signature, severity) of every incident the batch opened (escalations not counted)"""
+    rollups_waiting: bool = False
+    """some of the new steps were left to the rollup worker (`defer_rollups`)"""
+    new_steps: tuple[StepColumns, int] | None = None
+    """the new steps and the run's layer count, when all of them were left to the rollup worker: what it merges
+    without reading them back"""
 
 
 # ---------------------------------------------------------------------------------------------------- runs
@@ -232,11 +237,13 @@ def _stored_key(row: Row[Any]) -> tuple[Any, ...]:
 
 def append_steps(conn: Connection, run_id: str, batch: StepBatch | StepColumns,
                  detector: DetectorConfig | None = None, *, limits: InputLimits | None = None,
-                 project: str | None = None) -> BatchOutcome:
+                 project: str | None = None, defer_rollups: bool = False) -> BatchOutcome:
     """Store a batch's new steps and, with a detector config, judge them; raises RunNotFound, StepConflict or
     InvalidInput (then nothing is stored). With `limits`, the run's layer list with the batch's new layers is
     held to them (the batch's own counts are the caller's to check, before the transaction). With `project`, a
-    run of another project is not found either."""
+    run of another project is not found either. With `defer_rollups`, the rollups of steps above the run's
+    rollups are left to the caller's rollup worker (rollup_worker.py), to merge after the commit; without, they
+    are merged in this transaction, with any steps an earlier deferred batch left waiting."""
     run = _lock_run(conn, run_id)
     if run is None or not _in_project(conn, run, project):
         raise RunNotFound(run_id)
@@ -245,7 +252,8 @@ def append_steps(conn: Connection, run_id: str, batch: StepBatch | StepColumns,
         limits.check_run_layers(["body", "layers"], len(layers))
     if isinstance(batch, StepColumns):
         if index_map is None and batch.is_plain_append(run.last_step):
-            return _store(conn, run, batch, layers, detector, duplicates=0, late=set())
+            return _store(conn, run, batch, layers, detector, duplicates=0, late=set(),
+                          defer_rollups=defer_rollups)
         batch = batch.to_batch()  # resends, repeats, out-of-order steps, another layer order: the general path
     arrays = _layer_arrays(batch, len(layers), index_map)
     last_step = run.last_step
@@ -278,11 +286,12 @@ def append_steps(conn: Connection, run_id: str, batch: StepBatch | StepColumns,
         {batch.steps[i].step for i in new if batch.steps[i].step < last_step}
     columns = StepColumns.from_steps([batch.steps[i] for i in new],
                                      {name: [column[i] for i in new] for name, column in arrays.items()}, layers)
-    return _store(conn, run, columns, layers, detector, duplicates=len(stored) + repeats, late=late)
+    return _store(conn, run, columns, layers, detector, duplicates=len(stored) + repeats, late=late,
+                  defer_rollups=defer_rollups)
 
 
 def _store(conn: Connection, run: LockedRun, new: StepColumns, layers: list[str], detector: DetectorConfig | None,
-           *, duplicates: int, late: set[int]) -> BatchOutcome:
+           *, duplicates: int, late: set[int], defer_rollups: bool) -> BatchOutcome:
     """Insert a batch's new steps (ascending), judge them (with detection on) and move the run row on: last
     step, step count, detector state, layer names."""
     run_pk = run.id
@@ -290,7 +299,9 @@ def _store(conn: Connection, run: LockedRun, new: StepColumns, layers: list[str]
     outcome = BatchOutcome(run_pk=run_pk, accepted=len(new.steps), duplicates=duplicates, last_step=run.last_step)
     if new.steps:
         insert_rows(conn, new.rows(run_pk, conn.dialect.name == "sqlite", late))
-        update_rollups(conn, run_pk, batch_units(new, len(layers)), len(layers))
+        outcome.rollups_waiting = roll_up_batch(conn, run_pk, new, len(layers), run.last_step, defer=defer_rollups)
+        if outcome.rollups_waiting and not late:
+            outcome.new_steps = (new, len(layers))
         outcome.last_step = max(new.steps[-1], run.last_step if run.last_step is not None else -1)
         outcome.measured_values = new.measured_values()
         changes.update(last_step=outcome.last_step, n_steps=run.n_steps + len(new.steps))
@@ -305,3 +316,4 @@ def _store(conn: Connection, run: LockedRun, new: StepColumns, layers: list[str]
     if new.steps or "layer_names" in changes:
         conn.execute(update(runs).where(runs.c.id == run_pk).values(**changes))
     return outcome
+

@@ -15,7 +15,16 @@ from gradwatch.wire import LAYER_FIELDS
 
 from .codec import decode_scalars
 from .models import FLAG_LATE, FLAG_SKIPPED, ROLLUP_WIDTHS, incidents, projects, runs, steps
-from .rollups import NONE_STEP, FieldStats, concat_units, raw_units, read_units, reduce_units, take_units
+from .rollups import (
+    NONE_STEP,
+    FieldStats,
+    concat_units,
+    raw_units,
+    read_units,
+    reduce_units,
+    rolled_up_through,
+    take_units,
+)
 from .schemas import Incident, RunPublic, Series, StepOut
 
 __all__ = ["get_run", "list_runs", "read_steps", "read_series", "plan_downsample", "Downsample", "list_incidents",
@@ -159,7 +168,10 @@ def plan_downsample(conn: Connection, run_pk: int, start: int | None, end: int |
         return Downsample(lo=lo, hi=hi, groups=groups, width=1, spans=[], raw=[(lo, hi)])
     spans: list[tuple[int, int, int]] = []
     raw: list[tuple[int, int]] = []
-    _cover(lo, hi, usable[-1], spans, raw)
+    through = rolled_up_through(conn, run_pk)  # read before the rollups: they may only have grown since
+    _cover(lo, min(hi, through), usable[-1], spans, raw)
+    if hi > through:  # acknowledged steps the rollup worker has not merged yet: read as they are stored
+        raw.append((max(lo, through + 1), hi))
     return Downsample(lo=lo, hi=hi, groups=groups, width=ROLLUP_WIDTHS[usable[-1]], spans=spans, raw=raw)
 
 

@@ -32,8 +32,10 @@ from .models import ROLLUP_SCALAR_STATS, ROLLUP_WIDTHS
 from .pg_arrays import float8_arrays, float8_matrix
 from .steps_table import StepColumns
 
-__all__ = ["NONE_STEP", "STATS", "Layout", "FieldStats", "Units", "batch_units", "update_rollups", "rebuild_rollups",
-           "read_units", "raw_units", "reduce_units", "concat_units", "take_units", "layout_of", "set_maintenance"]
+__all__ = ["NONE_STEP", "STATS", "Layout", "FieldStats", "Units", "Steps", "batch_steps", "bucket_units",
+           "concat_steps", "update_rollups", "roll_up_batch", "merge_waiting", "raw_steps", "read_units", "raw_units",
+           "reduce_units", "concat_units", "take_units", "layout_of", "rolled_up_through", "catch_up_rollups",
+           "lagging_runs"]
 
 F8 = npt.NDArray[np.float64]
 I8 = npt.NDArray[np.int64]
@@ -43,17 +45,8 @@ Layout = dict[str, tuple[int, int]]
 
 NONE_STEP = np.iinfo(np.int64).max
 STATS = ROLLUP_SCALAR_STATS
-_FIRST_OF = ("nan_step", "posinf_step", "neginf_step")
 _KEY = ("run_pk", "width", "bucket")
 _BASE = ("n", "first_step", "last_step", "time_min", "time_max")
-_maintained = True
-
-
-def set_maintenance(on: bool) -> None:
-    """Switch rollup maintenance off (bench/query.py's side-by-side measure of what it costs) or back on. A
-    database written with it off has wrong rollups: for benchmarks only."""
-    global _maintained
-    _maintained = on
 
 
 def layout_of(fields: Mapping[str, int]) -> Layout:
@@ -201,6 +194,85 @@ def take_units(units: Units, rows: npt.NDArray[np.intp]) -> Units:
                  stats=units.stats.map(lambda a: a[rows]), layout=units.layout)
 
 
+@dataclass
+class Steps:
+    """k steps (ascending, unique) with their fields' values side by side (`layout`) and the not-measured mask
+    (None: all measured), before any statistic is taken: what the finest level's buckets are built from."""
+
+    step: I8
+    time: F8
+    values: F8
+    missing: Mask | None
+    layout: Layout
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+    def take(self, rows: npt.NDArray[np.intp]) -> Steps:
+        return Steps(step=self.step[rows], time=self.time[rows], values=self.values[rows],
+                     missing=None if self.missing is None else self.missing[rows], layout=self.layout)
+
+    def units(self) -> Units:
+        """Each step its own unit."""
+        return step_units(self.step, self.time, self.values, self.missing, self.layout)
+
+
+def concat_steps(parts: Sequence[Steps]) -> Steps:
+    """Steps of several batches (ascending one after the other) as one, in a layout that holds each field at the
+    widest it comes in (narrower ones padded with unmeasured values)."""
+    if len(parts) == 1:
+        return parts[0]
+    widths: dict[str, int] = {}
+    for part in parts:
+        for name, (a, b) in part.layout.items():
+            widths[name] = max(widths.get(name, 0), b - a)
+    layout = layout_of({name: widths[name] for name in (*SCALAR_FIELDS, *LAYER_FIELDS) if name in widths})
+    n_cols = max((b for _, b in layout.values()), default=0)
+    if all(p.layout == layout for p in parts):
+        values = np.concatenate([p.values for p in parts])
+        masks = [p.missing if p.missing is not None else np.zeros(p.values.shape, dtype=bool) for p in parts]
+        missing = None if all(p.missing is None for p in parts) else np.concatenate(masks)
+    else:
+        k = sum(len(p) for p in parts)
+        values, missing = np.full((k, n_cols), np.nan), np.ones((k, n_cols), dtype=bool)
+        at = 0
+        for p in parts:
+            for name, (a, b) in p.layout.items():
+                c = layout[name][0]
+                values[at: at + len(p), c: c + b - a] = p.values[:, a:b]
+                missing[at: at + len(p), c: c + b - a] = False if p.missing is None else p.missing[:, a:b]
+            at += len(p)
+    return Steps(step=np.concatenate([p.step for p in parts]), time=np.concatenate([p.time for p in parts]),
+                 values=values, missing=missing, layout=layout)
+
+
+def bucket_units(steps: Steps, width: int) -> Units:
+    """The steps' buckets of `width` as units. When every value is measured and finite (a healthy batch: the
+    usual case), straight from the values: the minimum and maximum and their first steps, the last row, and
+    nothing non-finite (a fifth of the passes over the values that `reduce_units` of one unit a step takes);
+    otherwise that way."""
+    key = steps.step // width
+    v = steps.values
+    if steps.missing is not None or not np.isfinite(v).all():
+        return reduce_units(steps.units(), key)
+    starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
+    ends = np.append(starts[1:], len(key)) - 1
+    lengths = ends - starts + 1
+    at = steps.step[:, None]
+    vmin = np.minimum.reduceat(v, starts, axis=0)
+    vmax = np.maximum.reduceat(v, starts, axis=0)
+    min_step = np.minimum.reduceat(np.where(v == np.repeat(vmin, lengths, axis=0), at, NONE_STEP), starts, axis=0)
+    max_step = np.minimum.reduceat(np.where(v == np.repeat(vmax, lengths, axis=0), at, NONE_STEP), starts, axis=0)
+    shape = vmin.shape
+    stats = FieldStats(min=vmin, max=vmax, min_step=min_step, max_step=max_step, last=v[ends],
+                       last_step=np.repeat(steps.step[ends][:, None], shape[1], axis=1),
+                       nonfinite=np.zeros(shape, dtype=np.int64), nan_step=np.full(shape, NONE_STEP),
+                       posinf_step=np.full(shape, NONE_STEP), neginf_step=np.full(shape, NONE_STEP))
+    return Units(key=key[starts], n=lengths.astype(np.int64), first_step=steps.step[starts],
+                 last_step=steps.step[ends], time_min=np.minimum.reduceat(steps.time, starts),
+                 time_max=np.maximum.reduceat(steps.time, starts), stats=stats, layout=steps.layout)
+
+
 # ----------------------------------------------------------------------------------- values into numpy
 
 def _scalar_column(column: Sequence[Any]) -> tuple[F8, Mask | None]:
@@ -242,9 +314,9 @@ def _section(section: bytes, n_cols: int) -> tuple[F8, Mask | None]:
     return values.astype(np.float64, copy=False), (missing if missing.any() else None)
 
 
-def batch_units(new: StepColumns, n_layers: int) -> Units:
-    """A batch's new steps (ascending) as units, with the fields it carries: whole columns at a time, a binary
-    batch's per-layer sections read in place."""
+def batch_steps(new: StepColumns, n_layers: int) -> Steps:
+    """A batch's new steps (ascending) with the fields it carries: whole columns at a time, a binary batch's
+    per-layer sections read in place."""
     columns: dict[str, tuple[F8, Mask | None]] = {}
     widths: dict[str, int] = {}
     for name in SCALAR_FIELDS:
@@ -261,24 +333,23 @@ def batch_units(new: StepColumns, n_layers: int) -> Units:
         widths[name] = n_layers
     layout = layout_of(widths)
     values, missing = _matrix(len(new.steps), layout, columns)
-    return step_units(new.steps, new.stored_times(), values, missing, layout)
+    return Steps(step=np.asarray(new.steps, dtype=np.int64), time=np.asarray(new.stored_times(), dtype=np.float64),
+                 values=values, missing=missing, layout=layout)
 
 
 # ----------------------------------------------------------------------------------------- maintenance
 
-def update_rollups(conn: Connection, run_pk: int, new: Units, n_layers: int) -> None:
+def update_rollups(conn: Connection, run_pk: int, new: Steps, n_layers: int) -> None:
     """Merge new steps (ascending, none of them stored before) into every level's buckets, in the caller's
     transaction: the batch's buckets are built level by level from the finer one, the stored rows of those
     buckets read, and all levels merged and written back (upsert) at once, keyed by (level, bucket)."""
-    if not _maintained or len(new) == 0:
+    if len(new) == 0:
         return
     layout = layout_of(_all_fields(n_layers))
-    levels: list[Units] = []
-    finer, finer_width = new, 1
-    for width in ROLLUP_WIDTHS:
+    finer, finer_width = relayout(bucket_units(new, ROLLUP_WIDTHS[0]), layout), ROLLUP_WIDTHS[0]
+    levels: list[Units] = [finer]
+    for width in ROLLUP_WIDTHS[1:]:
         finer = reduce_units(finer, finer.key // (width // finer_width))
-        if finer_width == 1:
-            finer = relayout(finer, layout)
         finer_width = width
         levels.append(finer)
     batch = concat_units(levels, layout)
@@ -522,6 +593,12 @@ def _element_matrix(columns: Sequence[Sequence[Any]], sqlite: bool) -> tuple[F8,
 
 def raw_units(conn: Connection, run_pk: int, lo: int, hi: int, fields: Mapping[str, int],
               layer_index: Sequence[int] | None = None) -> Units:
+    """Stored steps lo..hi as units (one a step), see `raw_steps`."""
+    return raw_steps(conn, run_pk, lo, hi, fields, layer_index).units()
+
+
+def raw_steps(conn: Connection, run_pk: int, lo: int, hi: int, fields: Mapping[str, int],
+              layer_index: Sequence[int] | None = None) -> Steps:
     """Stored steps lo..hi as units (one a step): a range shorter than the finest rollup level, the edges of a
     range no whole bucket covers, and the backfill of an existing database. A handful of layers is read one
     element each: parsing whole arrays is most of the cost on PostgreSQL."""
@@ -567,19 +644,106 @@ def raw_units(conn: Connection, run_pk: int, lo: int, hi: int, fields: Mapping[s
             column = [sqlite_real_out(v) if isinstance(v, str) else v for v in values] if sqlite else list(values)
             columns[name] = _scalar_column(column)
     values_m, missing = _matrix(k, layout, columns)
-    return step_units(np.array(by_column[0], dtype=np.int64), np.array(by_column[1], dtype=np.float64), values_m,
-                      missing, layout)
+    return Steps(step=np.array(by_column[0], dtype=np.int64), time=np.array(by_column[1], dtype=np.float64),
+                 values=values_m, missing=missing, layout=layout)
 
 
-def rebuild_rollups(conn: Connection, run_pk: int, n_layers: int, chunk: int = 16_384) -> None:
-    """Compute a run's rollups from its stored steps (the upgrade of a database that has steps but no rollups):
-    the maintenance path, a chunk of steps at a time."""
+def roll_up_batch(conn: Connection, run_pk: int, new: StepColumns, n_layers: int, previous_last: int | None, *,
+                  defer: bool) -> bool:
+    """Merge a batch's new steps (just stored, ascending; `previous_last` the run's last step before them) into
+    the rollups as far as its transaction must: those at or below `rolled_up_through` always (late steps: the
+    rollups claim every step up to there), the rest unless deferred (then the rollup worker merges them, and
+    every step waiting before them, after the commit). True when some were left to the worker."""
+    below_all = -1 if previous_last is None else previous_last
+    if defer and new.steps[0] > below_all:
+        return True  # a plain append: every new step is above the rollups
+    through = rolled_up_through(conn, run_pk)
+    if not defer and through == below_all:
+        update_rollups(conn, run_pk, batch_steps(new, n_layers), n_layers)  # nothing waiting: the batch alone
+        return False
+    steps = batch_steps(new, n_layers)
+    below = np.flatnonzero(steps.step <= through)
+    if len(below):
+        update_rollups(conn, run_pk, steps.take(below), n_layers)
+    if not defer:
+        catch_up_rollups(conn, run_pk, n_layers)
+    return defer and len(below) < len(steps)
+
+
+def merge_waiting(conn: Connection, run_pk: int, batches: Sequence[tuple[StepColumns, int]], n_layers: int) -> bool:
+    """Merge batches this process stored (plain appends the rollup worker kept in memory, each with the run's
+    layer count when it was stored) into the rollups, without reading their steps back, when they are exactly
+    the run's stored steps from `rolled_up_through` to their last one (one count; batches merged already are
+    dropped). Steps above them (batches committed but not handed over yet) keep waiting. False, with nothing
+    merged, when they are not (a step stored by another process or a late one in between): then
+    `catch_up_rollups` is the way."""
+    through = rolled_up_through(conn, run_pk)
+    ordered = sorted((b for b in batches if b[0].steps[-1] > through), key=lambda b: b[0].steps[0])
+    if not ordered:
+        return True
     mark = "?" if conn.dialect.name != "postgresql" else "%s"
-    last = conn.exec_driver_sql(f"SELECT max(step) FROM steps WHERE run_pk = {mark}", (run_pk,)).scalar()
-    if last is None:
-        return
+    last = ordered[-1][0].steps[-1]
+    stored = conn.exec_driver_sql(f"SELECT count(*) FROM steps WHERE run_pk = {mark} AND step > {mark} AND "
+                                  f"step <= {mark}", (run_pk, through, last)).scalar()
+    if ordered[0][0].steps[0] <= through or stored != sum(len(b.steps) for b, _ in ordered):
+        return False
+    update_rollups(conn, run_pk, concat_steps([batch_steps(b, width) for b, width in ordered]), n_layers)
+    return True
+
+
+def rolled_up_through(conn: Connection, run_pk: int) -> int:
+    """The highest step the run's rollups hold (-1: none). Every stored step up to it is in them and none after
+    it: ingest merges a late step at or below it at once, and `catch_up_rollups` the steps above it. One index
+    probe: the last bucket of the coarsest level."""
+    mark = "?" if conn.dialect.name != "postgresql" else "%s"
+    last = conn.exec_driver_sql(f"SELECT last_step FROM step_rollups WHERE run_pk = {mark} AND width = {mark} "
+                                f"ORDER BY bucket DESC LIMIT 1", (run_pk, ROLLUP_WIDTHS[-1])).scalar()
+    return -1 if last is None else int(last)
+
+
+def lagging_runs(conn: Connection) -> list[int]:
+    """The runs whose stored steps go beyond their rollups (a process stopped before merging them)."""
+    mark = "?" if conn.dialect.name != "postgresql" else "%s"
+    rows = conn.exec_driver_sql(
+        "SELECT id FROM runs WHERE last_step IS NOT NULL AND last_step > COALESCE((SELECT r.last_step FROM "
+        f"step_rollups r WHERE r.run_pk = runs.id AND r.width = {mark} ORDER BY r.bucket DESC LIMIT 1), -1) "
+        "ORDER BY id", (ROLLUP_WIDTHS[-1],)).all()
+    return [int(r[0]) for r in rows]
+
+
+def _measured_only(steps: Steps) -> Steps:
+    """The same steps without the fields none of them measured (read back, every field is there): the rollups
+    take those as unmeasured anyway, and the measured ones alone take the quick way (`bucket_units`)."""
+    if steps.missing is None:
+        return steps
+    kept = {name: (a, b) for name, (a, b) in steps.layout.items() if not steps.missing[:, a:b].all()}
+    if len(kept) == len(steps.layout):
+        return steps
+    columns = np.concatenate([np.arange(a, b) for a, b in kept.values()]) if kept else np.empty(0, dtype=np.intp)
+    missing = steps.missing[:, columns]
+    return Steps(step=steps.step, time=steps.time, values=steps.values[:, columns],
+                 missing=missing if missing.any() else None,
+                 layout=layout_of({name: b - a for name, (a, b) in kept.items()}))
+
+
+def catch_up_rollups(conn: Connection, run_pk: int, n_layers: int, chunk: int = 16_384,
+                     max_steps: int | None = None) -> int:
+    """Merge the run's stored steps above `rolled_up_through` into its rollups, a chunk of steps at a time, read
+    back from the steps table (so whoever catches up needs nothing but the database); the caller holds the run's
+    row lock in a write transaction, so no step of the run is stored meanwhile. With `max_steps`, stop after
+    about that many (the rest waits for the next call). Returns the steps merged. From an empty step_rollups
+    this is the upgrade of a database that has steps but no rollups (migration 0005)."""
+    mark = "?" if conn.dialect.name != "postgresql" else "%s"
+    through = rolled_up_through(conn, run_pk)
     fields = _all_fields(n_layers)
-    for lo in range(0, int(last) + 1, chunk):
-        units = raw_units(conn, run_pk, lo, lo + chunk - 1, fields)
-        if len(units):
-            update_rollups(conn, run_pk, units, n_layers)
+    merged = 0
+    while max_steps is None or merged < max_steps:
+        first = conn.exec_driver_sql(f"SELECT step FROM steps WHERE run_pk = {mark} AND step > {mark} "
+                                     f"ORDER BY step LIMIT 1", (run_pk, through)).scalar()
+        if first is None:
+            break
+        steps = _measured_only(raw_steps(conn, run_pk, int(first), int(first) + chunk - 1, fields))
+        update_rollups(conn, run_pk, steps, n_layers)
+        merged += len(steps)
+        through = int(steps.step[-1])
+    return merged

@@ -18,6 +18,8 @@ from gradwatch_service.ingest import append_steps, upsert_run
 from gradwatch_service.limits import InputLimits
 from gradwatch_service.models import ROLLUP_SCALAR_STATS, ROLLUP_WIDTHS, step_rollups, steps
 from gradwatch_service.queries import get_run_row, plan_downsample, read_series, read_steps
+from gradwatch_service.rollup_worker import RollupWorker
+from gradwatch_service.rollups import catch_up_rollups, rolled_up_through
 from gradwatch_service.schemas import RunUpsert, StepBatch
 from gradwatch_service.settings import Settings
 from gradwatch_service.steps_table import StepColumns, insert_rows
@@ -353,3 +355,74 @@ def test_a_short_range_reads_a_few_layers_element_by_element_and_agrees_with_who
     assert math.isnan(got[1000]) and got[1001] == math.inf and got[2002] == 7.5
     assert 2500 not in got and all(t % 3 for t in got)  # unmeasured steps are never shown
     assert 150 <= len(one.steps) <= 202
+
+
+# ------------------------------------------------------------------------- rollups merged after the commit
+
+def _send_deferred(engine: Engine, run_id: str, batch: dict[str, Any]) -> None:
+    body = parse_binary_batch(encode_binary_batch(jsonable(batch)),
+                              InputLimits.from_settings(Settings(max_batch_steps=100_000)))
+    with write_transaction(engine) as conn:
+        append_steps(conn, run_id, body, defer_rollups=True)
+
+
+def _through(engine: Engine, run_id: str) -> int:
+    with read_connection(engine) as conn:
+        return rolled_up_through(conn, get_run_row(conn, run_id).id)
+
+
+def test_deferred_steps_wait_above_the_rollups_and_a_series_reads_them_from_the_steps(engine: Engine) -> None:
+    """Ingest that leaves the rollups to the worker: the rollups say how far they go, a long series still shows
+    a spike among the steps above that (read from the steps table), and catching up makes the rollups equal a
+    recomputation; a late step below how far they go is merged by ingest at once."""
+    rng = random.Random(5)
+    layers = ["a", "b"]
+    run_id = _create(engine, layers)
+    _send(engine, run_id, {"layers": layers, "steps": [_random_step(rng, t, layers) for t in range(0, 5000, 2)]},
+          binary=True)
+    assert _through(engine, run_id) == 4998
+    later = [{"step": t, "loss": 1.0, "layer_grad_norms": [0.5, 0.5]} for t in range(5000, 20_000)]
+    later[7_777]["grad_norm"] = 1e9
+    _send_deferred(engine, run_id, {"layers": layers, "steps": later})
+    assert _through(engine, run_id) == 4998
+    with read_connection(engine) as conn:
+        run_pk = get_run_row(conn, run_id).id
+        plan = plan_downsample(conn, run_pk, None, None, 100)
+        (grad,) = read_series(conn, run_pk, layers, fields=["grad_norm"], layers=None, start=None, end=None,
+                              max_points=100)
+    assert plan is not None and plan.spans and plan.raw[-1] == (4999, 19_999)
+    assert dict(zip(grad.steps, grad.values, strict=True))[12_777] == 1e9
+
+    late = _random_step(rng, 1001, layers)  # below how far the rollups go: merged now
+    _send_deferred(engine, run_id, {"layers": layers, "steps": [late]})
+    assert _through(engine, run_id) == 4998
+    with write_transaction(engine) as conn:
+        assert catch_up_rollups(conn, run_pk, len(layers)) == 15_000
+    assert _through(engine, run_id) == 19_999
+    _assert_rollups_match(engine, run_id)
+
+
+def test_an_append_in_the_transaction_merges_the_steps_a_deferred_one_left_waiting(engine: Engine) -> None:
+    layers = ["a"]
+    run_id = _create(engine, layers)
+    _send_deferred(engine, run_id, {"layers": layers, "steps": [{"step": t, "loss": float(t)} for t in range(300)]})
+    _send(engine, run_id, {"layers": layers, "steps": [{"step": t, "loss": -1.0} for t in range(300, 400)]},
+          binary=False)
+    assert _through(engine, run_id) == 399
+    _assert_rollups_match(engine, run_id)
+
+
+def test_the_worker_merges_what_it_is_told_of_and_at_start_what_was_left_waiting(engine: Engine) -> None:
+    layers = ["a", "b", "c"]
+    told, left = _create(engine, layers), _create(engine, layers)
+    for run_id in (told, left):
+        _send_deferred(engine, run_id, {"layers": layers, "steps": [
+            {"step": t, "grad_norm": 1.0 + t % 7, "layer_grad_norms": [0.1, math.nan, 0.3]} for t in range(3000)]})
+    assert _through(engine, left) == -1
+    worker = RollupWorker(engine, chunk=1000).start()  # finds `left`, whose steps go beyond its rollups
+    with read_connection(engine) as conn:
+        worker.note(get_run_row(conn, told).id)
+    worker.stop()
+    for run_id in (told, left):
+        assert _through(engine, run_id) == 2999
+        _assert_rollups_match(engine, run_id)

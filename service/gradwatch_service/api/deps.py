@@ -22,6 +22,7 @@ from gradwatch.wire import RUN_ID_PATTERN
 from ..auth import OPEN, Principal, TokenCache, is_loopback
 from ..delivery import DeliveryWorker
 from ..limits import InputLimits
+from ..rollup_worker import RollupWorker
 from ..settings import Settings
 
 
@@ -38,6 +39,8 @@ class AppState:
         self.ingest_slots = asyncio.Semaphore(settings.ingest_concurrency)
         self.webhook_worker: DeliveryWorker | None = None
         """This process's webhook sender, set while the app is being served with delivery on."""
+        self.rollup_worker: RollupWorker | None = None
+        """This process's rollup worker, set while the app is being served: ingest leaves the rollups to it."""
         self.metrics_registry: CollectorRegistry | None = None
         """What /metrics serves, built at its first scrape."""
         self.tokens = TokenCache(engine, settings.auth_cache_seconds,

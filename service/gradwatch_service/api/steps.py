@@ -25,6 +25,7 @@ from .deps import (
     ReadToken,
     RunIdPath,
     SettingsDep,
+    app_state,
     model_response,
 )
 from .errors import INVALID, TOO_LARGE
@@ -66,12 +67,16 @@ async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, set
         else:
             batch = parse_body(StepBatch, raw)
             limits.check_batch(len(batch.steps), batch.layers, (s.scalars for s in batch.steps))
+        rollups = app_state(request).rollup_worker
         with write_transaction(engine) as conn:
-            outcome = append_steps(conn, run_id, batch, detector, limits=limits, project=principal.project)
+            outcome = append_steps(conn, run_id, batch, detector, limits=limits, project=principal.project,
+                                   defer_rollups=rollups is not None)
             open_now, _ = list_incidents(conn, run_pk=outcome.run_pk, status="open")
             raised: list[Incident] = []
             if outcome.raised_incidents:
                 raised, _ = list_incidents(conn, run_pk=outcome.run_pk, seqs=outcome.raised_incidents)
+        if rollups is not None and outcome.rollups_waiting:
+            rollups.note(outcome.run_pk, outcome.new_steps)
         if settings.metrics:
             _count_ingested(outcome)  # committed: a batch rolled back is not counted
         return IngestResult(run_id=run_id, accepted=outcome.accepted, duplicates=outcome.duplicates,
