@@ -36,6 +36,8 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common, dashboard
 from grafana_foundation_sdk.models import heatmap as heatmap_m
 
+from gradwatch_service.models import ROLLUP_WIDTHS  # each 4x the one before
+
 OUT_DIR = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashboards"
 
 PROMETHEUS = dashboard.DataSourceRef(type_val="prometheus", uid="prometheus")
@@ -82,7 +84,6 @@ def promql(expr: str, legend: str = "__auto", ref_id: str = "A", instant: bool =
 FROM, TO = "$__unixEpochFrom()", "$__unixEpochTo()"
 NONFINITE = "('NaN'::float8, 'Infinity'::float8, '-Infinity'::float8)"
 
-ROLLUP_WIDTHS = (64, 256, 1024, 4096, 16384)  # gradwatch_service.models.ROLLUP_WIDTHS: each 4x the one before
 COUNT_WIDTH = 1024  # steps in view are counted on this level: at most ~1,000 rows for 10^6 steps
 LEVEL_CASE = "\n                  ".join(f"WHEN steps >= {w} * points THEN {w}" for w in reversed(ROLLUP_WIDTHS))
 

@@ -1,5 +1,5 @@
-"""What can go wrong with a request's content, said without HTTP: the `api/` layer answers each with its status
-(`api/errors.py`), so storage and parsing code never import the web framework."""
+"""What can go wrong with a request's content, said without HTTP: `api/errors.py` alone gives each its status
+code, so storage, parsing and query code never import the web framework nor name a status."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ __all__ = ["InvalidInput", "RunNotFound", "RunOfAnotherProject", "StepConflict"]
 
 class InvalidInput(ValueError):
     """Input that parsed but cannot be taken (a per-layer array of the wrong length, a binary body's framing, a
-    layer list that reorders the run's): a 422 whose `errors` name where, in FastAPI's own shape."""
-
-    status_code = 422
+    layer list that reorders the run's, an unknown field or layer of a query): `errors` name where, in FastAPI's
+    own shape."""
 
     def __init__(self, loc: Sequence[str | int], message: str) -> None:
         super().__init__(message)
@@ -32,15 +31,17 @@ class InvalidInput(ValueError):
 
 
 class RunNotFound(LookupError):
-    """A 404: steps for a run nobody created (PUT it first)."""
+    """A run nobody created, or one of a project the caller does not see (to whoever asks, another project's run
+    is as absent as a missing one). `to_write`: the caller meant to write to it, and is told to PUT it first."""
 
-    def __init__(self, run_id: str) -> None:
-        super().__init__(f"run {run_id!r} does not exist: create it with PUT /v1/runs/{run_id} first")
+    def __init__(self, run_id: str, *, to_write: bool = True) -> None:
+        hint = f": create it with PUT /v1/runs/{run_id} first" if to_write else ""
+        super().__init__(f"run {run_id!r} does not exist{hint}")
         self.run_id = run_id
 
 
 class RunOfAnotherProject(PermissionError):
-    """A 403: a PUT, with a token bound to one project, of a run id another project holds. (Run ids are global, so
+    """A PUT, with a token bound to one project, of a run id another project holds. (Run ids are global, so
     that the id is taken cannot be hidden from someone allowed to create runs; nothing of the run is shown.)"""
 
     def __init__(self, run_id: str) -> None:
@@ -49,7 +50,7 @@ class RunOfAnotherProject(PermissionError):
 
 
 class StepConflict(ValueError):
-    """A 409: stored steps resent with different values; nothing of the batch was stored."""
+    """Stored steps resent with different values; nothing of the batch was stored."""
 
     def __init__(self, run_id: str, conflicting: Sequence[int]) -> None:
         shown = ", ".join(map(str, conflicting[:20])) + (" …" if len(conflicting) > 20 else "")

@@ -15,18 +15,21 @@ from typing import Any
 
 from .errors import InvalidInput
 
-__all__ = ["InputLimits", "LimitExceeded"]
+__all__ = ["BatchTooLarge", "InputLimits", "LimitExceeded"]
 
 
 class LimitExceeded(InvalidInput):
-    """A 422 naming the limit and the setting that raises it (`errors` also carry both, for programs); a 413 for
-    too many steps in a batch, which the client answers by sending halves."""
+    """Invalid input that names the limit it passes and the setting that raises it (`errors` also carry both, for
+    programs)."""
 
     def __init__(self, loc: Sequence[str | int], subject: str, value: int, unit: str, limit: int,
-                 setting: str, status_code: int = 422) -> None:
+                 setting: str) -> None:
         super().__init__(loc, f"{subject} {value}{unit}; the limit is {limit}{unit} ({setting})")
         self.errors[0].update(type="limit_exceeded", limit=limit, setting=setting)
-        self.status_code = status_code
+
+
+class BatchTooLarge(LimitExceeded):
+    """Too many steps in one batch: the client answers by sending halves (a 413, not a 422)."""
 
 
 def _setting(field: str) -> str:
@@ -58,10 +61,10 @@ class InputLimits:
         return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
 
     def _over(self, loc: Sequence[str | int], subject: str, value: int, unit: str, field: str,
-              status_code: int = 422) -> None:
+              error: type[LimitExceeded] = LimitExceeded) -> None:
         limit: int = getattr(self, field)
         if value > limit:
-            raise LimitExceeded(loc, subject, value, unit, limit, _setting(field), status_code)
+            raise error(loc, subject, value, unit, limit, _setting(field))
 
     def _chars(self, loc: Sequence[str | int], subject: str, text: str, field: str) -> None:
         self._over(loc, subject, len(text), " characters", field)
@@ -92,7 +95,7 @@ class InputLimits:
     def check_batch(self, n_steps: int, layers: Sequence[str] | None,
                     scalars: Iterable[Mapping[str, Any] | None]) -> None:
         """A step batch, either wire: its step count, its layer list and each step's extra scalars."""
-        self._over(["body", "steps"], "the batch has", n_steps, " steps", "max_batch_steps", 413)
+        self._over(["body", "steps"], "the batch has", n_steps, " steps", "max_batch_steps", BatchTooLarge)
         if layers is not None:
             self.check_layer_names(["body", "layers"], layers)
         for i, extra in enumerate(scalars):

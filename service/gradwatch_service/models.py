@@ -128,20 +128,17 @@ runs = Table(
     Index(None, "updated_at"),
 )
 
+_STEP_COMMENTS = {"grad_norm": "total L2 norm of the gradients before clipping"}
+
 steps = Table(
     "steps",
     metadata,
     Column("run_pk", BigInteger, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
     Column("step", BigInteger, primary_key=True),
     Column("time", Float(precision=53), nullable=False, comment="unix seconds"),
-    Column("loss", Real()),
-    Column("grad_norm", Real(), comment="total L2 norm of the gradients before clipping"),
-    Column("lr", Real()),
-    Column("update_norm", Real()),
+    *[Column(name, Real(), comment=_STEP_COMMENTS.get(name)) for name in SCALAR_FIELDS],
     Column("flags", SmallInteger, nullable=False, server_default="0", comment="1 skipped, 2 late"),
-    Column("layer_grad_norms", FloatArray()),
-    Column("layer_weight_norms", FloatArray()),
-    Column("layer_update_norms", FloatArray()),
+    *[Column(name, FloatArray()) for name in LAYER_FIELDS],
     Column("scalars", JsonDoc()),
     sqlite_with_rowid=False,
 )

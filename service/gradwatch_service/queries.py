@@ -3,7 +3,7 @@ step rollups when the range is long enough, so the cost follows the points asked
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -14,6 +14,7 @@ from sqlalchemy import Connection, func, select
 from gradwatch.wire import LAYER_FIELDS
 
 from .codec import decode_scalars
+from .errors import InvalidInput, RunNotFound
 from .models import FLAG_LATE, FLAG_SKIPPED, ROLLUP_WIDTHS, incidents, projects, runs, steps
 from .rollups import (
     NONE_STEP,
@@ -27,16 +28,19 @@ from .rollups import (
 )
 from .schemas import Incident, RunPublic, Series, StepOut
 
-__all__ = ["get_run", "list_runs", "read_steps", "read_series", "plan_downsample", "Downsample", "list_incidents",
-           "UnknownLayer"]
+__all__ = ["get_run", "get_visible_run", "visible_run_row", "list_runs", "read_steps", "read_series",
+           "plan_downsample", "Downsample", "list_incidents", "UnknownLayer"]
 
 _RUN_COLUMNS = (runs.c.id, runs.c.run_id, projects.c.name.label("project"), runs.c.name, runs.c.status,
                 runs.c.config, runs.c.meta, runs.c.layer_names, runs.c.last_step, runs.c.n_steps,
                 runs.c.created_at, runs.c.updated_at)
 
 
-class UnknownLayer(LookupError):
-    pass
+class UnknownLayer(InvalidInput):
+    """A series asked for a layer the run does not have."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(["query", "layers"], message)
 
 
 def _run_query() -> Any:
@@ -61,6 +65,19 @@ def get_run_row(conn: Connection, run_id: str) -> Any:
 def get_run(conn: Connection, run_id: str) -> RunPublic | None:
     row = get_run_row(conn, run_id)
     return None if row is None else _run_public(row)
+
+
+def visible_run_row(conn: Connection, run_id: str, sees: Callable[[str], bool]) -> Any:
+    """The run's row for a reader who `sees` some projects; RunNotFound when there is none or it is of a project
+    the reader does not see: the one lookup behind every read of one run."""
+    row = get_run_row(conn, run_id)
+    if row is None or not sees(row.project):
+        raise RunNotFound(run_id, to_write=False)
+    return row
+
+
+def get_visible_run(conn: Connection, run_id: str, sees: Callable[[str], bool]) -> RunPublic:
+    return _run_public(visible_run_row(conn, run_id, sees))
 
 
 def _equal_to(*filters: tuple[Any, Any]) -> list[Any]:

@@ -12,7 +12,6 @@ from .schemas import ProjectName, WireModel
 __all__ = ["CREATE_EXAMPLE", "Scope", "TokenCreate", "TokenCreated", "TokenPublic", "TokensPublic"]
 
 Scope = Literal["ingest", "read", "admin"]
-TokenId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{12}$")]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 _TOKEN = {"id": "3f9a1c2b7d4e", "name": "trainer-vision", "project": "vision", "scopes": ["ingest"],

@@ -14,13 +14,14 @@ from gradwatch.wire import (
     MISSING_BITS,
     RUN_ID_PATTERN,
     BinaryBodyError,
-    decode_binary_batch,
     encode_binary_batch,
     jsonable,
     pack_floats,
     split_binary_batch,
     unpack_floats,
 )
+
+from ..support.binary import decode_binary_batch
 
 
 def test_a_batch_survives_encoding_with_every_kind_of_value() -> None:

@@ -13,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gradwatch.wire import BINARY_CONTENT_TYPE, BINARY_MAGIC, MISSING_BITS, decode_binary_batch, encode_binary_batch
+from gradwatch.wire import BINARY_CONTENT_TYPE, BINARY_MAGIC, MISSING_BITS, encode_binary_batch
 
+from ..support.binary import decode_binary_batch
 from ..support.databases import SERVER_MAX_BODY_BYTES, new_run_id
 from ..support.serverproc import ServerProcess
 

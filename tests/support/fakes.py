@@ -19,7 +19,9 @@ from typing import Any
 
 from gradwatch._batch import StepBatch
 from gradwatch._transport import Response, TransportError
-from gradwatch.wire import BINARY_CONTENT_TYPE, decode_binary_batch
+from gradwatch.wire import BINARY_CONTENT_TYPE
+
+from .binary import decode_binary_batch
 
 __all__ = ["FakeService", "HungServer", "MemoryTransport", "Recorder", "closed_port"]
 

@@ -14,10 +14,12 @@ from sqlalchemy import exc as sa_exc
 
 from ..db import DatabaseBusy
 from ..errors import InvalidInput, RunNotFound, RunOfAnotherProject, StepConflict
+from ..limits import BatchTooLarge
 from ..metrics import count_database_busy
 from .deps import app_state
 
-__all__ = ["DATABASE_UNAVAILABLE", "INVALID", "TOO_LARGE", "ErrorAnswer", "install_error_handlers"]
+__all__ = ["DATABASE_UNAVAILABLE", "INVALID", "STATUS", "TOO_LARGE", "ErrorAnswer", "install_error_handlers",
+           "status_of"]
 
 log = logging.getLogger("gradwatch.database")
 
@@ -54,22 +56,30 @@ DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
 later can succeed, so they are 503s that say when to retry, never 500s."""
 
 
-async def _invalid_input(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, InvalidInput)
-    return JSONResponse({"detail": exc.errors}, status_code=exc.status_code)
+STATUS: tuple[tuple[type[Exception], int], ...] = (
+    (BatchTooLarge, 413),  # before InvalidInput, which it is
+    (InvalidInput, 422),
+    (RunNotFound, 404),
+    (RunOfAnotherProject, 403),
+    (StepConflict, 409),
+)
+"""Each domain error's status code: the one place that knows them (errors.py, limits.py and queries.py don't)."""
 
 
-async def _run_not_found(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=404)
+def status_of(exc: Exception) -> int:
+    return next(code for kind, code in STATUS if isinstance(exc, kind))
 
 
-async def _run_of_another_project(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=403)
-
-
-async def _step_conflict(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StepConflict)
-    return JSONResponse({"detail": {"message": str(exc), "steps": exc.steps}}, status_code=409)
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    """A domain error's answer: its status, and a body FastAPI's own errors also have (`detail`)."""
+    detail: Any
+    if isinstance(exc, InvalidInput):
+        detail = exc.errors
+    elif isinstance(exc, StepConflict):
+        detail = {"message": str(exc), "steps": exc.steps}
+    else:
+        detail = str(exc)
+    return JSONResponse({"detail": detail}, status_code=status_of(exc))
 
 
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -86,9 +96,7 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(InvalidInput, _invalid_input)
-    app.add_exception_handler(RunNotFound, _run_not_found)
-    app.add_exception_handler(RunOfAnotherProject, _run_of_another_project)
-    app.add_exception_handler(StepConflict, _step_conflict)
+    for kind, _ in STATUS:
+        app.add_exception_handler(kind, _domain_error)
     for kind in DATABASE_UNAVAILABLE:
         app.add_exception_handler(kind, _database_unavailable)

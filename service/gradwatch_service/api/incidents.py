@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, Query, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..db import read_connection
-from ..queries import get_run_row, list_incidents
+from ..queries import list_incidents, visible_run_row
 from ..schemas import MAX_STEP, IncidentsPublic
 from .deps import AUTH_RESPONSES, EngineDep, ReadToken, RunIdPath, model_response
 
@@ -42,16 +42,11 @@ async def get_incidents(engine: EngineDep, principal: ReadToken, project: str | 
             response_model=IncidentsPublic, responses={404: {"description": "unknown run"}})
 async def get_run_incidents(run_id: RunIdPath, engine: EngineDep, principal: ReadToken, status: Status = None,
                             severity: Severity = None, limit: Limit = 100, offset: Offset = 0) -> Response:
-    def read() -> IncidentsPublic | None:
+    def read() -> IncidentsPublic:
         with read_connection(engine) as conn:
-            run = get_run_row(conn, run_id)
-            if run is None or not principal.sees(run.project):
-                return None
+            run = visible_run_row(conn, run_id, principal.sees)
             rows, count = list_incidents(conn, run_pk=run.id, status=status, severity=severity, limit=limit,
                                          offset=offset)
         return IncidentsPublic(incidents=rows, count=count)
 
-    out = await run_in_threadpool(read)
-    if out is None:
-        raise HTTPException(404, f"run {run_id!r} does not exist")
-    return model_response(out)
+    return model_response(await run_in_threadpool(read))

@@ -13,7 +13,7 @@ from gradwatch.wire import RunStatus
 from ..body import parse_body, read_body
 from ..db import read_connection, write_transaction
 from ..ingest import upsert_run
-from ..queries import get_run, list_runs
+from ..queries import get_run, get_visible_run, list_runs
 from ..schemas import MAX_STEP, RunPublic, RunsPublic, RunUpsert
 from .deps import AUTH_RESPONSES, EngineDep, IngestToken, LimitsDep, ReadToken, RunIdPath, SettingsDep, model_response
 from .errors import INVALID, TOO_LARGE
@@ -81,11 +81,8 @@ async def get_runs(
 @router.get("/{run_id}", summary="One run", response_model=RunPublic,
             responses={404: {"description": "unknown run"}})
 async def get_one_run(run_id: RunIdPath, engine: EngineDep, principal: ReadToken) -> Response:
-    def read() -> RunPublic | None:
+    def read() -> RunPublic:
         with read_connection(engine) as conn:
-            return get_run(conn, run_id)
+            return get_visible_run(conn, run_id, principal.sees)
 
-    run = await run_in_threadpool(read)
-    if run is None or not principal.sees(run.project):  # another project's run is as absent as a missing one
-        raise HTTPException(404, f"run {run_id!r} does not exist")
-    return model_response(run)
+    return model_response(await run_in_threadpool(read))

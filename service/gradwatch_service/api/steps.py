@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..binary_batch import parse_binary_batch
 from ..body import BINARY_CONTENT_TYPE, content_type_of, parse_body, read_body
 from ..db import read_connection, write_transaction
+from ..errors import InvalidInput
 from ..ingest import BatchOutcome, append_steps
 from ..metrics import count_incident_opened, observe_detector_seconds, record_batch
-from ..queries import UnknownLayer, get_run_row, list_incidents, read_series, read_steps
+from ..queries import list_incidents, read_series, read_steps, visible_run_row
 from ..schemas import MAX_STEP, SERIES_FIELDS, Incident, IngestResult, SeriesPublic, StepBatch, StepsPublic
 from ..steps_table import StepColumns
 from .deps import (
@@ -97,18 +98,13 @@ async def get_steps(
     end: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="last step, inclusive")] = None,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
 ) -> Response:
-    def read() -> StepsPublic | None:
+    def read() -> StepsPublic:
         with read_connection(engine) as conn:
-            run = get_run_row(conn, run_id)
-            if run is None or not principal.sees(run.project):
-                return None
+            run = visible_run_row(conn, run_id, principal.sees)
             rows = read_steps(conn, run.id, start=start, end=end, limit=limit)
         return StepsPublic(run_id=run_id, layers=list(run.layer_names), steps=rows)
 
-    out = await run_in_threadpool(read)
-    if out is None:
-        raise HTTPException(404, f"run {run_id!r} does not exist")
-    return model_response(out)
+    return model_response(await run_in_threadpool(read))
 
 
 @router.get(
@@ -134,26 +130,17 @@ async def get_series(
     field_list = [f.strip() for f in fields.split(",") if f.strip()]
     unknown = [f for f in field_list if f not in SERIES_FIELDS]
     if unknown or not field_list:
-        raise HTTPException(422, [{"loc": ["query", "fields"], "type": "value_error",
-                                   "msg": f"unknown field(s) {unknown}; choose from {list(SERIES_FIELDS)}"}])
+        raise InvalidInput(["query", "fields"], f"unknown field(s) {unknown}; choose from {list(SERIES_FIELDS)}")
     layer_list = None if layers is None else [name for name in layers.split(",") if name]
 
-    def read() -> SeriesPublic | None:
+    def read() -> SeriesPublic:
         with read_connection(engine) as conn:
-            run = get_run_row(conn, run_id)
-            if run is None or not principal.sees(run.project):
-                return None
+            run = visible_run_row(conn, run_id, principal.sees)
             series = read_series(conn, run.id, list(run.layer_names), fields=field_list, layers=layer_list,
                                  start=start, end=end, max_points=max_points)
         return SeriesPublic(run_id=run_id, start=start, end=end, max_points=max_points, series=series)
 
-    try:
-        out = await run_in_threadpool(read)
-    except UnknownLayer as exc:
-        raise HTTPException(422, [{"loc": ["query", "layers"], "msg": str(exc), "type": "value_error"}]) from None
-    if out is None:
-        raise HTTPException(404, f"run {run_id!r} does not exist")
-    return model_response(out)
+    return model_response(await run_in_threadpool(read))  # an unknown layer: UnknownLayer, a 422
 
 
 def _count_ingested(outcome: BatchOutcome) -> None:
