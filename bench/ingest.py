@@ -176,8 +176,8 @@ def raw_insert(database_url: str, n_clients: int, n_steps: int, batch_size: int)
     """The same rows into the same table through the same driver: executemany, one commit per batch."""
     from gradwatch.wire import pack_floats
     from gradwatch_service.db import make_engine
+    from gradwatch_service.dialect import COPY_TYPES, STEP_COLUMNS, storage_dialect
     from gradwatch_service.migrate import upgrade
-    from gradwatch_service.steps_table import COPY_TYPES, STEP_COLUMNS, insert_sql
 
     engine = make_engine(database_url)
     upgrade(engine)
@@ -195,7 +195,7 @@ def raw_insert(database_url: str, n_clients: int, n_steps: int, batch_size: int)
         for b in batches(make_steps(n_steps, k), batch_size):
             work.append([(run_pks[k], s["step"], s["time"], s["loss"], s["grad_norm"], s["lr"], s["update_norm"], 0,
                           s["layer_grad_norms"], None, None, None) for s in b])
-    sql = insert_sql(engine.dialect.name)
+    sql = storage_dialect(engine).insert_steps_sql()
     raw = engine.raw_connection()
     driver = raw.driver_connection
     t0 = time.perf_counter()

@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 
 from .settings import Settings
 
-__all__ = ["DatabaseBusy", "make_engine", "write_transaction", "read_connection", "is_sqlite", "now_utc"]
+__all__ = ["DatabaseBusy", "make_engine", "write_transaction", "read_connection", "now_utc"]
 
 _SQLITE_WRITE_LOCKS: dict[int, _WriterLock] = {}
 _FLOCK_POLL_S = (0.0002, 0.0005)  # then every _FLOCK_POLL_MAX_S
@@ -90,10 +90,6 @@ class _WriterLock:
 
 def now_utc() -> datetime:
     return datetime.now(UTC)
-
-
-def is_sqlite(engine: Engine) -> bool:
-    return engine.dialect.name == "sqlite"
 
 
 def make_engine(url: str, settings: Settings | None = None) -> Engine:

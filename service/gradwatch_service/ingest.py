@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, Row, Table, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from gradwatch.detect import DetectorConfig
 from gradwatch.wire import LAYER_FIELDS, SCALAR_FIELDS, jsonable
 
-from .codec import decode_scalars
 from .db import now_utc
+from .dialect import decode_scalars, storage_dialect
 from .errors import InvalidInput, RunNotFound, RunOfAnotherProject, StepConflict
 from .incidents import advance_detection
 from .limits import InputLimits
@@ -77,10 +76,9 @@ class BatchOutcome:
 # ---------------------------------------------------------------------------------------------------- runs
 
 def _insert_if_new(conn: Connection, table: Table, key: str, values: dict[str, Any]) -> bool:
-    """INSERT … ON CONFLICT (key) DO NOTHING, in the connection's dialect; True when the row is new. Two
-    PostgreSQL transactions may create the same project or run at once; SQLite's writers never race."""
-    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    statement = insert(table).values(**values).on_conflict_do_nothing(index_elements=[key]).returning(table.c.id)
+    """INSERT … ON CONFLICT (key) DO NOTHING; True when the row is new. Two PostgreSQL transactions may create the
+    same project or run at once; SQLite's writers never race."""
+    statement = storage_dialect(conn).insert_skipping(table, key).values(**values).returning(table.c.id)
     return conn.execute(statement).first() is not None
 
 
@@ -298,7 +296,7 @@ def _store(conn: Connection, run: LockedRun, new: StepColumns, layers: list[str]
     changes: dict[str, Any] = {"updated_at": now_utc()}
     outcome = BatchOutcome(run_pk=run_pk, accepted=len(new.steps), duplicates=duplicates, last_step=run.last_step)
     if new.steps:
-        insert_rows(conn, new.rows(run_pk, conn.dialect.name == "sqlite", late))
+        insert_rows(conn, new.rows(run_pk, storage_dialect(conn), late))
         outcome.rollups_waiting = roll_up_batch(conn, run_pk, new, len(layers), run.last_step, defer=defer_rollups)
         if outcome.rollups_waiting and not late:
             outcome.new_steps = (new, len(layers))

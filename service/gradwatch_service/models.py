@@ -30,9 +30,9 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from gradwatch.wire import LAYER_FIELDS, SCALAR_FIELDS, pack_floats, unpack_floats
+from gradwatch.wire import LAYER_FIELDS, SCALAR_FIELDS
 
-from .codec import sqlite_real_in, sqlite_real_out
+from .dialect import dialect_named
 
 __all__ = ["metadata", "projects", "runs", "steps", "step_rollups", "ROLLUP_WIDTHS", "ROLLUP_SCALAR_STATS",
            "ROLLUP_LAYER_STATS", "incidents", "webhook_subscriptions", "webhook_deliveries", "webhook_attempts",
@@ -49,23 +49,21 @@ metadata = MetaData(
 
 
 class Real(TypeDecorator[float]):
-    """A float64 that keeps NaN on SQLite (stored as the text 'NaN'; NULL stays "not measured")."""
+    """A float64 that keeps NaN on every database, as the storage dialect binds and reads it (dialect.py)."""
 
     impl = Float(precision=53)
     cache_ok = True
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
-        if dialect.name == "postgresql":
-            return dialect.type_descriptor(postgresql.DOUBLE_PRECISION())
-        return dialect.type_descriptor(Float(precision=53))
+        return dialect.type_descriptor(dialect_named(dialect.name).real_type())
 
     def bind_processor(self, dialect: Dialect) -> Any:
         # Not process_bind_param: on SQLite the float type's own bind processor (float(x)) would run after it
         # and turn the text 'NaN' back into a NaN, which SQLite stores as NULL.
-        return sqlite_real_in if dialect.name == "sqlite" else super().bind_processor(dialect)
+        return dialect_named(dialect.name).real_param
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
-        return sqlite_real_out(value) if dialect.name == "sqlite" else value
+        return dialect_named(dialect.name).real_value(value)
 
 
 class FloatArray(TypeDecorator[list[float | None]]):
@@ -75,19 +73,13 @@ class FloatArray(TypeDecorator[list[float | None]]):
     cache_ok = True
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
-        if dialect.name == "postgresql":
-            return dialect.type_descriptor(postgresql.ARRAY(postgresql.DOUBLE_PRECISION()))
-        return dialect.type_descriptor(LargeBinary())
+        return dialect.type_descriptor(dialect_named(dialect.name).array_type())
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
-        if value is None or dialect.name == "postgresql":
-            return value
-        return pack_floats(value)
+        return None if value is None else dialect_named(dialect.name).array_param(value)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
-        if value is None or dialect.name == "postgresql":
-            return value
-        return unpack_floats(value)
+        return None if value is None else dialect_named(dialect.name).array_value(value)
 
 
 def JsonDoc() -> TypeEngine[Any]:

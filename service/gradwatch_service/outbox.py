@@ -19,12 +19,13 @@ import random
 import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, event, func, insert, or_, select, update
 
 from .db import now_utc
+from .dialect import aware_utc, storage_dialect
 from .models import webhook_attempts, webhook_deliveries, webhook_subscriptions
 from .queries import list_incidents
 
@@ -129,9 +130,8 @@ def claim_due(conn: Connection, *, limit: int, lease_s: float, busy: Collection[
          .where(d.c.id.in_(select(firsts.c.id).where(firsts.c.n == 1)), *due, s.c.enabled.is_(True))
          .order_by(d.c.next_attempt_at, d.c.id).limit(limit)
          .with_for_update(of=d, skip_locked=True))
-    if conn.dialect.name == "postgresql":
-        # Losing this commit in a database crash only makes the row due again: no need to wait for the WAL flush.
-        conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+    # Losing this commit in a database crash only makes the row due again: no need to wait for the disk.
+    storage_dialect(conn).lazy_commit(conn)
     chosen = {row.subscription_id: row for row in conn.execute(q)}
     if not chosen:
         return []
@@ -139,13 +139,10 @@ def claim_due(conn: Connection, *, limit: int, lease_s: float, busy: Collection[
     conn.execute(update(d).where(d.c.id.in_(ids)).values(
         attempts=d.c.attempts + 1, next_attempt_at=now + timedelta(seconds=lease_s), updated_at=now))
     return [Claim(delivery_id=r.id, subscription_id=r.subscription_id, msg_id=r.msg_id, event=r.event,
-                  payload=r.payload, attempt=r.attempts + 1, retry_from=_aware(r.retry_from), url=r.url,
+                  payload=r.payload, attempt=r.attempts + 1, retry_from=aware_utc(r.retry_from), url=r.url,
                   secret=r.secret, receiver=r.name) for r in chosen.values()]
 
 
-def _aware(t: datetime) -> datetime:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:

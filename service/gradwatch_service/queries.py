@@ -13,7 +13,7 @@ from sqlalchemy import Connection, func, select
 
 from gradwatch.wire import LAYER_FIELDS
 
-from .codec import decode_scalars
+from .dialect import aware_utc, decode_scalars
 from .errors import InvalidInput, RunNotFound
 from .models import FLAG_LATE, FLAG_SKIPPED, ROLLUP_WIDTHS, incidents, projects, runs, steps
 from .rollups import (
@@ -50,12 +50,7 @@ def _run_query() -> Any:
 def _run_public(row: Any) -> RunPublic:
     return RunPublic(run_id=row.run_id, project=row.project, name=row.name, status=row.status,
                      config=row.config, meta=row.meta, layers=list(row.layer_names), last_step=row.last_step,
-                     n_steps=row.n_steps, created_at=_utc(row.created_at), updated_at=_utc(row.updated_at))
-
-
-def _utc(t: datetime) -> datetime:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+                     n_steps=row.n_steps, created_at=aware_utc(row.created_at), updated_at=aware_utc(row.updated_at))
 
 
 def get_run_row(conn: Connection, run_id: str) -> Any:
@@ -91,7 +86,7 @@ def list_runs(conn: Connection, *, project: str | None = None, status: str | Non
     count_q = select(func.count()).select_from(runs.join(projects, projects.c.id == runs.c.project_id))
     conditions = _equal_to((projects.c.name, project), (runs.c.status, status))
     if updated_since is not None:  # stored in UTC (naive on SQLite): compare in UTC whatever offset was given
-        since = updated_since.astimezone(UTC) if updated_since.tzinfo else updated_since.replace(tzinfo=UTC)
+        since = aware_utc(updated_since).astimezone(UTC)
         conditions.append(runs.c.updated_at >= since)
     q, count_q = q.where(*conditions), count_q.where(*conditions)
     rows = conn.execute(q.order_by(runs.c.updated_at.desc(), runs.c.id.desc()).limit(limit).offset(offset))
@@ -270,8 +265,9 @@ def list_incidents(conn: Connection, *, project: str | None = None, run_pk: int 
         Incident(id=f"{r.run_id}#{r.seq}", run_id=r.run_id, project=r.project, seq=r.seq, signature=r.signature,
                  severity=r.severity, status=r.status, opened_step=r.opened_step, last_step=r.last_step,
                  resolved_step=r.resolved_step, layer=r.layer, value=r.value, baseline=r.baseline,
-                 message=r.message, evidence=r.evidence, opened_at=_utc(r.opened_at), updated_at=_utc(r.updated_at),
-                 resolved_at=None if r.resolved_at is None else _utc(r.resolved_at))
+                 message=r.message, evidence=r.evidence, opened_at=aware_utc(r.opened_at),
+                 updated_at=aware_utc(r.updated_at),
+                 resolved_at=None if r.resolved_at is None else aware_utc(r.resolved_at))
         for r in conn.execute(q)
     ]
     return out, int(conn.execute(count_q).scalar_one())

@@ -25,11 +25,10 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy import Connection
 
-from gradwatch.wire import LAYER_FIELDS, MISSING_BITS, MISSING_BYTES, SCALAR_FIELDS, pack_floats
+from gradwatch.wire import LAYER_FIELDS, SCALAR_FIELDS
 
-from .codec import sqlite_real_out
+from .dialect import StorageDialect, float_rows, float_section, storage_dialect
 from .models import ROLLUP_SCALAR_STATS, ROLLUP_WIDTHS
-from .pg_arrays import float8_arrays, float8_matrix
 from .steps_table import StepColumns
 
 __all__ = ["NONE_STEP", "STATS", "Layout", "FieldStats", "Units", "Steps", "batch_steps", "bucket_units",
@@ -281,18 +280,6 @@ def _scalar_column(column: Sequence[Any]) -> tuple[F8, Mask | None]:
     return values, (np.array([v is None for v in column], dtype=bool) if None in column else None)
 
 
-def _layer_rows(rows: Sequence[Any], n_cols: int) -> bytes:
-    """Per-layer values of steps (lists, blobs, None; shorter ones padded unmeasured) as one step-major section."""
-    parts = []
-    for r in rows:
-        if r is None:
-            parts.append(MISSING_BYTES * n_cols)
-            continue
-        b = r if isinstance(r, bytes) else pack_floats(r)
-        parts.append(b[: 8 * n_cols] + MISSING_BYTES * (n_cols - len(b) // 8))
-    return b"".join(parts)
-
-
 def _matrix(k: int, layout: Layout, columns: Mapping[str, tuple[F8, Mask | None]]) -> tuple[F8, Mask | None]:
     """Fields' values side by side in the layout, and one not-measured mask."""
     n_cols = max((b for _, b in layout.values()), default=0)
@@ -308,12 +295,6 @@ def _matrix(k: int, layout: Layout, columns: Mapping[str, tuple[F8, Mask | None]
     return values, missing
 
 
-def _section(section: bytes, n_cols: int) -> tuple[F8, Mask | None]:
-    values = np.frombuffer(section, dtype="<f8").reshape(-1, n_cols)
-    missing = values.view("<u8") == MISSING_BITS
-    return values.astype(np.float64, copy=False), (missing if missing.any() else None)
-
-
 def batch_steps(new: StepColumns, n_layers: int) -> Steps:
     """A batch's new steps (ascending) with the fields it carries: whole columns at a time, a binary batch's
     per-layer sections read in place."""
@@ -327,9 +308,9 @@ def batch_steps(new: StepColumns, n_layers: int) -> Steps:
         if layer_column is None or n_layers == 0:
             continue
         if layer_column.section is not None and layer_column.n_layers == n_layers:
-            columns[name] = _section(layer_column.section, n_layers)
+            columns[name] = float_section(layer_column.section, n_layers)
         else:
-            columns[name] = _section(_layer_rows(layer_column.lists(), n_layers), n_layers)
+            columns[name] = float_section(float_rows(layer_column.lists(), n_layers), n_layers)
         widths[name] = n_layers
     layout = layout_of(widths)
     values, missing = _matrix(len(new.steps), layout, columns)
@@ -368,8 +349,9 @@ def update_rollups(conn: Connection, run_pk: int, new: Steps, n_layers: int) -> 
         merged = replace(batch, key=batch_key)  # already in (level, bucket) order, one unit a key
     width_of = np.asarray(ROLLUP_WIDTHS, dtype=np.int64)[merged.key >> _LEVEL_SHIFT]
     merged.key &= (1 << _LEVEL_SHIFT) - 1
-    conn.exec_driver_sql(_upsert_sql(conn.dialect.name), _rows(run_pk, width_of, merged,
-                                                               conn.dialect.name != "postgresql"))
+    dialect = storage_dialect(conn)
+    sql = dialect.upsert_sql("step_rollups", _COLUMNS, _KEY, binary=lambda c: c.startswith("layer_"))
+    conn.exec_driver_sql(sql, _rows(run_pk, width_of, merged, dialect))
 
 
 _LEVEL_SHIFT = 57
@@ -382,17 +364,6 @@ def _level_key(level: I8, bucket: I8) -> I8:
 
 
 _COLUMNS = (*_KEY, *_BASE, *(f"{f}_{s}" for f in (*SCALAR_FIELDS, *LAYER_FIELDS) for s in STATS))
-
-
-def _upsert_sql(dialect: str) -> str:
-    cols = ", ".join(_COLUMNS)
-    updates = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS if c not in _KEY)
-    if dialect == "postgresql":
-        marks = ", ".join("%b" if c.startswith("layer_") else "%s" for c in _COLUMNS)  # pg_arrays' binary form
-    else:
-        marks = ", ".join("?" * len(_COLUMNS))
-    return (f"INSERT INTO step_rollups ({cols}) VALUES ({marks}) "
-            f"ON CONFLICT (run_pk, width, bucket) DO UPDATE SET {updates}")
 
 
 def _none_where(a: npt.NDArray[Any], none: Mask) -> list[Any]:
@@ -408,7 +379,7 @@ def _stat_nones(st: FieldStats) -> dict[str, Mask]:
             "posinf_step": st.posinf_step == NONE_STEP, "neginf_step": st.neginf_step == NONE_STEP}
 
 
-def _rows(run_pk: int, width: I8, u: Units, sqlite: bool) -> list[tuple[Any, ...]]:
+def _rows(run_pk: int, width: I8, u: Units, dialect: StorageDialect) -> list[tuple[Any, ...]]:
     """Units (in the full layout) of the given widths as step_rollups rows, in _COLUMNS' order, as the driver
     binds them."""
     k = len(u)
@@ -419,55 +390,23 @@ def _rows(run_pk: int, width: I8, u: Units, sqlite: bool) -> list[tuple[Any, ...
     for f in SCALAR_FIELDS:
         c = u.layout[f][0]
         for stat in STATS:
-            a, none = getattr(st, stat)[:, c], nones[stat][:, c]
-            if stat == "last" and sqlite:  # SQLite would store a NaN parameter as NULL
-                a = a.astype(object)
-                a[np.isnan(a.astype(np.float64)) & ~none] = "NaN"
-            columns.append(_none_where(a, none))
+            column = _none_where(getattr(st, stat)[:, c], nones[stat][:, c])
+            columns.append(dialect.real_params(column) if stat == "last" else column)  # the one that may be NaN
     n_stats = len(STATS)
     for f in LAYER_FIELDS:  # all of a field's statistics as one (k * n_stats, layers) matrix: one conversion
         a0, b0 = u.layout[f]
         present = np.repeat((st.last_step[:, a0:b0] >= 0).any(axis=1), n_stats)
         m = np.stack([getattr(st, stat)[:, a0:b0] for stat in STATS], axis=1).astype("<f8").reshape(k * n_stats, -1)
         none = np.stack([nones[stat][:, a0:b0] for stat in STATS], axis=1).reshape(k * n_stats, -1)
-        if sqlite:
-            m.view("<u8")[none] = MISSING_BITS
-            arrays: list[Any] = [row.tobytes() if ok else None for row, ok in zip(m, present.tolist(), strict=True)]
-        else:
-            arrays = float8_arrays(m, none, present)
+        arrays = dialect.stat_arrays(m, none, present.tolist())
         columns.extend(arrays[j::n_stats] for j in range(n_stats))
     return list(zip(*columns, strict=True))
 
 
 # -------------------------------------------------------------------------------------------------- reads
 
-def _element(conn: Connection, column: str, j: int) -> str:
-    """One layer's value of a stored array, in SQL (an 8-byte blob on SQLite, a float on PostgreSQL)."""
-    return f"{column}[{j + 1}]" if conn.dialect.name == "postgresql" else f"substr({column}, {8 * j + 1}, 8)"
-
-
-def _layer_matrix(values: Sequence[Any], n_cols: int) -> F8:
-    """Stored arrays (blobs or lists, NULL or shorter than n_cols) as a (k, n_cols) matrix, NaN for NULL."""
-    if values and all(type(v) is bytes and len(v) == 8 * n_cols for v in values):  # noqa: E721 - the usual case
-        a = np.frombuffer(b"".join(values), dtype="<f8").reshape(len(values), n_cols)
-        return np.where(a.view("<u8") == MISSING_BITS, np.nan, a)
-    out = np.full((len(values), n_cols), np.nan)
-    for i, v in enumerate(values):
-        if v is None:
-            continue
-        if isinstance(v, bytes):
-            a = np.frombuffer(v, dtype="<f8")[:n_cols]
-            a = np.where(a.view("<u8") == MISSING_BITS, np.nan, a)
-        else:
-            a = np.array(v[:n_cols], dtype=np.float64)
-        out[i, : len(a)] = a
-    return out
-
-
-def _scalar_floats(values: Sequence[Any], sqlite: bool) -> F8:
-    if sqlite:
-        values = [sqlite_real_out(v) if isinstance(v, str) else v for v in values]
-    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+def _scalar_floats(values: Sequence[Any], dialect: StorageDialect) -> F8:
+    return np.array([np.nan if v is None else v for v in map(dialect.real_value, values)], dtype=np.float64)
 
 
 def _stats_from_matrices(k: int, n_cols: int, matrices: Mapping[str, F8]) -> FieldStats:
@@ -507,7 +446,7 @@ def read_units(conn: Connection, run_pk: int, spans: Sequence[tuple[int, int, in
     """Stored buckets of the (width, first bucket, last bucket) spans, in step order, with `fields` (name → its
     column count: 1 for a scalar field, the run's layer count for a per-layer one; only the `layer_index`
     layers when given) and only `stats` read (the rest are "none")."""
-    sqlite = conn.dialect.name != "postgresql"
+    dialect = storage_dialect(conn)
     widths = {f: (len(layer_index) if layer_index is not None and f in LAYER_FIELDS else n)
               for f, n in fields.items()}
     layout = layout_of(widths)
@@ -523,13 +462,12 @@ def read_units(conn: Connection, run_pk: int, spans: Sequence[tuple[int, int, in
             if f in LAYER_FIELDS and one_by_one:
                 assert layer_index is not None
                 for j in layer_index:
-                    select_list.append(_element(conn, column, j))
+                    select_list.append(dialect.element_select(column, j))
                     plan.append((f, stat, j))
-            else:  # NULL elements as NaN, which is "none" here too: array_send's form stays fixed-size
-                select_list.append(column if sqlite or f not in LAYER_FIELDS else
-                                   f"array_send(array_replace({column}, NULL, 'NaN'::float8))")
+            else:  # NULL elements as NaN, which is "none" here too
+                select_list.append(dialect.array_select(column, nulls_as_nan=True) if f in LAYER_FIELDS else column)
                 plan.append((f, stat, None))
-    sql = _spans_sql(select_list, "?" if sqlite else "%s", len(spans))
+    sql = _spans_sql(select_list, dialect.mark, len(spans))
     params = tuple(v for w, lo, hi in spans for v in (run_pk, int(w), int(lo), int(hi)))
     rows = conn.exec_driver_sql(sql, params).fetchall()
     k = len(rows)
@@ -541,16 +479,13 @@ def read_units(conn: Connection, run_pk: int, spans: Sequence[tuple[int, int, in
     for (f, stat, layer), values in zip(plan, by_column[7:], strict=True):
         a, b = layout[f]
         if f not in LAYER_FIELDS:
-            matrices[stat][:, a] = _scalar_floats(values, sqlite)
+            matrices[stat][:, a] = _scalar_floats(values, dialect)
         elif layer is not None:
             at = filled.get((f, stat), 0)
             filled[(f, stat)] = at + 1
-            if sqlite:
-                matrices[stat][:, a + at] = _layer_matrix([v if v else None for v in values], 1)[:, 0]
-            else:
-                matrices[stat][:, a + at] = [np.nan if v is None else v for v in values]
+            matrices[stat][:, a + at] = dialect.elements_matrix([values])[0][:, 0]
         else:
-            full = _layer_matrix(values, fields[f]) if sqlite else float8_matrix(values, fields[f])[0]
+            full = dialect.arrays_matrix(values, fields[f])[0]
             matrices[stat][:, a:b] = full if layer_index is None else full[:, layer_index]
     base = by_column[:6]
     return Units(key=np.array(base[0], dtype=np.int64), n=np.array(base[1], dtype=np.int64),
@@ -574,23 +509,6 @@ def _few_layers(layer_index: Sequence[int] | None) -> bool:
     return layer_index is not None and len(layer_index) <= 8
 
 
-def _element_matrix(columns: Sequence[Sequence[Any]], sqlite: bool) -> tuple[F8, Mask | None]:
-    """Elements read one layer a column (8-byte blobs on SQLite, floats on PostgreSQL; None or an empty blob
-    where not measured) as a (k, layers) matrix and its not-measured mask."""
-    if sqlite:
-        section = b"".join(v if v else MISSING_BYTES for row in zip(*columns, strict=True) for v in row)
-        return _section(section, len(columns))
-    values = np.empty((len(columns[0]) if columns else 0, len(columns)))
-    missing = None
-    for j, column in enumerate(columns):
-        values[:, j] = np.array(column, dtype=np.float64)  # None becomes NaN; the mask tells them apart
-        if None in column:
-            if missing is None:
-                missing = np.zeros(values.shape, dtype=bool)
-            missing[:, j] = [v is None for v in column]
-    return values, missing
-
-
 def raw_units(conn: Connection, run_pk: int, lo: int, hi: int, fields: Mapping[str, int],
               layer_index: Sequence[int] | None = None) -> Units:
     """Stored steps lo..hi as units (one a step), see `raw_steps`."""
@@ -602,16 +520,16 @@ def raw_steps(conn: Connection, run_pk: int, lo: int, hi: int, fields: Mapping[s
     """Stored steps lo..hi as units (one a step): a range shorter than the finest rollup level, the edges of a
     range no whole bucket covers, and the backfill of an existing database. A handful of layers is read one
     element each: parsing whole arrays is most of the cost on PostgreSQL."""
-    sqlite = conn.dialect.name != "postgresql"
-    mark = "?" if sqlite else "%s"
+    dialect = storage_dialect(conn)
+    mark = dialect.mark
     few = _few_layers(layer_index)
     select_list: list[str] = []
     for name in fields:
         if name in LAYER_FIELDS and few:
             assert layer_index is not None
-            select_list.extend(_element(conn, name, j) for j in layer_index)
+            select_list.extend(dialect.element_select(name, j) for j in layer_index)
         else:
-            select_list.append(name if sqlite or name not in LAYER_FIELDS else f"array_send({name})")
+            select_list.append(dialect.array_select(name) if name in LAYER_FIELDS else name)
     sql = (f"SELECT step, time, {', '.join(select_list)} FROM steps WHERE run_pk = {mark} AND step BETWEEN {mark} "
            f"AND {mark} ORDER BY step")
     rows = conn.exec_driver_sql(sql, (run_pk, lo, hi)).fetchall()
@@ -625,7 +543,7 @@ def raw_steps(conn: Connection, run_pk: int, lo: int, hi: int, fields: Mapping[s
     for name in fields:
         if name in LAYER_FIELDS and few:
             n = widths[name]
-            columns[name] = _element_matrix(by_column[at: at + n], sqlite) if k else (np.empty((0, n)), None)
+            columns[name] = dialect.elements_matrix(by_column[at: at + n]) if k else (np.empty((0, n)), None)
             at += n
             continue
         values = by_column[at]
@@ -633,15 +551,13 @@ def raw_steps(conn: Connection, run_pk: int, lo: int, hi: int, fields: Mapping[s
         if name in LAYER_FIELDS:
             if not k:
                 v, m = np.empty((0, fields[name])), None
-            elif sqlite:
-                v, m = _section(_layer_rows(values, fields[name]), fields[name])
             else:
-                v, m = float8_matrix(values, fields[name])
+                v, m = dialect.arrays_matrix(values, fields[name])
             if layer_index is not None:
                 v, m = v[:, layer_index], (None if m is None else m[:, layer_index])
             columns[name] = (v, m)
         else:
-            column = [sqlite_real_out(v) if isinstance(v, str) else v for v in values] if sqlite else list(values)
+            column = [dialect.real_value(v) for v in values]
             columns[name] = _scalar_column(column)
     values_m, missing = _matrix(k, layout, columns)
     return Steps(step=np.array(by_column[0], dtype=np.int64), time=np.array(by_column[1], dtype=np.float64),
@@ -681,7 +597,7 @@ def merge_waiting(conn: Connection, run_pk: int, batches: Sequence[tuple[StepCol
     ordered = sorted((b for b in batches if b[0].steps[-1] > through), key=lambda b: b[0].steps[0])
     if not ordered:
         return True
-    mark = "?" if conn.dialect.name != "postgresql" else "%s"
+    mark = storage_dialect(conn).mark
     last = ordered[-1][0].steps[-1]
     stored = conn.exec_driver_sql(f"SELECT count(*) FROM steps WHERE run_pk = {mark} AND step > {mark} AND "
                                   f"step <= {mark}", (run_pk, through, last)).scalar()
@@ -695,7 +611,7 @@ def rolled_up_through(conn: Connection, run_pk: int) -> int:
     """The highest step the run's rollups hold (-1: none). Every stored step up to it is in them and none after
     it: ingest merges a late step at or below it at once, and `catch_up_rollups` the steps above it. One index
     probe: the last bucket of the coarsest level."""
-    mark = "?" if conn.dialect.name != "postgresql" else "%s"
+    mark = storage_dialect(conn).mark
     last = conn.exec_driver_sql(f"SELECT last_step FROM step_rollups WHERE run_pk = {mark} AND width = {mark} "
                                 f"ORDER BY bucket DESC LIMIT 1", (run_pk, ROLLUP_WIDTHS[-1])).scalar()
     return -1 if last is None else int(last)
@@ -703,7 +619,7 @@ def rolled_up_through(conn: Connection, run_pk: int) -> int:
 
 def lagging_runs(conn: Connection) -> list[int]:
     """The runs whose stored steps go beyond their rollups (a process stopped before merging them)."""
-    mark = "?" if conn.dialect.name != "postgresql" else "%s"
+    mark = storage_dialect(conn).mark
     rows = conn.exec_driver_sql(
         "SELECT id FROM runs WHERE last_step IS NOT NULL AND last_step > COALESCE((SELECT r.last_step FROM "
         f"step_rollups r WHERE r.run_pk = runs.id AND r.width = {mark} ORDER BY r.bucket DESC LIMIT 1), -1) "
@@ -733,7 +649,7 @@ def catch_up_rollups(conn: Connection, run_pk: int, n_layers: int, chunk: int = 
     row lock in a write transaction, so no step of the run is stored meanwhile. With `max_steps`, stop after
     about that many (the rest waits for the next call). Returns the steps merged. From an empty step_rollups
     this is the upgrade of a database that has steps but no rollups (migration 0005)."""
-    mark = "?" if conn.dialect.name != "postgresql" else "%s"
+    mark = storage_dialect(conn).mark
     through = rolled_up_through(conn, run_pk)
     fields = _all_fields(n_layers)
     merged = 0

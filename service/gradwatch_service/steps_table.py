@@ -3,8 +3,7 @@
 Both wires end in one form, `StepColumns`: a binary batch is parsed into it (binary_batch.py), and ingest turns
 a JSON batch's new steps into it once they are checked and in the run's layer order. `StepColumns.rows` is the
 one row builder and `StepColumns.detector_steps` the one source of the steps the detectors read. What differs
-per database sits in two helpers, `_stored_values` and `_stored_arrays` (see codec for why), and in
-`insert_rows` (executemany on SQLite, binary COPY on PostgreSQL).
+per database (how values are bound, how rows get in) is the storage dialect's (dialect.py).
 """
 
 from __future__ import annotations
@@ -18,17 +17,11 @@ from sqlalchemy import Connection, Row, select
 
 from gradwatch.wire import LAYER_FIELDS, MISSING_BYTES, SCALAR_FIELDS, STEP_COLUMN_FIELDS, pack_floats, unpack_floats
 
-from .codec import encode_scalars
+from .dialect import COPY_TYPES, STEP_COLUMNS, StorageDialect, encode_scalars, storage_dialect
 from .models import FLAG_LATE, FLAG_SKIPPED, steps
 from .schemas import StepBatch, StepIn
 
-__all__ = ["COPY_TYPES", "STEP_COLUMNS", "LayerColumn", "StepColumns", "insert_rows", "insert_sql", "stored_steps"]
-
-STEP_COLUMNS = ("run_pk", "step", "time", *SCALAR_FIELDS, "flags", *LAYER_FIELDS, "scalars")
-"""The order of a row's values, as `StepColumns.rows` builds them."""
-COPY_TYPES = ("int8", "int8", "float8", *("float8",) * len(SCALAR_FIELDS), "int2", *("float8[]",) * len(LAYER_FIELDS),
-              "jsonb")
-"""PostgreSQL's types of STEP_COLUMNS, for binary COPY."""
+__all__ = ["COPY_TYPES", "STEP_COLUMNS", "LayerColumn", "StepColumns", "insert_rows", "stored_steps"]
 
 LayerRow = list[float | None]
 
@@ -149,7 +142,7 @@ class StepColumns:
         assert self._times is not None
         return self._times
 
-    def rows(self, run_pk: int, sqlite: bool, late: Collection[int] = ()) -> list[tuple[Any, ...]]:
+    def rows(self, run_pk: int, dialect: StorageDialect, late: Collection[int] = ()) -> list[tuple[Any, ...]]:
         """The steps as rows of STEP_COLUMNS; `late` steps are flagged. The hot path of ingest: whole columns at
         a time, no per-step Python beyond the final zip."""
         n = len(self.steps)
@@ -157,7 +150,7 @@ class StepColumns:
         measured: list[Iterable[Any]] = []
         for name in SCALAR_FIELDS:
             col = self.values.get(name)
-            measured.append(repeat(None, n) if col is None else _stored_values(col, sqlite))
+            measured.append(repeat(None, n) if col is None else dialect.real_params(col))
         flags: Iterable[int] = repeat(0, n)
         if self.skipped is not None or late:
             skipped = self.skipped if self.skipped is not None else repeat(0, n)
@@ -166,10 +159,10 @@ class StepColumns:
         arrays: list[Iterable[Any]] = []
         for name in LAYER_FIELDS:
             column = self.layer_columns.get(name)
-            arrays.append(repeat(None, n) if column is None else _stored_arrays(column, sqlite))
+            arrays.append(repeat(None, n) if column is None else dialect.array_params(column))
         scalars: Iterable[Any] = repeat(None, n)
         if self.scalars is not None:
-            scalars = [None if s is None else encode_scalars(s, sqlite) for s in self.scalars]
+            scalars = [None if s is None else encode_scalars(s, dialect) for s in self.scalars]
         return list(zip(repeat(run_pk, n), self.steps, time_col, *measured, flags, *arrays, scalars, strict=False))
 
     def detector_steps(self) -> list[dict[str, Any]]:
@@ -210,17 +203,6 @@ class StepColumns:
         return StepBatch.model_validate({"batch_id": self.batch_id, "layers": self.layers, "steps": steps})
 
 
-def _stored_values(column: list[float | None], sqlite: bool) -> list[Any]:
-    """A measured scalar column as bound: SQLite would store a NaN parameter as NULL ("not measured"), so there
-    NaN goes in as the text 'NaN'."""
-    return [v if v == v else "NaN" for v in column] if sqlite else column
-
-
-def _stored_arrays(column: LayerColumn, sqlite: bool) -> Sequence[Any]:
-    """A per-layer column as bound: float64 blobs on SQLite, `double precision[]` (lists) on PostgreSQL."""
-    return column.blobs() if sqlite else column.lists()
-
-
 def stored_steps(conn: Connection, run_pk: int, wanted: Iterable[int]) -> dict[int, Row[Any]]:
     """The stored rows of the wanted steps that exist, by step (decoded by the table's column types)."""
     ordered = sorted(wanted)
@@ -232,31 +214,6 @@ def stored_steps(conn: Connection, run_pk: int, wanted: Iterable[int]) -> dict[i
     return found
 
 
-def insert_sql(dialect: str) -> str:
-    """The parameterised INSERT of STEP_COLUMNS in the driver's own placeholder style."""
-    cols = ", ".join(STEP_COLUMNS)
-    if dialect == "sqlite":
-        return f"INSERT INTO steps ({cols}) VALUES ({', '.join('?' * len(STEP_COLUMNS))})"
-    marks = [f"%s::{t}" if t.endswith("[]") or t == "jsonb" else "%s" for t in COPY_TYPES]
-    return f"INSERT INTO steps ({cols}) VALUES ({', '.join(marks)})"
-
-
 def insert_rows(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-    """Insert step rows: executemany on SQLite, binary COPY on PostgreSQL (five times executemany's rate).
-
-    COPY cannot skip conflicting rows, which is fine: the caller has already removed stored steps under the run's
-    row lock, so no other transaction can insert these steps meanwhile.
-    """
-    if conn.dialect.name != "postgresql":
-        conn.exec_driver_sql(insert_sql(conn.dialect.name), rows)
-        return
-    from psycopg.types.json import Jsonb  # the postgres extra: only here when PostgreSQL is in use
-
-    scalars_at = STEP_COLUMNS.index("scalars")
-    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    with cursor.copy(f"COPY steps ({', '.join(STEP_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
-        copy.set_types(list(COPY_TYPES))
-        for row in rows:
-            if row[scalars_at] is not None:
-                row = (*row[:scalars_at], Jsonb(row[scalars_at]))
-            copy.write_row(row)
+    """Insert step rows (`StepColumns.rows`): executemany on SQLite, binary COPY on PostgreSQL (dialect.py)."""
+    storage_dialect(conn).insert_steps(conn, rows)

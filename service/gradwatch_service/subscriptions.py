@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 from sqlalchemy import Connection, and_, delete, func, insert, select, update
 
 from .db import now_utc
+from .dialect import aware_utc, storage_dialect
 from .models import webhook_attempts, webhook_deliveries, webhook_subscriptions
 from .signing import new_secret
 from .webhook_schemas import (
@@ -29,19 +30,14 @@ _PUBLIC = (_S.c.id, _S.c.name, _S.c.url, _S.c.project, _S.c.min_severity, _S.c.e
            _S.c.updated_at)
 
 
-def _utc(t: datetime) -> datetime:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
-
-
 def _utc_or_none(t: datetime | None) -> datetime | None:
-    return None if t is None else _utc(t)
+    return None if t is None else aware_utc(t)
 
 
 def _public(row: Any) -> SubscriptionPublic:
     return SubscriptionPublic(id=row.id, name=row.name, url=row.url, project=row.project,
-                              min_severity=row.min_severity, enabled=row.enabled, created_at=_utc(row.created_at),
-                              updated_at=_utc(row.updated_at))
+                              min_severity=row.min_severity, enabled=row.enabled, created_at=aware_utc(row.created_at),
+                              updated_at=aware_utc(row.updated_at))
 
 
 def create_subscription(conn: Connection, body: SubscriptionCreate) -> SubscriptionCreated:
@@ -59,8 +55,7 @@ def count_subscriptions(conn: Connection) -> int:
     """How many are stored, for the limit on their number. On PostgreSQL it first takes a transaction-scoped
     lock that every creating transaction takes, so two creations at once cannot both pass the limit (SQLite's
     writers are serialised already)."""
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7234550193)")  # any constant: "creating a subscription"
+    storage_dialect(conn).serialize(conn, 7234550193)  # any constant: "creating a subscription"
     return int(conn.execute(select(func.count()).select_from(_S)).scalar_one())
 
 
@@ -121,12 +116,12 @@ def _with_attempts(conn: Connection, rows: Sequence[Any]) -> list[DeliveryPublic
                                                                                              a.c.attempt)):
             attempts[r.delivery_id].append(AttemptPublic(attempt=r.attempt, outcome=r.outcome,
                                                          status_code=r.status_code, latency_ms=r.latency_ms,
-                                                         error=r.error, at=_utc(r.at)))
+                                                         error=r.error, at=aware_utc(r.at)))
     return [DeliveryPublic(id=r.id, msg_id=r.msg_id, event=r.event, incident=r.incident, state=r.state,
                            attempts=attempts[r.id],
                            next_attempt_at=_utc_or_none(r.next_attempt_at) if r.state == "pending" else None,
                            last_status_code=r.last_status_code, last_error=r.last_error,
-                           created_at=_utc(r.created_at), delivered_at=_utc_or_none(r.delivered_at)) for r in rows]
+                           created_at=aware_utc(r.created_at), delivered_at=_utc_or_none(r.delivered_at)) for r in rows]
 
 
 def resend_delivery(conn: Connection, sub_id: int, delivery_id: int) -> str | None:

@@ -13,12 +13,12 @@ import hmac
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import Connection, insert, select, update
 
 from .db import now_utc
+from .dialect import aware_utc
 from .models import api_tokens
 from .token_schemas import Scope, TokenCreate, TokenCreated, TokenPublic
 
@@ -64,9 +64,6 @@ def parse_token(token: str) -> str | None:
     return token_id if _HEX.issuperset(token_id) else None
 
 
-def _utc(t: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    return t if t is None or t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 def _ordered(scopes: Iterable[str]) -> list[Scope]:
@@ -75,10 +72,10 @@ def _ordered(scopes: Iterable[str]) -> list[Scope]:
 
 
 def _public(row: Any) -> TokenPublic:
-    created = _utc(row.created_at)
+    created = aware_utc(row.created_at)
     assert created is not None
     return TokenPublic(id=row.token_id, name=row.name, project=row.project, scopes=_ordered(row.scopes.split()),
-                       created_at=created, revoked_at=_utc(row.revoked_at))
+                       created_at=created, revoked_at=None if row.revoked_at is None else aware_utc(row.revoked_at))
 
 
 def create_token(conn: Connection, body: TokenCreate) -> TokenCreated:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, insert, select, update
 
-from gradwatch_service.db import is_sqlite, now_utc, read_connection, write_transaction
+from gradwatch_service.db import now_utc, read_connection, write_transaction
 from gradwatch_service.ingest import upsert_run
 from gradwatch_service.models import incidents, runs, webhook_deliveries
 from gradwatch_service.outbox import (
@@ -189,7 +189,7 @@ def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
 
 
 def test_replicas_claiming_at_once_skip_each_others_rows(engine: Engine) -> None:
-    if is_sqlite(engine):
+    if engine.dialect.name == "sqlite":
         pytest.skip("SQLite writers are serialised by the write lock; SKIP LOCKED is PostgreSQL's")
     subs = [_subscribe(engine) for _ in range(4)]
     run_pk = _run(engine)

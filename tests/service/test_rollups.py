@@ -14,6 +14,7 @@ from gradwatch.wire import LAYER_FIELDS, SCALAR_FIELDS, encode_binary_batch, jso
 from gradwatch_service import migrate
 from gradwatch_service.binary_batch import parse_binary_batch
 from gradwatch_service.db import read_connection, write_transaction
+from gradwatch_service.dialect import storage_dialect
 from gradwatch_service.ingest import append_steps, upsert_run
 from gradwatch_service.limits import InputLimits
 from gradwatch_service.models import ROLLUP_SCALAR_STATS, ROLLUP_WIDTHS, step_rollups, steps
@@ -229,7 +230,7 @@ def test_the_migration_builds_rollups_for_steps_already_stored(engine: Engine) -
         batch = StepBatch.model_validate(jsonable({"steps": [_random_step(rng, t, layers) for t in range(5000)]}))
         arrays = {f: [getattr(s, f) for s in batch.steps] for f in LAYER_FIELDS}
         columns = StepColumns.from_steps(batch.steps, arrays, layers)
-        insert_rows(conn, columns.rows(run_pk, conn.dialect.name == "sqlite"))
+        insert_rows(conn, columns.rows(run_pk, storage_dialect(conn)))
     migrate.upgrade(engine)
     _assert_rollups_match(engine, run_id)
 

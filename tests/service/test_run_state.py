@@ -10,8 +10,8 @@ from typing import Any
 from prometheus_client.core import Metric
 from sqlalchemy import Engine, insert
 
-from gradwatch_service.codec import sqlite_real_in
 from gradwatch_service.db import make_engine, now_utc, write_transaction
+from gradwatch_service.dialect import sqlite_real_in
 from gradwatch_service.models import incidents, projects, runs, steps
 from gradwatch_service.run_state import RunStateCollector, read_run_state
 from gradwatch_service.settings import Settings

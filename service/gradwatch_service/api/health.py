@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from ..db import is_sqlite, write_transaction
+from ..db import write_transaction
+from ..dialect import storage_dialect
 from ..migrate import schema_problem
 from .deps import EngineDep
 
@@ -39,7 +40,7 @@ async def readyz(engine: EngineDep) -> JSONResponse:
             return f"database unreachable: {type(exc).__name__}: {exc}"
         try:
             problem = schema_problem(engine)
-            if problem is None and is_sqlite(engine):
+            if problem is None and storage_dialect(engine).ready_takes_write_lock:
                 with write_transaction(engine):
                     pass
             return problem
