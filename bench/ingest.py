@@ -175,9 +175,9 @@ def end_to_end(url: str, n_clients: int, n_steps: int, batch_size: int, server: 
 def raw_insert(database_url: str, n_clients: int, n_steps: int, batch_size: int) -> float:
     """The same rows into the same table through the same driver: executemany, one commit per batch."""
     from gradwatch.wire import pack_floats
-    from gradwatch_service.db import make_engine
-    from gradwatch_service.dialect import COPY_TYPES, STEP_COLUMNS, storage_dialect
-    from gradwatch_service.migrate import upgrade
+    from gradwatch_service.storage.db import make_engine
+    from gradwatch_service.storage.dialect import COPY_TYPES, STEP_COLUMNS, storage_dialect
+    from gradwatch_service.storage.migrate import upgrade
 
     engine = make_engine(database_url)
     upgrade(engine)
@@ -299,8 +299,8 @@ def overlay_of(checkout: Path, workdir: Path) -> Path:
 
 def rollups_settled(url: str) -> Any:
     """True once no run's stored steps go beyond its rollups (this tree's own check)."""
-    from gradwatch_service.db import make_engine, read_connection
-    from gradwatch_service.rollups import lagging_runs
+    from gradwatch_service.storage.db import make_engine, read_connection
+    from gradwatch_service.storage.rollups import lagging_runs
 
     engine = make_engine(url)
 

@@ -23,10 +23,10 @@ from ingest import LAYERS, VALUES_PER_STEP, batches, make_steps  # noqa: E402
 def measure(backend: str, n_steps: int, workdir: Path) -> dict[str, float]:
     from sqlalchemy import text
 
-    from gradwatch_service.db import make_engine, write_transaction
     from gradwatch_service.ingest import append_steps, upsert_run
-    from gradwatch_service.migrate import upgrade
     from gradwatch_service.schemas import RunUpsert, StepBatch
+    from gradwatch_service.storage.db import make_engine, write_transaction
+    from gradwatch_service.storage.migrate import upgrade
 
     with fresh_database(backend, workdir) as url:
         engine = make_engine(url)

@@ -1,12 +1,12 @@
-"""Alembic environment. The URL and connection come from gradwatch_service.migrate, never from an ini file."""
+"""Alembic environment. The URL and connection come from gradwatch_service.storage.migrate, never from an ini file."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from gradwatch_service.migrate import compare_type
-from gradwatch_service.models import metadata
+from gradwatch_service.storage.migrate import compare_type
+from gradwatch_service.storage.models import metadata
 
 config = context.config
 

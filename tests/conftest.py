@@ -11,8 +11,8 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 
-from gradwatch_service.db import make_engine
-from gradwatch_service.migrate import upgrade
+from gradwatch_service.storage.db import make_engine
+from gradwatch_service.storage.migrate import upgrade
 
 from .support.databases import BACKENDS, SERVER_MAX_BODY_BYTES, new_database_url
 from .support.serverproc import ServerProcess

@@ -24,9 +24,9 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from gradwatch_service.db import make_engine, read_connection
-from gradwatch_service.models import ROLLUP_WIDTHS
-from gradwatch_service.rollups import lagging_runs
+from gradwatch_service.storage.db import make_engine, read_connection
+from gradwatch_service.storage.models import ROLLUP_WIDTHS
+from gradwatch_service.storage.rollups import lagging_runs
 
 from .support.databases import PostgresSchema, new_run_id, require_postgres
 from .support.prometheus import REPO, get_json, prometheus_server

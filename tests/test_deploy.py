@@ -25,9 +25,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InternalError, ProgrammingError
 
-from gradwatch_service import migrate
-from gradwatch_service.db import make_engine
-from gradwatch_service.models import metadata
+from gradwatch_service.storage import migrate
+from gradwatch_service.storage.db import make_engine
+from gradwatch_service.storage.models import metadata
 
 from .support.databases import POSTGRES_ADMIN_URL, PostgresSchema, new_database_url, require_postgres
 from .support.deploy_files import compose_variables, dockerfile_instructions, interpolate

@@ -36,7 +36,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common, dashboard
 from grafana_foundation_sdk.models import heatmap as heatmap_m
 
-from gradwatch_service.models import ROLLUP_WIDTHS  # each 4x the one before
+from gradwatch_service.storage.models import ROLLUP_WIDTHS  # each 4x the one before
 
 OUT_DIR = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashboards"
 

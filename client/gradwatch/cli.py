@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 # subcommand -> (module, help). Each module has add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("gradwatch_service.cli", "run the gradwatch service"),
-    "db": ("gradwatch_service.cli_db", "manage the service's database schema (upgrade, downgrade, current)"),
-    "token": ("gradwatch_service.cli_token", "make, list and revoke the service's API tokens (on its database)"),
+    "serve": ("gradwatch_service.cli.serve", "run the gradwatch service"),
+    "db": ("gradwatch_service.cli.db", "manage the service's database schema (upgrade, downgrade, current)"),
+    "token": ("gradwatch_service.cli.token", "make, list and revoke the service's API tokens (on its database)"),
     "sync": ("gradwatch.sync", "upload steps a finished job left in its spool"),
     "replay": ("gradwatch.replay", "run the detectors over trace files and write alerts"),
 }

@@ -76,8 +76,8 @@ def _backfill() -> None:
     """Every stored run's rollups, computed from its steps by the service's own maintenance code (the one
     definition of what a rollup holds). Should a later revision change step_rollups, this must then be frozen
     to the columns this revision creates."""
-    from gradwatch_service.models import runs
-    from gradwatch_service.rollups import catch_up_rollups
+    from gradwatch_service.storage.models import runs
+    from gradwatch_service.storage.rollups import catch_up_rollups
 
     conn = op.get_bind()
     for run_pk, layer_names in conn.execute(sa.select(runs.c.id, runs.c.layer_names).order_by(runs.c.id)).all():

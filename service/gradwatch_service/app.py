@@ -14,18 +14,18 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gradwatch.wire import VERSION
 
 from . import __doc__ as package_doc
+from .alerting.delivery import DeliveryWorker
+from .alerting.metrics import count_database_errors
 from .allocator import tune_malloc
 from .api import health, incidents, metrics, runs, steps, tokens, webhooks
 from .api.deps import AppState
 from .api.errors import install_error_handlers
-from .db import make_engine
-from .delivery import DeliveryWorker
-from .metrics import count_database_errors
-from .migrate import schema_problem
 from .request_metrics import RequestMetrics
-from .rollup_worker import RollupWorker
 from .schemas import RunUpsert, StepBatch
 from .settings import Settings, get_settings
+from .storage.db import make_engine
+from .storage.migrate import schema_problem
+from .storage.rollup_worker import RollupWorker
 
 __all__ = ["create_app", "SchemaOutdated"]
 

@@ -26,7 +26,7 @@ from .body import nul_location
 from .errors import InvalidInput
 from .limits import InputLimits
 from .schemas import MAX_STEP, BinaryBatchHeader
-from .steps_table import LayerColumn, StepColumns
+from .storage.steps_table import LayerColumn, StepColumns
 
 __all__ = ["parse_binary_batch"]
 

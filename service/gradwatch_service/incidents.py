@@ -19,9 +19,9 @@ from gradwatch import detect
 from gradwatch.incidents import new_incident_state, track_incidents
 from gradwatch.wire import decode_value, encode_value
 
-from .db import now_utc
-from .models import incidents
-from .outbox import enqueue_incident_event
+from .alerting.outbox import enqueue_incident_event
+from .storage.db import now_utc
+from .storage.models import incidents
 
 __all__ = ["DetectionOutcome", "advance_detection", "load_state"]
 

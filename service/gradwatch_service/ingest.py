@@ -25,15 +25,15 @@ from sqlalchemy import Connection, Row, Table, select, update
 from gradwatch.detect import DetectorConfig
 from gradwatch.wire import LAYER_FIELDS, SCALAR_FIELDS, jsonable
 
-from .db import now_utc
-from .dialect import decode_scalars, storage_dialect
 from .errors import InvalidInput, RunNotFound, RunOfAnotherProject, StepConflict
 from .incidents import advance_detection
 from .limits import InputLimits
-from .models import FLAG_SKIPPED, projects, runs
-from .rollups import roll_up_batch
 from .schemas import RunUpsert, StepBatch, StepIn
-from .steps_table import LayerRow, StepColumns, insert_rows, stored_steps
+from .storage.db import now_utc
+from .storage.dialect import decode_scalars, storage_dialect
+from .storage.models import FLAG_SKIPPED, projects, runs
+from .storage.rollups import roll_up_batch
+from .storage.steps_table import LayerRow, StepColumns, insert_rows, stored_steps
 
 __all__ = ["BatchOutcome", "upsert_run", "append_steps"]
 

@@ -13,20 +13,13 @@ from sqlalchemy import Connection, func, select
 
 from gradwatch.wire import LAYER_FIELDS
 
-from .dialect import aware_utc, decode_scalars
 from .errors import InvalidInput, RunNotFound
-from .models import FLAG_LATE, FLAG_SKIPPED, ROLLUP_WIDTHS, incidents, projects, runs, steps
-from .rollups import (
-    NONE_STEP,
-    FieldStats,
-    concat_units,
-    raw_units,
-    read_units,
-    reduce_units,
-    rolled_up_through,
-    take_units,
-)
 from .schemas import Incident, RunPublic, Series, StepOut
+from .storage.buckets import NONE_STEP, FieldStats, concat_units, reduce_units, take_units
+from .storage.dialect import aware_utc, decode_scalars
+from .storage.models import FLAG_LATE, FLAG_SKIPPED, ROLLUP_WIDTHS, incidents, projects, runs, steps
+from .storage.raw_steps import raw_units
+from .storage.rollups import read_units, rolled_up_through
 
 __all__ = ["get_run", "get_visible_run", "visible_run_row", "list_runs", "read_steps", "read_series",
            "plan_downsample", "Downsample", "list_incidents", "UnknownLayer"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .metrics import observe_request
+from .alerting.metrics import observe_request
 
 __all__ = ["RequestMetrics"]
 

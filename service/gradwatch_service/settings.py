@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gradwatch.detect import DetectorConfig
 
-from .webhook_targets import TargetPolicy
+from .alerting.webhook_targets import TargetPolicy
 
 DEFAULT_DATA_DIR = Path(".gradwatch")
 

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from gradwatch.wire import decode_value, encode_value
-from gradwatch_service.dialect import sqlite_real_in, sqlite_real_out
+from gradwatch_service.storage.dialect import sqlite_real_in, sqlite_real_out
 
 
 def same(a: float | None, b: float | None) -> bool:

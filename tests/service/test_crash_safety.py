@@ -26,8 +26,8 @@ import pytest
 from sqlalchemy import Engine
 
 import gradwatch
-from gradwatch_service.db import make_engine, read_connection
 from gradwatch_service.queries import get_run_row, read_steps
+from gradwatch_service.storage.db import make_engine, read_connection
 
 from ..support.receiver import Receiver
 from ..support.replay_check import assert_matches_replay, incident_events

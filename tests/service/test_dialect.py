@@ -1,5 +1,5 @@
 """The storage dialect layer is the one place that knows which database it is on: outside dialect.py, only the
-engine factory (db.make_engine) compares a database kind's name, and each dialect binds, reads and writes the
+engine factory (storage/db.make_engine) compares a database kind's name, and each dialect binds, reads and writes the
 values the design promises to keep (NaN, ±Infinity, "not measured") the same way back."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine
 
-from gradwatch_service.dialect import PostgreSQL, SQLite, StorageDialect, dialect_named, storage_dialect
+from gradwatch_service.storage.dialect import PostgreSQL, SQLite, StorageDialect, dialect_named, storage_dialect
 
 SERVICE = Path(__file__).resolve().parents[2] / "service" / "gradwatch_service"
 KINDS = {"sqlite", "postgresql"}
@@ -40,11 +40,11 @@ def _branches_on_kind(path: Path) -> list[int]:
 
 def test_only_the_dialect_layer_and_the_engine_factory_branch_on_the_database_kind() -> None:
     found = {str(p.relative_to(SERVICE)): lines for p in sorted(SERVICE.rglob("*.py"))
-             if p.name != "dialect.py" and (lines := _branches_on_kind(p))}
-    assert set(found) <= {"db.py"}, found
-    tree = ast.parse((SERVICE / "db.py").read_text())
+             if p != SERVICE / "storage" / "dialect.py" and (lines := _branches_on_kind(p))}
+    assert set(found) <= {"storage/db.py"}, found
+    tree = ast.parse((SERVICE / "storage" / "db.py").read_text())
     factory = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "make_engine")
-    assert all(factory.lineno <= line <= (factory.end_lineno or 0) for line in found.get("db.py", [])), found
+    assert all(factory.lineno <= line <= (factory.end_lineno or 0) for line in found.get("storage/db.py", [])), found
 
 
 def test_the_counter_sees_a_branch() -> None:

@@ -17,9 +17,9 @@ from sqlalchemy import Engine
 
 import gradwatch
 from gradwatch.wire import BINARY_CONTENT_TYPE, encode_binary_batch
-from gradwatch_service.db import write_transaction
-from gradwatch_service.subscriptions import count_subscriptions, create_subscription
-from gradwatch_service.webhook_schemas import SubscriptionCreate
+from gradwatch_service.alerting.schemas import SubscriptionCreate
+from gradwatch_service.alerting.subscriptions import count_subscriptions, create_subscription
+from gradwatch_service.storage.db import write_transaction
 
 from ..support.databases import BACKENDS, SERVER_MAX_BODY_BYTES, new_database_url, new_run_id
 from ..support.serverproc import ServerProcess

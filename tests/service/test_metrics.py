@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import REGISTRY
 from sqlalchemy import Engine, text
 
-from gradwatch_service.metrics import count_database_errors
+from gradwatch_service.alerting.metrics import count_database_errors
 
 from ..support.databases import new_database_url, new_run_id
 from ..support.prometheus import require_binary

@@ -11,9 +11,9 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Column, Engine, Integer, MetaData, inspect, text
 from sqlalchemy.exc import ProgrammingError
 
-from gradwatch_service import migrate
-from gradwatch_service.db import make_engine
-from gradwatch_service.models import metadata
+from gradwatch_service.storage import migrate
+from gradwatch_service.storage.db import make_engine
+from gradwatch_service.storage.models import metadata
 
 
 def _diff(engine: Engine, target: MetaData) -> list[object]:

@@ -11,10 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, insert, select, update
 
-from gradwatch_service.db import now_utc, read_connection, write_transaction
-from gradwatch_service.ingest import upsert_run
-from gradwatch_service.models import incidents, runs, webhook_deliveries
-from gradwatch_service.outbox import (
+from gradwatch_service.alerting.outbox import (
     Outcome,
     backoff_s,
     claim_due,
@@ -24,9 +21,12 @@ from gradwatch_service.outbox import (
     outbox_depth,
     settle,
 )
+from gradwatch_service.alerting.schemas import SubscriptionCreate
+from gradwatch_service.alerting.subscriptions import create_subscription
+from gradwatch_service.ingest import upsert_run
 from gradwatch_service.schemas import RunUpsert
-from gradwatch_service.subscriptions import create_subscription
-from gradwatch_service.webhook_schemas import SubscriptionCreate
+from gradwatch_service.storage.db import now_utc, read_connection, write_transaction
+from gradwatch_service.storage.models import incidents, runs, webhook_deliveries
 
 from ..support.databases import new_run_id
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import psycopg
 
-from gradwatch_service.pg_arrays import float8_arrays, float8_matrix
+from gradwatch_service.storage.pg_arrays import float8_arrays, float8_matrix
 
 from ..support.databases import POSTGRES_ADMIN_URL, require_postgres
 

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gradwatch_service.db import make_engine
+from gradwatch_service.storage.db import make_engine
 
 from ..support.databases import BACKENDS, PostgresSchema, new_database_url, new_run_id, require_postgres
 from ..support.receiver import Receiver

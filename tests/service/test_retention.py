@@ -13,13 +13,13 @@ import pytest
 from sqlalchemy import Engine, func, insert, select, update
 
 from gradwatch.detect import DetectorConfig
-from gradwatch_service.db import now_utc, read_connection, write_transaction
+from gradwatch_service.alerting.schemas import SubscriptionCreate
+from gradwatch_service.alerting.subscriptions import create_subscription
 from gradwatch_service.ingest import append_steps, upsert_run
-from gradwatch_service.models import incidents, metadata, runs, steps, webhook_attempts, webhook_deliveries
-from gradwatch_service.retention import PruneResult, prune
 from gradwatch_service.schemas import RunUpsert, StepBatch
-from gradwatch_service.subscriptions import create_subscription
-from gradwatch_service.webhook_schemas import SubscriptionCreate
+from gradwatch_service.storage.db import now_utc, read_connection, write_transaction
+from gradwatch_service.storage.models import incidents, metadata, runs, steps, webhook_attempts, webhook_deliveries
+from gradwatch_service.storage.retention import PruneResult, prune
 
 from ..support.databases import new_run_id
 

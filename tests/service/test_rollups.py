@@ -11,19 +11,19 @@ from typing import Any
 from sqlalchemy import Engine, delete, select
 
 from gradwatch.wire import LAYER_FIELDS, SCALAR_FIELDS, encode_binary_batch, jsonable
-from gradwatch_service import migrate
 from gradwatch_service.binary_batch import parse_binary_batch
-from gradwatch_service.db import read_connection, write_transaction
-from gradwatch_service.dialect import storage_dialect
 from gradwatch_service.ingest import append_steps, upsert_run
 from gradwatch_service.limits import InputLimits
-from gradwatch_service.models import ROLLUP_SCALAR_STATS, ROLLUP_WIDTHS, step_rollups, steps
 from gradwatch_service.queries import get_run_row, plan_downsample, read_series, read_steps
-from gradwatch_service.rollup_worker import RollupWorker
-from gradwatch_service.rollups import catch_up_rollups, rolled_up_through
 from gradwatch_service.schemas import RunUpsert, StepBatch
 from gradwatch_service.settings import Settings
-from gradwatch_service.steps_table import StepColumns, insert_rows
+from gradwatch_service.storage import migrate
+from gradwatch_service.storage.db import read_connection, write_transaction
+from gradwatch_service.storage.dialect import storage_dialect
+from gradwatch_service.storage.models import ROLLUP_SCALAR_STATS, ROLLUP_WIDTHS, step_rollups, steps
+from gradwatch_service.storage.rollup_worker import RollupWorker
+from gradwatch_service.storage.rollups import catch_up_rollups, rolled_up_through
+from gradwatch_service.storage.steps_table import StepColumns, insert_rows
 
 from ..support.databases import new_run_id
 

@@ -10,11 +10,11 @@ from typing import Any
 from prometheus_client.core import Metric
 from sqlalchemy import Engine, insert
 
-from gradwatch_service.db import make_engine, now_utc, write_transaction
-from gradwatch_service.dialect import sqlite_real_in
-from gradwatch_service.models import incidents, projects, runs, steps
-from gradwatch_service.run_state import RunStateCollector, read_run_state
+from gradwatch_service.alerting.run_state import RunStateCollector, read_run_state
 from gradwatch_service.settings import Settings
+from gradwatch_service.storage.db import make_engine, now_utc, write_transaction
+from gradwatch_service.storage.dialect import sqlite_real_in
+from gradwatch_service.storage.models import incidents, projects, runs, steps
 
 
 def _samples(families: list[Metric]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -28,7 +28,7 @@ from sqlalchemy import (
     inspect,
 )
 
-from gradwatch_service.models import metadata
+from gradwatch_service.storage.models import metadata
 
 RUN_KEY = "run_pk"
 RUNS = "runs"  # its `id` is the run key every run_pk refers to

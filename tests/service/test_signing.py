@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from gradwatch_service.signing import new_secret, signed_headers, verify
+from gradwatch_service.alerting.signing import new_secret, signed_headers, verify
 
 BODY = b'{"version":"4","status":"firing","alerts":[]}'
 

@@ -8,12 +8,12 @@ import pytest
 from sqlalchemy import Engine, select, text
 
 from gradwatch.detect import DetectorConfig
-from gradwatch_service.db import read_connection, write_transaction
 from gradwatch_service.errors import InvalidInput, RunNotFound, StepConflict
 from gradwatch_service.ingest import append_steps, upsert_run
-from gradwatch_service.models import steps
 from gradwatch_service.queries import get_run, get_run_row, read_series, read_steps
 from gradwatch_service.schemas import RunUpsert, StepBatch
+from gradwatch_service.storage.db import read_connection, write_transaction
+from gradwatch_service.storage.models import steps
 
 from ..support.databases import new_run_id
 

@@ -23,16 +23,16 @@ import httpx
 import pytest
 from sqlalchemy import Engine, insert, select
 
-from gradwatch_service.db import now_utc, read_connection, write_transaction
-from gradwatch_service.delivery import DeliveryWorker, send
+from gradwatch_service.alerting.delivery import DeliveryWorker, send
+from gradwatch_service.alerting.outbox import enqueue_incident_event
+from gradwatch_service.alerting.schemas import SubscriptionCreate
+from gradwatch_service.alerting.subscriptions import create_subscription
+from gradwatch_service.alerting.webhook_targets import TargetPolicy, TargetRefused, check_target
 from gradwatch_service.ingest import upsert_run
-from gradwatch_service.models import incidents, runs, webhook_attempts, webhook_deliveries
-from gradwatch_service.outbox import enqueue_incident_event
 from gradwatch_service.schemas import RunUpsert
 from gradwatch_service.settings import Settings
-from gradwatch_service.subscriptions import create_subscription
-from gradwatch_service.webhook_schemas import SubscriptionCreate
-from gradwatch_service.webhook_targets import TargetPolicy, TargetRefused, check_target
+from gradwatch_service.storage.db import now_utc, read_connection, write_transaction
+from gradwatch_service.storage.models import incidents, runs, webhook_attempts, webhook_deliveries
 
 from ..support.databases import new_run_id
 from ..support.receiver import Receiver

@@ -26,10 +26,10 @@ from sqlalchemy import Engine, select
 
 from gradwatch import detect
 from gradwatch.incidents import new_incident_state, track_incidents
-from gradwatch_service.db import read_connection
 from gradwatch_service.incidents import STATE_DOC_VERSION
-from gradwatch_service.models import runs
 from gradwatch_service.queries import get_run_row, list_incidents, read_steps
+from gradwatch_service.storage.db import read_connection
+from gradwatch_service.storage.models import runs
 
 __all__ = ["Replay", "assert_matches_replay", "comparable", "incident_events", "replay_stored",
            "stored_incidents"]

@@ -19,11 +19,11 @@ from starlette.concurrency import run_in_threadpool
 from gradwatch.detect import DetectorConfig
 from gradwatch.wire import RUN_ID_PATTERN
 
-from ..auth import OPEN, Principal, TokenCache, is_loopback
-from ..delivery import DeliveryWorker
+from ..alerting.delivery import DeliveryWorker
+from ..auth.principal import OPEN, Principal, TokenCache, is_loopback
 from ..limits import InputLimits
-from ..rollup_worker import RollupWorker
 from ..settings import Settings
+from ..storage.rollup_worker import RollupWorker
 
 
 class AppState:

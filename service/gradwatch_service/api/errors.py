@@ -12,10 +12,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import exc as sa_exc
 
-from ..db import DatabaseBusy
+from ..alerting.metrics import count_database_busy
 from ..errors import InvalidInput, RunNotFound, RunOfAnotherProject, StepConflict
 from ..limits import BatchTooLarge
-from ..metrics import count_database_busy
+from ..storage.db import DatabaseBusy
 from .deps import app_state
 
 __all__ = ["DATABASE_UNAVAILABLE", "INVALID", "STATUS", "TOO_LARGE", "ErrorAnswer", "install_error_handlers",

@@ -12,9 +12,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from ..db import write_transaction
-from ..dialect import storage_dialect
-from ..migrate import schema_problem
+from ..storage.db import write_transaction
+from ..storage.dialect import storage_dialect
+from ..storage.migrate import schema_problem
 from .deps import EngineDep
 
 router = APIRouter(tags=["health"])

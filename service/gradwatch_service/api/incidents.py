@@ -7,9 +7,9 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Response
 from starlette.concurrency import run_in_threadpool
 
-from ..db import read_connection
 from ..queries import list_incidents, visible_run_row
 from ..schemas import MAX_STEP, IncidentsPublic
+from ..storage.db import read_connection
 from .deps import AUTH_RESPONSES, EngineDep, ReadToken, RunIdPath, model_response
 
 router = APIRouter(tags=["incidents"], responses=AUTH_RESPONSES)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from ..metrics import serving_registry
-from ..run_state import RunStateCollector
+from ..alerting.metrics import serving_registry
+from ..alerting.run_state import RunStateCollector
 from .deps import MetricsAccess, app_state
 
 router = APIRouter(tags=["metrics"])

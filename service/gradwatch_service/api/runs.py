@@ -11,10 +11,10 @@ from starlette.concurrency import run_in_threadpool
 from gradwatch.wire import RunStatus
 
 from ..body import parse_body, read_body
-from ..db import read_connection, write_transaction
 from ..ingest import upsert_run
 from ..queries import get_run, get_visible_run, list_runs
 from ..schemas import MAX_STEP, RunPublic, RunsPublic, RunUpsert
+from ..storage.db import read_connection, write_transaction
 from .deps import AUTH_RESPONSES, EngineDep, IngestToken, LimitsDep, ReadToken, RunIdPath, SettingsDep, model_response
 from .errors import INVALID, TOO_LARGE
 

@@ -7,15 +7,15 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from ..alerting.metrics import count_incident_opened, observe_detector_seconds, record_batch
 from ..binary_batch import parse_binary_batch
 from ..body import BINARY_CONTENT_TYPE, content_type_of, parse_body, read_body
-from ..db import read_connection, write_transaction
 from ..errors import InvalidInput
 from ..ingest import BatchOutcome, append_steps
-from ..metrics import count_incident_opened, observe_detector_seconds, record_batch
 from ..queries import list_incidents, read_series, read_steps, visible_run_row
 from ..schemas import MAX_STEP, SERIES_FIELDS, Incident, IngestResult, SeriesPublic, StepBatch, StepsPublic
-from ..steps_table import StepColumns
+from ..storage.db import read_connection, write_transaction
+from ..storage.steps_table import StepColumns
 from .deps import (
     AUTH_RESPONSES,
     DetectorDep,

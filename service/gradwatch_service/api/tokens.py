@@ -9,9 +9,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Path, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from ..db import read_connection, write_transaction
-from ..token_schemas import CREATE_EXAMPLE, TokenCreate, TokenCreated, TokenPublic, TokensPublic
-from ..tokens import create_token, list_tokens, revoke_token
+from ..auth.schemas import CREATE_EXAMPLE, TokenCreate, TokenCreated, TokenPublic, TokensPublic
+from ..auth.tokens import create_token, list_tokens, revoke_token
+from ..storage.db import read_connection, write_transaction
 from .deps import AUTH_RESPONSES, AdminToken, EngineDep, all_projects, app_state, model_response
 
 router = APIRouter(prefix="/v1/tokens", tags=["tokens"], responses=AUTH_RESPONSES)

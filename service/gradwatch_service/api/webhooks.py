@@ -10,22 +10,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from sqlalchemy import Connection
 from starlette.concurrency import run_in_threadpool
 
-from ..auth import Principal
-from ..db import read_connection, write_transaction
-from ..errors import InvalidInput
-from ..subscriptions import (
-    count_subscriptions,
-    create_subscription,
-    delete_subscription,
-    get_delivery,
-    get_subscription,
-    list_deliveries,
-    list_subscriptions,
-    resend_delivery,
-    rotate_secret,
-    update_subscription,
-)
-from ..webhook_schemas import (
+from ..alerting.schemas import (
     CREATE_EXAMPLE,
     UPDATE_EXAMPLE,
     DeliveriesPublic,
@@ -37,7 +22,22 @@ from ..webhook_schemas import (
     SubscriptionsPublic,
     SubscriptionUpdate,
 )
-from ..webhook_targets import TargetRefused, check_target
+from ..alerting.subscriptions import (
+    count_subscriptions,
+    create_subscription,
+    delete_subscription,
+    get_delivery,
+    get_subscription,
+    list_deliveries,
+    list_subscriptions,
+    resend_delivery,
+    rotate_secret,
+    update_subscription,
+)
+from ..alerting.webhook_targets import TargetRefused, check_target
+from ..auth.principal import Principal
+from ..errors import InvalidInput
+from ..storage.db import read_connection, write_transaction
 from .deps import AUTH_RESPONSES, AdminToken, EngineDep, LimitsDep, SettingsDep, app_state, model_response
 from .errors import INVALID
 

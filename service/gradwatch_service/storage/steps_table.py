@@ -17,9 +17,9 @@ from sqlalchemy import Connection, Row, select
 
 from gradwatch.wire import LAYER_FIELDS, MISSING_BYTES, SCALAR_FIELDS, STEP_COLUMN_FIELDS, pack_floats, unpack_floats
 
+from ..schemas import StepBatch, StepIn
 from .dialect import COPY_TYPES, STEP_COLUMNS, StorageDialect, encode_scalars, storage_dialect
 from .models import FLAG_LATE, FLAG_SKIPPED, steps
-from .schemas import StepBatch, StepIn
 
 __all__ = ["COPY_TYPES", "STEP_COLUMNS", "LayerColumn", "StepColumns", "insert_rows", "stored_steps"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from .settings import Settings
+from ..settings import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def configured_engine(database_url: str | None) -> Iterator[tuple[Settings, Engine]]:
     """Settings (a --database-url overrides GRADWATCH_DATABASE_URL, for this process and its workers) and an
     engine on them, disposed of on exit."""
-    from .db import make_engine
+    from ..storage.db import make_engine
 
     if database_url:
         os.environ["GRADWATCH_DATABASE_URL"] = database_url
@@ -45,7 +45,7 @@ def configured_engine(database_url: str | None) -> Iterator[tuple[Settings, Engi
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .migrate import schema_problem
+    from ..storage.migrate import schema_problem
 
     with configured_engine(args.database_url) as (settings, engine):
         problem = schema_problem(engine)
@@ -76,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
 def _exposure_problem(engine: Engine, host: str, insecure: bool) -> str | None:
     """Why this service must not listen on `host`: beyond loopback, with no token anyone could read and write
     every run."""
-    from .auth import is_loopback
-    from .db import read_connection
-    from .tokens import any_active_token
+    from ..auth.principal import is_loopback
+    from ..auth.tokens import any_active_token
+    from ..storage.db import read_connection
 
     if is_loopback(host) or insecure:
         return None
@@ -94,7 +94,7 @@ def _exposure_problem(engine: Engine, host: str, insecure: bool) -> str | None:
 def metrics_directory(settings: Settings, workers: int) -> Iterator[None]:
     """With several workers, each keeps its metrics in prometheus-client's multiprocess directory, so a scrape
     answered by any one of them adds up all. Files left by an earlier server would count twice: start empty."""
-    from .metrics import MULTIPROC_ENV
+    from ..alerting.metrics import MULTIPROC_ENV
 
     if workers <= 1 or not settings.metrics or os.environ.get(MULTIPROC_ENV):
         yield

@@ -24,10 +24,10 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, event, func, insert, or_, select, update
 
-from .db import now_utc
-from .dialect import aware_utc, storage_dialect
-from .models import webhook_attempts, webhook_deliveries, webhook_subscriptions
-from .queries import list_incidents
+from ..queries import list_incidents
+from ..storage.db import now_utc
+from ..storage.dialect import aware_utc, storage_dialect
+from ..storage.models import webhook_attempts, webhook_deliveries, webhook_subscriptions
 
 __all__ = ["Claim", "Outcome", "backoff_s", "claim_due", "delivery_counts", "enqueue_incident_event",
            "on_outbox_commit", "outbox_depth", "settle"]

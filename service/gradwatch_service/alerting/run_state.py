@@ -19,10 +19,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sqlalchemy import Connection, Engine, func, select
 
-from .db import now_utc, read_connection
-from .models import incidents, projects, runs, steps
+from ..settings import Settings
+from ..storage.db import now_utc, read_connection
+from ..storage.models import incidents, projects, runs, steps
 from .outbox import delivery_counts, outbox_depth
-from .settings import Settings
 
 __all__ = ["RunStateCollector", "read_run_state"]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
-from .db import read_connection
+from ..storage.db import read_connection
 from .tokens import SCOPES, StoredToken, any_active_token, find_token, hash_token, parse_token
 
 __all__ = ["OPEN", "Principal", "TokenCache", "is_loopback"]

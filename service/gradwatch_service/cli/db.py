@@ -10,7 +10,7 @@ from sqlalchemy import Engine
 
 from gradwatch.wire import RUN_STATUSES
 
-from .cli import configured_engine
+from .serve import configured_engine
 
 
 def _statuses(text: str) -> tuple[str, ...]:
@@ -33,7 +33,7 @@ def _days(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .retention import DEFAULT_STATUSES
+    from ..storage.retention import DEFAULT_STATUSES
 
     parser.add_argument("action", choices=("upgrade", "downgrade", "current", "prune"))
     parser.add_argument("revision", nargs="?", help="target revision (upgrade: head; downgrade: required)")
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import migrate
+    from ..storage import migrate
 
     if args.action == "prune" and args.older_than is None:
         raise SystemExit("gradwatch db prune: give --older-than DAYS")
@@ -67,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _prune(engine: Engine, shown: str, args: argparse.Namespace) -> int:
-    from .db import now_utc
-    from .migrate import schema_problem
-    from .retention import prune
+    from ..storage.db import now_utc
+    from ..storage.migrate import schema_problem
+    from ..storage.retention import prune
 
     problem = schema_problem(engine)
     if problem:

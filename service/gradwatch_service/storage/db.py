@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
-from .settings import Settings
+from ..settings import Settings
 
 __all__ = ["DatabaseBusy", "make_engine", "write_transaction", "read_connection", "now_utc"]
 

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import configured_engine
+from .serve import configured_engine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,9 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from .db import read_connection, write_transaction
-    from .token_schemas import TokenCreate
-    from .tokens import TokenRefused, create_token, list_tokens, register_token, revoke_token
+    from ..auth.schemas import TokenCreate
+    from ..auth.tokens import TokenRefused, create_token, list_tokens, register_token, revoke_token
+    from ..storage.db import read_connection, write_transaction
 
     with configured_engine(args.database_url) as (_settings, engine):
         if args.action == "create":

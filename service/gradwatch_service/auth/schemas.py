@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, StringConstraints
 
-from .schemas import ProjectName, WireModel
+from ..schemas import ProjectName, WireModel
 
 __all__ = ["CREATE_EXAMPLE", "Scope", "TokenCreate", "TokenCreated", "TokenPublic", "TokensPublic"]
 

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, ConfigDict, Field, StringConstraints
 
-from .schemas import ProjectName, WireModel
+from ..schemas import ProjectName, WireModel
 
 __all__ = ["CREATE_EXAMPLE", "UPDATE_EXAMPLE", "AttemptPublic", "DeliveriesPublic", "DeliveryPublic",
            "SecretPublic", "SubscriptionCreate", "SubscriptionCreated", "SubscriptionPublic", "SubscriptionUpdate",

@@ -17,10 +17,10 @@ from typing import Any, cast
 
 from sqlalchemy import Connection, insert, select, update
 
-from .db import now_utc
-from .dialect import aware_utc
-from .models import api_tokens
-from .token_schemas import Scope, TokenCreate, TokenCreated, TokenPublic
+from ..storage.db import now_utc
+from ..storage.dialect import aware_utc
+from ..storage.models import api_tokens
+from .schemas import Scope, TokenCreate, TokenCreated, TokenPublic
 
 __all__ = ["SCOPES", "TOKEN_PREFIX", "StoredToken", "TokenRefused", "any_active_token", "create_token", "find_token",
            "hash_token", "list_tokens", "parse_token", "register_token", "revoke_token"]

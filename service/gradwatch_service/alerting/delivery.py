@@ -23,10 +23,10 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import Engine
 
+from ..settings import Settings
+from ..storage.db import write_transaction
 from .alert_body import alert_body, encode_body
-from .db import write_transaction
 from .outbox import Claim, Outcome, claim_due, on_outbox_commit, settle
-from .settings import Settings
 from .signing import signed_headers
 from .webhook_targets import Resolver, TargetPolicy, TargetRefused, check_target, system_resolver
 

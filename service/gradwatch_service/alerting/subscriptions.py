@@ -9,11 +9,10 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import Connection, and_, delete, func, insert, select, update
 
-from .db import now_utc
-from .dialect import aware_utc, storage_dialect
-from .models import webhook_attempts, webhook_deliveries, webhook_subscriptions
-from .signing import new_secret
-from .webhook_schemas import (
+from ..storage.db import now_utc
+from ..storage.dialect import aware_utc, storage_dialect
+from ..storage.models import webhook_attempts, webhook_deliveries, webhook_subscriptions
+from .schemas import (
     AttemptPublic,
     DeliveryPublic,
     SubscriptionCreate,
@@ -21,6 +20,7 @@ from .webhook_schemas import (
     SubscriptionPublic,
     SubscriptionUpdate,
 )
+from .signing import new_secret
 
 __all__ = ["count_subscriptions", "create_subscription", "delete_subscription", "get_delivery", "get_subscription",
            "list_deliveries", "list_subscriptions", "resend_delivery", "rotate_secret", "update_subscription"]

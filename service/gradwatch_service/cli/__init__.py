@@ -1,0 +1,1 @@
+"""The service's commands: `gradwatch serve`, `gradwatch db ...`, `gradwatch token ...`."""
