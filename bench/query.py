@@ -4,8 +4,8 @@ Run: `python bench/query.py [--quick] [--json] [--steps N] [--short S] [--layers
 [--backends sqlite,postgres]`
 
 Queries. Per database, a gradwatch (`gradwatch serve`, one worker) ingests two runs of L layers (default 50,
-binary batches as the client sends them, the rollups kept by ingest): a long one of N steps (default 10^6,
---quick 50,000) and a short one of S steps (default 10,000, --quick 5,000). Per-layer gradient norms every step,
+binary batches as the client sends them, the rollups kept by the rollup worker): a long one of N steps (default
+10^6, --quick 50,000) and a short one of S steps (default 10,000, --quick 5,000). Per-layer gradient norms every step,
 weight and update norms every 20th; the last 1 % of each run explodes in one layer and ends in NaN. Then the
 series a dashboard refresh asks for, over the whole run, through GET /v1/runs/{id}/series: `series` (loss and
 grad_norm, 1,000 points), `layer` (one layer's gradient norm, 1,000 points), `heatmap` (every layer's gradient
@@ -13,8 +13,10 @@ norm, 200 points). Each R times (default 30, --quick 5), long and short interlea
 side (HTTP, JSON and all). Every answer is checked to hold the run's NaN and its largest finite gradient norm.
 
 Ingest. P pairs (default 3, --quick 1) of bench/ingest.py's end-to-end ingest (4 clients, 46 layers, batches
-of 1,000 steps, detection on) against a gradwatch that keeps the rollups and one that does not
-(bench/_without_rollups.py), in alternating order: the median ratio of their throughputs.
+of 1,000 steps, detection on) against a gradwatch that keeps the rollups (its rollup worker merges each batch
+after the commit) and one that does not (bench/_without_rollups.py: the worker is told of nothing), in
+alternating order: the median ratio of their throughputs. The rollups' cost against the code before them is
+bench/ingest.py --against's measure.
 
 JSON keys: per database `<db>_<query>_<long|short>_p50_ms` and `_p99_ms`, `<db>_long_vs_short`,
 `<db>_ingest_values_per_s`, `<db>_ingest_without_rollups_values_per_s`, `<db>_ingest_rollups_ratio`; and over
