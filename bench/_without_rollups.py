@@ -8,5 +8,5 @@ empty, and series read raw steps. For a benchmark only; the switch lives here, n
 from gradwatch.cli import main
 from gradwatch_service.storage.rollup_worker import RollupWorker
 
-RollupWorker.note = lambda self, run_pk: None  # type: ignore[method-assign]
+RollupWorker.note = lambda self, run_pk, batch=None: None  # type: ignore[method-assign]
 raise SystemExit(main())
