@@ -11,7 +11,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 # Column types spelled per dialect here, not imported from models: a migration must not change when the
-# models do. REAL keeps NaN on SQLite by storing the text 'NaN' (see gradwatch_service.codec).
+# models do. REAL keeps NaN on SQLite by storing the text 'NaN' (see gradwatch_service.storage.dialect).
 REAL = sa.Float(precision=53).with_variant(postgresql.DOUBLE_PRECISION(), "postgresql")
 FLOAT_ARRAY = sa.LargeBinary().with_variant(postgresql.ARRAY(postgresql.DOUBLE_PRECISION()), "postgresql")
 JSON_DOC = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
