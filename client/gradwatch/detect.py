@@ -50,7 +50,7 @@ __all__ = [
 SIGNATURES = ("nonfinite", "grad_spike", "grad_growth", "loss_divergence", "update_ratio")
 WARNING = "warning"
 CRITICAL = "critical"
-STATE_VERSION = 3
+STATE_VERSION = 4
 
 _log = math.log
 _exp = math.exp
@@ -93,6 +93,10 @@ class DetectorConfig:
     """Consecutive counting steps needed (a lone spike is a grad_spike, not growth) ..."""
     growth_min_factor: float = 5.0
     """... and the grad norm must have grown this many times over the band at the start."""
+    growth_rising_steps: int = 3
+    """A climb fires sooner when it rises on every step: this many consecutive counting steps, each grad norm
+    above the one before, and the last `growth_min_factor` times the band. Exponential growth rises step after
+    step; noise, even heavy-tailed noise, does not (a healthy spike falls back the next step)."""
     growth_layer_min_factor: float = 3.0
     """Growth, too, when the whole network climbs together: both the total grad norm and the geometric mean
     of the layer grad norms are at least this many times their bands ..."""
@@ -113,6 +117,13 @@ class DetectorConfig:
     """The smoothed loss is divergent while above this many times the early baseline ..."""
     loss_steps: int = 5
     """... for this many consecutive steps (this also applies to the give-back test below)."""
+    loss_jump_factor: float = 2.0
+    """Divergent, too, when the loss jumps: `loss_jump_steps` consecutive losses each at least this many times
+    the loss band held at the first of them ...."""
+    loss_jump_z: float = 6.0
+    """... and this many of its deviations above it (the loss band is learned like the grad norm's)."""
+    loss_jump_steps: int = 2
+    """The second step confirms the first: a single bad batch is not a blow-up, a loss that stays up is."""
     loss_giveback_alpha: float = 0.05
     """Weight of a new loss in the slow smoothed log loss that tracks progress (about 20 steps of memory)."""
     loss_giveback_share: float = 0.7
@@ -174,6 +185,7 @@ class DetectorConfig:
     _up_growth: ClassVar[float]
     _up_spike: ClassVar[float]
     _up_loss: ClassVar[float]
+    _up_jump: ClassVar[float]
     _up_progress: ClassVar[float]
     _up_ratio: ClassVar[float]
     _band: ClassVar[tuple[int, float, float, float]]  # what `_band_update` reads, in one attribute
@@ -181,6 +193,7 @@ class DetectorConfig:
     def __post_init__(self) -> None:
         for attr, factor in (("_up_layers", self.growth_layer_min_factor), ("_up_growth", self.growth_min_factor),
                              ("_up_spike", self.spike_min_factor), ("_up_loss", self.loss_factor),
+                             ("_up_jump", self.loss_jump_factor),
                              ("_up_progress", self.loss_giveback_min_progress),
                              ("_up_ratio", self.ratio_min_factor)):
             ok = isinstance(factor, (int, float)) and factor > 0
@@ -221,13 +234,15 @@ def new_state() -> dict[str, Any]:
         "g_n": 0, "g_mu": 0.0, "g_dev": 0.0, "g_warm": [],
         # grad growth: consecutive steps above the band held when the climb started (gr_*), and
         # consecutive steps with the whole network far above its bands (gw_n)
-        "gr_n": 0, "gr_base": 0.0, "gr_dev": 0.0, "gw_n": 0,
+        "gr_n": 0, "gr_base": 0.0, "gr_dev": 0.0, "gr_rise": 0, "gr_last": 0.0, "gw_n": 0,
         # band of the log geometric mean of the layer grad norms (the network-wide growth test)
         "m_n": 0, "m_mu": 0.0, "m_dev": 0.0, "m_warm": [],
         # loss: early baseline, smoothed log loss, consecutive divergent steps
         "l_n": 0, "l_first": 0.0, "l_sum": 0.0, "l_start": 0.0, "l_ewm": 0.0, "l_run": 0,
         # loss give-back: slow smoothed log loss, its best level, consecutive steps past the share
         "l_slow": 0.0, "l_best": 0.0, "lb_run": 0,
+        # loss band (log space) and the jump test: consecutive steps far above the band held at the first one
+        "lj_n": 0, "lj_mu": 0.0, "lj_dev": 0.0, "lj_warm": [], "lj_run": 0, "lj_base": 0.0, "lj_s": 0.0,
         # update ratio band (log of update norm / weight norm)
         "r_n": 0, "r_mu": 0.0, "r_dev": 0.0, "r_warm": [], "r_big": 0,
         # per-layer grad norm bands, aligned with "layers": log mean (None until a layer's first sample),
@@ -280,6 +295,7 @@ def _limit(mu: float, dev: float, floor: float, z: float) -> float:
 _GRAD_BAND = ("g_n", "g_mu", "g_dev", "g_warm")
 _RATIO_BAND = ("r_n", "r_mu", "r_dev", "r_warm")
 _GMEAN_BAND = ("m_n", "m_mu", "m_dev", "m_warm")
+_LOSS_BAND = ("lj_n", "lj_mu", "lj_dev", "lj_warm")
 
 
 def _band_update(state: dict[str, Any], keys: tuple[str, str, str, str], x: float, n: int, mu: float, dev: float,
@@ -686,12 +702,18 @@ def _grad_growth(state: dict[str, Any], events: list[Event], step: Mapping[str, 
     s = dev if dev > floor else floor
     climb = state["gr_n"]
     if climb:
-        climb = climb + 1 if x > state["gr_base"] + cfg.growth_z * state["gr_dev"] else 0
+        if x > state["gr_base"] + cfg.growth_z * state["gr_dev"]:
+            climb += 1
+            state["gr_rise"] = state["gr_rise"] + 1 if x > state["gr_last"] else 1
+        else:
+            climb = 0
         state["gr_n"] = climb
+        state["gr_last"] = x
     elif (x - mu) / s > cfg.growth_z:
-        climb = state["gr_n"] = 1
+        climb = state["gr_n"] = state["gr_rise"] = 1
         state["gr_base"] = mu
         state["gr_dev"] = s
+        state["gr_last"] = x
     wide = state["gw_n"]
     if gm is not None and x - mu >= cfg._up_layers and state["m_n"] >= cfg.warmup_steps:
         dm = gm - state["m_mu"]
@@ -700,13 +722,14 @@ def _grad_growth(state: dict[str, Any], events: list[Event], step: Mapping[str, 
         state["gw_n"] = wide
     elif wide:
         wide = state["gw_n"] = 0
-    if climb >= cfg.growth_steps and x - state["gr_base"] >= cfg._up_growth:
+    if ((climb >= cfg.growth_steps or (climb and state["gr_rise"] >= cfg.growth_rising_steps))
+            and x - state["gr_base"] >= cfg._up_growth):
         t, g = state["last_step"], step["grad_norm"]
         base = _exp(state["gr_base"])
         _hold(state, "grad_growth", CRITICAL, state["gr_base"] + cfg.resolve_z * state["gr_dev"], base, t)
         events.append(Event("grad_growth", CRITICAL, t, float(g), base, _root_cause(state, step, cfg),
                             f"grad norm {g:.4g} has grown {g / base:.3g}x over {state['gr_n']} steps "
-                            f"(band {base:.4g})"))
+                            f"(band {base:.4g}){', rising on each' if state['gr_rise'] >= climb else ''}"))
         return
     if wide >= cfg.growth_layer_steps:
         t, g = state["last_step"], step["grad_norm"]
@@ -758,6 +781,8 @@ def _loss_divergence(state: dict[str, Any], events: list[Event], held: dict[str,
         level = state[held["loss_divergence"]["series"]]
         if _still_out(state, events, "loss_divergence", level, loss, f"smoothed loss {_exp(level):.4g}", step, cfg):
             return
+    if _loss_jump(state, events, step, x, loss, cfg):
+        return
     limit = start + cfg._up_loss
     if n >= cfg.loss_start_steps and ewm > limit:
         state["l_run"] += 1
@@ -790,6 +815,41 @@ def _loss_divergence(state: dict[str, Any], events: list[Event], held: dict[str,
                                 f"for {cfg.loss_steps} steps"))
     elif state["lb_run"]:
         state["lb_run"] = 0
+
+
+def _loss_jump(state: dict[str, Any], events: list[Event], step: Mapping[str, Any], x: float, loss: float,
+               cfg: DetectorConfig) -> bool:
+    """The jump test of `loss_divergence`: `loss_jump_steps` consecutive losses far above the loss band held at
+    the first of them (as a factor and in deviations). Teaches the loss band the step; True if it fired (and
+    holds the signature until the smoothed loss is back under the level it broke)."""
+    n, mu, dev = state["lj_n"], state["lj_mu"], state["lj_dev"]
+    if n >= cfg.warmup_steps:
+        run = state["lj_run"]
+        if run:
+            base, s = state["lj_base"], state["lj_s"]
+        else:
+            base, s = mu, (dev if dev > cfg.band_dev_floor else cfg.band_dev_floor)
+        up = x - base
+        if up >= cfg._up_jump and up >= cfg.loss_jump_z * s:
+            if not run:
+                state["lj_base"], state["lj_s"] = base, s
+            run = state["lj_run"] = run + 1
+            if run >= cfg.loss_jump_steps:
+                t = state["last_step"]
+                limit = base + cfg._up_jump
+                level = _exp(base)
+                _hold(state, "loss_divergence", CRITICAL, limit, level, t, "l_ewm")
+                state["l_run"] = state["lb_run"] = state["lj_run"] = 0
+                state["l_ewm"] = x  # a confirmed change of level restarts the smoothing at the new level
+                events.append(Event("loss_divergence", CRITICAL, t, float(loss), level,
+                                    _root_cause(state, step, cfg),
+                                    f"loss {loss:.4g} has jumped to {_exp(up):.3g}x its band {level:.4g} "
+                                    f"for {run} steps"))
+                return True
+        elif state["lj_run"]:
+            state["lj_run"] = 0
+    _band_update(state, _LOSS_BAND, x, n, mu, dev, cfg)
+    return False
 
 
 def _hold(state: dict[str, Any], signature: str, severity: str, limit: float, baseline: float, t: int,
