@@ -66,8 +66,14 @@ dashboards: $(STAMP)
 clean:
 	rm -rf $(VENV) .gradwatch .pytest_cache
 
+# detection quality: gradwatch's alerts beside every baseline the field ships, on the dev traces and the real
+# large-model logs (TRACES=dir scores one directory instead); tools/lofo.py is the leave-one-family-out forecast
+SCORE_SETS ?= $(or $(TRACES),../shared/traces/dev ../shared/traces/real-dev)
 score: $(STAMP)
 	@mkdir -p bench/out
-	$(VENV)/bin/gradwatch replay $(or $(TRACES),../shared/traces/dev) --out bench/out/gradwatch.jsonl
-	$(PY) $(or $(SCORER),../shared/tools/score.py) --traces $(or $(TRACES),../shared/traces/dev) \
-		--alerts bench/out/gradwatch.jsonl --baseline all --by-family
+	@for set in $(SCORE_SETS); do \
+	  name=$$(basename $$set); \
+	  $(VENV)/bin/gradwatch replay $$set --out bench/out/gradwatch-$$name.jsonl || exit 1; \
+	  $(PY) $(or $(SCORER),../shared/tools/score.py) --traces $$set --alerts bench/out/gradwatch-$$name.jsonl \
+	    --baseline all --by-family || exit 1; \
+	done
