@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-EXTRAS := server,postgres,torch,dev
+EXTRAS := server,postgres,torch,lightning,transformers,dev
 
 .PHONY: venv demo serve test test-fast fuzz check bench score clean prometheus-tools dashboards
 

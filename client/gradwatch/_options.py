@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict
 if TYPE_CHECKING:
     from ._transport import Transport
 
-__all__ = ["DEFAULT_URL", "DENSE_STEPS", "InitOptions", "OnCritical", "Options", "default_spool_dir"]
+__all__ = ["DEFAULT_URL", "DENSE_STEPS", "CallbackOptions", "InitOptions", "OnCritical", "Options", "default_spool_dir"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DENSE_STEPS = 20
@@ -86,10 +86,9 @@ class Options:
     training script's instrumentation with no server (anything with the methods of `gradwatch.Transport`)."""
 
 
-class InitOptions(TypedDict, total=False):
-    """The options of `gradwatch.init` and of the framework callbacks, as keywords: the fields of `Options`
-    (documented there), so that a misspelled or mistyped option is an error in a type checker as well as a
-    TypeError at the call. A test holds the two to the same names and types."""
+class CallbackOptions(TypedDict, total=False):
+    """The options of the framework callbacks (`gradwatch.integrations`): init's less `on_critical`, which a
+    callback sets itself (its own `on_critical` says what it does to the trainer)."""
 
     url: str
     token: str | None
@@ -108,6 +107,13 @@ class InitOptions(TypedDict, total=False):
     strict: bool
     all_ranks: bool
     on_alert: Callable[[dict[str, Any]], object] | None
-    on_critical: OnCritical
     local_detection: bool | None
     transport: Transport | None
+
+
+class InitOptions(CallbackOptions, total=False):
+    """The options of `gradwatch.init`, as keywords: the fields of `Options` (documented there), so that a
+    misspelled or mistyped option is an error in a type checker as well as a TypeError at the call. A test
+    holds the two to the same names and types."""
+
+    on_critical: OnCritical
