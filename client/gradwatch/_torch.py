@@ -226,16 +226,22 @@ class Watch:
             self._scaler_step = None
         _watches.discard(self)
 
-    def measure_gradients(self) -> None:
+    def measure_gradients(self, scale: Any = None) -> None:
         """Take this step's gradient norms now, for the step hooks to record: for a framework that calls the
         optimizer's step before the gradients exist (Lightning runs the backward pass as the step's closure)
-        and clips them before the step. Call it once per optimizer step, where the gradients are final (after
-        AMP's unscaling, before clipping); with `gradients_at_step=False` the step pre-hook takes none itself."""
+        or clips them before the step. Call it once per optimizer step, where the gradients are final (after
+        AMP's unscaling, before clipping); with `gradients_at_step=False` the step pre-hook takes none itself.
+        `scale`: the loss scale the gradients are still multiplied by (a tensor: divided without a sync)."""
         if self.run.finished or not self._handles:
             return
         try:
             with torch.no_grad():
-                self._grad = self._gradient_norms()
+                present, total, norms, stacked = self._gradient_norms()
+                if scale is not None and norms:
+                    norms = list(torch._foreach_div(norms, scale))
+                    total = None if total is None else total / scale
+                    stacked = None if stacked is None else stacked / scale
+                self._grad = (present, total, norms, stacked)
         except Exception as exc:
             self.run.instrumentation_error(exc)
 
