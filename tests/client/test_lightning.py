@@ -193,3 +193,29 @@ def service_run(service: ServerProcess, run_id: str) -> dict:
 
     with urllib.request.urlopen(f"{service.url}/v1/runs/{run_id}", timeout=10) as r:
         return json.loads(r.read())
+
+
+def test_the_callback_is_a_callback_of_lightning_pytorch_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where `lightning` is installed beside `pytorch_lightning`, either Trainer takes the callback: it is an
+    instance of both Callback classes (a stand-in `lightning.pytorch` here: only one is installed)."""
+    import importlib
+    import sys
+    import types
+
+    import gradwatch.integrations.lightning as integration
+
+    class OtherCallback:
+        pass
+
+    fake = types.ModuleType("lightning.pytorch")
+    fake.Callback = OtherCallback  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "lightning", types.ModuleType("lightning"))
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", fake)
+    try:
+        reloaded = importlib.reload(integration)
+        callback = reloaded.GradwatchCallback(transport=None)
+        assert isinstance(callback, OtherCallback) and isinstance(callback, pl.Callback)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(integration)
+    assert not issubclass(integration.GradwatchCallback, OtherCallback)

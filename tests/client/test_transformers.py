@@ -126,6 +126,9 @@ def test_a_healthy_run_stores_the_accumulated_gradient_before_clipping(service: 
     assert clipped > 0
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert [a for a in alerts if a["severity"] == "critical"] == []
+    config = service_run(service, callback.run.run_id)["config"]  # the TrainingArguments and the model's config
+    assert config["learning_rate"] == 1e-3 and config["gradient_accumulation_steps"] == 2
+    assert config["model_config"]["n_layer"] == 2
 
 
 def test_an_exploding_run_stops_at_the_step_of_its_critical(service: ServerProcess, tmp_path: Path) -> None:
@@ -160,3 +163,11 @@ def test_a_nan_loss_the_trainer_hides_from_its_logs_is_stored_as_nan(service: Se
     assert nan_steps, "the loss never turned NaN"
     assert all(math.isfinite(v) for v in logged)  # the Trainer's own logs show none of them
     assert callback.gradwatch.stopped_at is None and trainer.state.global_step == 12
+
+
+def service_run(service: ServerProcess, run_id: str) -> dict:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{service.url}/v1/runs/{run_id}", timeout=10) as r:
+        return json.loads(r.read())
