@@ -147,7 +147,7 @@ class DetectorConfig:
     _up_progress: ClassVar[float]
     _up_ratio: ClassVar[float]
     _band: ClassVar[tuple[int, float, float, float]]  # what `bands.learn` reads, in one attribute
-    _growth_when_climbing: ClassVar[bool]  # `grad_growth` can only fire on a step that climbs (see `advance`)
+    _growth_screen: ClassVar[float]  # a grad norm less than this above its band starts no growth (`advance`)
 
     def __post_init__(self) -> None:
         for attr, factor in (("_up_layers", self.growth_layer_min_factor), ("_up_growth", self.growth_min_factor),
@@ -158,7 +158,13 @@ class DetectorConfig:
             ok = isinstance(factor, (int, float)) and factor > 0
             object.__setattr__(self, attr, _log(factor) if ok else -INF)  # a factor <= 0: any level will do
         object.__setattr__(self, "_band", (self.warmup_steps, self.band_dev_floor, self.band_clip, self.band_alpha))
-        object.__setattr__(self, "_growth_when_climbing", self.growth_steps > 0 and self.growth_layer_steps > 0)
+        # `grad_growth` can do something on a step only if a climb is under way, or the grad norm is at least
+        # this far above its band: (x - mu) / s > growth_z with s >= band_dev_floor, or x - mu >= _up_layers
+        # (0.999 of the first bound leaves room for rounding); -inf where a setting makes any step count
+        screen = min(0.999 * self.growth_z * self.band_dev_floor, self._up_layers)
+        always = (self.growth_steps <= 0 or self.growth_layer_steps <= 0 or not self.growth_z > 0
+                  or not self.band_dev_floor > 0)
+        object.__setattr__(self, "_growth_screen", -INF if always else screen)
 
 
 DEFAULT = DetectorConfig()

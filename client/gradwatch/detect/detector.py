@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from .bands import GMEAN_BAND, GRAD_BAND, learn
+from .bands import GMEAN_BAND, GRAD_BAND, band_step, seed
 from .config import DEFAULT, DetectorConfig
 from .events import Event, still_out
 from .grad import grad_growth, grad_spike
@@ -66,19 +66,28 @@ def advance(state: dict[str, Any], step: StepInput | Mapping[str, Any],
         warm = n >= cfg.warmup_steps
         if held and "grad_growth" in held:
             still_out(state, events, "grad_growth", x, g, f"grad norm {g:.4g}", step, cfg)
-        elif warm and (state["gr_n"] or state["gw_n"] or not cfg._growth_when_climbing
-                       or (x - mu) / (dev if dev > cfg.band_dev_floor else cfg.band_dev_floor) > cfg.growth_z
-                       or (gm is not None and x - mu >= cfg._up_layers)):
+        elif warm and (x - mu >= cfg._growth_screen or state["gr_n"] or state["gw_n"]):
             # (on a quiet step, no climb under way and none starting, `grad_growth` would do nothing)
             grad_growth(state, events, step, x, mu, dev, gm, cfg)
         if held and "grad_spike" in held:
             still_out(state, events, "grad_spike", x, g, f"grad norm {g:.4g}", step, cfg)
         elif warm and x - mu >= cfg._up_spike and "grad_growth" not in held:  # (most steps are not)
             grad_spike(state, events, step, x, mu, dev, cfg)
-        if not held or "grad_growth" not in held:
-            learn(state, GRAD_BAND, x, n, mu, dev, cfg)
-    if gm is not None and (not held or "grad_growth" not in held):
-        learn(state, GMEAN_BAND, gm, state["m_n"], state["m_mu"], state["m_dev"], cfg)
+        if not held or "grad_growth" not in held:  # the grad norm band learns (`bands.learn`, inline)
+            if warm:
+                state["g_n"] = n + 1
+                state["g_mu"], state["g_dev"] = band_step(mu, dev, x, cfg.band_alpha, cfg.band_dev_floor,
+                                                          cfg.band_clip)
+            else:
+                seed(state, GRAD_BAND, x, n, cfg.warmup_steps)
+    if gm is not None and (not held or "grad_growth" not in held):  # so does the layers' geometric mean's
+        n = state["m_n"]
+        if n >= cfg.warmup_steps:
+            state["m_n"] = n + 1
+            state["m_mu"], state["m_dev"] = band_step(state["m_mu"], state["m_dev"], gm, cfg.band_alpha,
+                                                      cfg.band_dev_floor, cfg.band_clip)
+        else:
+            seed(state, GMEAN_BAND, gm, n, cfg.warmup_steps)
     if loss is not None and loss > 0.0:
         loss_divergence(state, events, held, step, loss, cfg)
     if u is not None and w is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .bands import LOSS_BAND, learn
+from .bands import LOSS_BAND, band_step, seed
 from .config import CRITICAL, DetectorConfig
 from .events import Event, hold, still_out
 from .layers import root_cause
@@ -59,7 +59,11 @@ def loss_divergence(state: dict[str, Any], events: list[Event], held: dict[str, 
                 return
         elif run:
             state["lj_run"] = 0
-    learn(state, LOSS_BAND, x, jn, jmu, jdev, cfg)
+    if jn >= cfg.warmup_steps:  # the loss band learns (`bands.learn`, inline)
+        state["lj_n"] = jn + 1
+        state["lj_mu"], state["lj_dev"] = band_step(jmu, jdev, x, cfg.band_alpha, cfg.band_dev_floor, cfg.band_clip)
+    else:
+        seed(state, LOSS_BAND, x, jn, cfg.warmup_steps)
     limit = start + cfg._up_loss
     if n >= cfg.loss_start_steps and ewm > limit:
         state["l_run"] += 1

@@ -7,7 +7,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from .bands import RATIO_BAND, learn
+from .bands import RATIO_BAND, band_step, learn, seed
 from .config import CRITICAL, INF, LOG_NO_LIMIT, WARNING, DetectorConfig
 from .events import Event, hold, still_out
 from .layers import root_cause
@@ -59,7 +59,11 @@ def update_ratio(state: dict[str, Any], events: list[Event], held: dict[str, Any
             hold(state, "update_ratio", WARNING, mu + cfg.resolve_z * s, base, t)
             events.append(Event("update_ratio", WARNING, t, ratio, base, ratio_cause(state, step, cfg),
                                 f"update/weight ratio {ratio:.3g} is {ratio / base:.3g}x its band {base:.3g}"))
-    learn(state, RATIO_BAND, x, n, mu, dev, cfg)
+    if n >= cfg.warmup_steps:  # the ratio band learns (`bands.learn`, inline)
+        state["r_n"] = n + 1
+        state["r_mu"], state["r_dev"] = band_step(mu, dev, x, cfg.band_alpha, cfg.band_dev_floor, cfg.band_clip)
+    else:
+        seed(state, RATIO_BAND, x, n, cfg.warmup_steps)
 
 
 def early_ratio(state: dict[str, Any], step: StepInput, cfg: DetectorConfig, t: int, n: int,
