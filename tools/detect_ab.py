@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     for n_layers, r in results.items():
         if args.callgrind:
             print(f"  {n_layers:>3} layers  old {r['old_instr']:>8}  new {r['new_instr']:>8}  new/old {r['ratio']:.3f}"
-                  f"  (StepInput.of {r['input_instr']})")
+                  f"  (building the StepInputs {r['input_instr']})")
         else:
             print(f"  {n_layers:>3} layers  old {r['old_us']:6.2f}  new {r['new_us']:6.2f}  new/old {r['ratio']:.3f}"
                   f"  (pairs {min(r['ratios']):.3f}-{max(r['ratios']):.3f})")
