@@ -329,6 +329,16 @@ def test_step_inputs_give_the_same_events_and_state_as_the_mappings_they_replace
     assert json.dumps(typed_state, sort_keys=True) == json.dumps(state, sort_keys=True)
 
 
+def test_step_input_fields_are_in_the_wire_order_the_service_builds_them_in() -> None:
+    import dataclasses
+
+    from gradwatch.wire import LAYER_FIELDS, SCALAR_FIELDS
+
+    # StepColumns.detector_steps builds StepInputs positionally: map(StepInput, steps, *scalars, skipped, ...)
+    assert [f.name for f in dataclasses.fields(StepInput)] == ["step", *SCALAR_FIELDS, "skipped", "layer_names",
+                                                               *LAYER_FIELDS]
+
+
 def test_the_client_and_replay_build_step_inputs() -> None:
     from gradwatch._step import StepRecord
     from gradwatch.replay import decode_step
