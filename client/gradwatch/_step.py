@@ -11,9 +11,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from time import monotonic
 from time import time as unix_time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .wire import LAYER_FIELDS, SCALAR_FIELDS, encode_value, to_float
+
+if TYPE_CHECKING:
+    from .detect import StepInput
 
 __all__ = ["LAYER_ATTRIBUTES", "DeviceScalar", "StepRecord", "encode_step", "host_value", "resolve"]
 
@@ -91,15 +94,13 @@ class StepRecord:
             names.update(dict.fromkeys(getattr(self, attr)))
         return list(names)
 
-    def as_detector_input(self) -> dict[str, Any]:
-        """The shape `gradwatch.detect.advance` takes."""
-        return {
-            "step": self.step, "loss": resolve(self.loss), "grad_norm": resolve(self.grad_norm),
-            "lr": resolve(self.lr), "update_norm": resolve(self.update_norm),
-            "layer_grad_norms": dict(self.grad_norms),
-            "layer_weight_norms": dict(self.weight_norms), "layer_update_norms": dict(self.update_norms),
-            "skipped": bool(self.skipped),
-        }
+    def as_detector_input(self) -> StepInput:
+        """The step as `gradwatch.detect.advance` takes it (imported here: `import gradwatch` stays cheap)."""
+        from .detect import StepInput
+
+        return StepInput(self.step, resolve(self.loss), resolve(self.grad_norm), resolve(self.lr),
+                         resolve(self.update_norm), bool(self.skipped), None, dict(self.grad_norms),
+                         dict(self.weight_norms), dict(self.update_norms))
 
 
 class DeviceScalar:

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from gradwatch.detect import DetectorConfig, Event, advance, new_state
+from gradwatch.detect import DetectorConfig, Event, StepInput, advance, new_state
 from gradwatch.wire import encode_value
 
 LAYERS = ("embed.weight", "block.0.weight", "block.1.weight", "head.weight")
@@ -309,6 +309,46 @@ def test_the_service_form_sequences_with_layer_names_gives_the_same_events_and_s
     assert spelled(list_events) == spelled(events)
     assert json.dumps(state, sort_keys=True) == json.dumps(as_dicts, sort_keys=True)
     assert [e.layer for e in events if e.signature == "nonfinite"] == ["head.weight"]
+
+
+def test_step_inputs_give_the_same_events_and_state_as_the_mappings_they_replace() -> None:
+    steps = noisy_steps(80, seed=5)
+    for i, t in enumerate(range(80, 100)):  # block.0 climbs, then a NaN
+        steps.append(make_step(t, layer_grads={**{n: 1.0 for n in LAYERS}, "block.0.weight": 2.0 ** i}))
+    steps.append(make_step(100, loss=math.nan))
+    state, events = run(steps)
+    assert {e.signature for e in events} >= {"grad_growth", "nonfinite"}
+    typed = [StepInput.of(s) for s in steps]
+    assert typed[3]["loss"] == steps[3]["loss"] and typed[3].step == 3  # a field reads both ways
+    typed_state = new_state()
+    typed_events: list[Event] = []
+    for step in typed:
+        typed_state, evs = advance(typed_state, step)
+        typed_events += evs
+    assert spelled(typed_events) == spelled(events)
+    assert json.dumps(typed_state, sort_keys=True) == json.dumps(state, sort_keys=True)
+
+
+def test_step_input_fields_are_in_the_wire_order_the_service_builds_them_in() -> None:
+    import dataclasses
+
+    from gradwatch.wire import LAYER_FIELDS, SCALAR_FIELDS
+
+    # StepColumns.detector_steps builds StepInputs positionally: map(StepInput, steps, *scalars, skipped, ...)
+    assert [f.name for f in dataclasses.fields(StepInput)] == ["step", *SCALAR_FIELDS, "skipped", "layer_names",
+                                                               *LAYER_FIELDS]
+
+
+def test_the_client_and_replay_build_step_inputs() -> None:
+    from gradwatch._step import StepRecord
+    from gradwatch.replay import decode_step
+
+    record = StepRecord(step=7, loss=2.0, grad_norm=1.5, grad_norms={"a": 1.0}, weight_norms={"a": 3.0})
+    step = record.as_detector_input()
+    assert step == StepInput(7, 2.0, 1.5, None, None, False, None, {"a": 1.0}, {"a": 3.0}, {})
+    decoded = decode_step({"step": 3, "loss": "NaN", "layer_grad_norms": {"a": "Infinity"}, "time": 1.0})
+    assert type(decoded) is StepInput and decoded.step == 3 and math.isnan(decoded.loss or 0.0)
+    assert decoded.layer_grad_norms == {"a": math.inf}
 
 
 def test_a_plain_first_step_past_four_polyak_steps_is_critical() -> None:
