@@ -52,13 +52,13 @@ def load(traces: str) -> list[dict[str, Any]]:
         with (gzip.open if name.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
             header = json.loads(f.readline())
         _, steps = read_trace(path)
-        weights = [math.sqrt(sum(v * v for v in s["layer_weight_norms"].values()))
-                   if s.get("layer_weight_norms") and all(isinstance(v, float | int) for v in
-                                                         s["layer_weight_norms"].values()) else None
+        weights = [math.sqrt(sum(v * v for v in s.layer_weight_norms.values()))
+                   if isinstance(s.layer_weight_norms, dict) and s.layer_weight_norms
+                   and all(isinstance(v, float | int) for v in s.layer_weight_norms.values()) else None
                    for s in steps]
         runs.append({"id": header["run_id"], "family": header["family"], "labels": header["labels"],
-                     "loss": [s.get("loss") for s in steps], "g": [s.get("grad_norm") for s in steps],
-                     "lr": [s.get("lr") for s in steps], "u": [s.get("update_norm") for s in steps],
+                     "loss": [s.loss for s in steps], "g": [s.grad_norm for s in steps],
+                     "lr": [s.lr for s in steps], "u": [s.update_norm for s in steps],
                      "w": weights})
     return runs
 

@@ -21,7 +21,7 @@ import urllib.request
 import uuid
 from typing import Any
 
-from gradwatch.detect import DetectorConfig
+from gradwatch.detect import DetectorConfig, StepInput
 from gradwatch.replay import read_trace, replay_run, trace_paths
 from gradwatch.wire import encode_value
 
@@ -38,14 +38,16 @@ def _call(url: str, method: str, path: str, body: Any = None, token: str | None 
         return json.loads(resp.read() or b"null")
 
 
-def _wire_step(step: dict[str, Any]) -> dict[str, Any]:
-    out = {"step": step["step"]}
+def _wire_step(step: StepInput) -> dict[str, Any]:
+    """A step as replay reads it (per-layer values as name -> value maps) in the ingest API's JSON form."""
+    out: dict[str, Any] = {"step": step.step}
     for key in ("loss", "grad_norm", "lr", "update_norm"):
-        if step.get(key) is not None:
-            out[key] = encode_value(step[key])
+        if getattr(step, key) is not None:
+            out[key] = encode_value(getattr(step, key))
     for key in ("layer_grad_norms", "layer_weight_norms", "layer_update_norms"):
-        if step.get(key):
-            out[key] = {k: encode_value(v) for k, v in step[key].items()}
+        values = getattr(step, key)
+        if values:
+            out[key] = {k: encode_value(v) for k, v in values.items()}
     return out
 
 

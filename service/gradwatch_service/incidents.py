@@ -56,17 +56,18 @@ def load_state(doc: Any) -> dict[str, Any]:
             "seq": None, "next_seq": 1}
 
 
-def _evidence(inc: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
-    return {"step": s["step"], "signature": inc["signature"], "severity": inc["severity"], "layer": inc.get("layer"),
+def _evidence(inc: dict[str, Any], s: detect.StepInput) -> dict[str, Any]:
+    return {"step": s.step, "signature": inc["signature"], "severity": inc["severity"], "layer": inc.get("layer"),
             "value": inc.get("value"), "baseline": inc.get("baseline"), "message": inc.get("message"),
-            "values": {k: encode_value(s[k]) for k in ("loss", "grad_norm", "lr", "update_norm")}}
+            "values": {"loss": encode_value(s.loss), "grad_norm": encode_value(s.grad_norm),
+                       "lr": encode_value(s.lr), "update_norm": encode_value(s.update_norm)}}
 
 
 def _where(run_pk: int, seq: int) -> Any:
     return and_(incidents.c.run_pk == run_pk, incidents.c.seq == seq)
 
 
-def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: Sequence[dict[str, Any]],
+def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: Sequence[detect.StepInput],
                       config: detect.DetectorConfig) -> DetectionOutcome:
     """Judge the batch's new, in-order steps (as `detect.advance` reads them: `StepColumns.detector_steps`);
     write incident changes. The caller stores the returned state."""
@@ -80,7 +81,7 @@ def advance_detection(conn: Connection, run_pk: int, state_doc: Any, new_steps: 
     opened_now: list[tuple[str, str]] = []
     last_fired = None  # the last step an event fired in this batch: the open incident's last step moves on
     for s in new_steps:
-        t = s["step"]
+        t = s.step
         if last is not None and t <= last:
             continue  # late: stored and flagged by ingest, not judged
         state, events = detect.advance(state, s, config)

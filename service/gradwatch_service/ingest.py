@@ -300,10 +300,7 @@ def _store(conn: Connection, run: LockedRun, new: StepColumns, layers: list[str]
         changes.update(last_step=outcome.last_step, n_steps=run.n_steps + len(new.steps))
         if detector is not None:
             started = time.perf_counter()
-            # StepInputs; incidents.py still types them as the dicts they replaced (it reads s["step"], which
-            # StepInput answers too)
-            judged = advance_detection(conn, run_pk, run.detector_state, new.detector_steps(),  # type: ignore[arg-type]
-                                       detector)
+            judged = advance_detection(conn, run_pk, run.detector_state, new.detector_steps(), detector)
             outcome.detector_seconds = time.perf_counter() - started
             changes["detector_state"] = judged.state_doc
             outcome.raised_incidents, outcome.opened_incidents = judged.raised, judged.opened

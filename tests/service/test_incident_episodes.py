@@ -43,9 +43,9 @@ def _run_with_v1_doc(conn: Any) -> int:
     return pk
 
 
-def _step(t: int, loss: float, grad_norm: float) -> dict[str, Any]:
+def _step(t: int, loss: float, grad_norm: float) -> detect.StepInput:
     """A step as ingest hands it to detection (`StepColumns.detector_steps`), without layers."""
-    return {"step": t, "loss": loss, "grad_norm": grad_norm, "lr": 0.1, "update_norm": None}
+    return detect.StepInput(t, loss, grad_norm, 0.1)
 
 
 def _rows(conn: Any, pk: int) -> list[tuple[int, str, str, Any]]:
@@ -101,7 +101,7 @@ def test_replay_and_service_agree_on_one_incident_per_episode(engine: Engine) ->
     state, inc_state, pages = detect.new_state(), new_incident_state(), []
     for s in steps:
         state, events = detect.advance(state, s, config)
-        inc_state, opened, _ = track_incidents(inc_state, events, s["step"], config, detect.held_signatures(state))
+        inc_state, opened, _ = track_incidents(inc_state, events, s.step, config, detect.held_signatures(state))
         pages += [(o["signature"], o["severity"]) for o in opened]
     assert pages == [("grad_spike", "warning"), ("nonfinite", "critical")]
     with write_transaction(engine) as conn:

@@ -77,7 +77,7 @@ class DetectorConfig:
     """... for this many consecutive steps (this also applies to the give-back test below)."""
     loss_jump_factor: float = 2.0
     """Divergent, too, when the loss jumps: `loss_jump_steps` consecutive losses each at least this many times
-    the loss band held at the first of them ...."""
+    the loss band held at the first of them ..."""
     loss_jump_z: float = 6.0
     """... and this many of its deviations above it (the loss band is learned like the grad norm's)."""
     loss_jump_steps: int = 2
