@@ -54,7 +54,7 @@ def sparkline(steps: Sequence[int], values: Sequence[Any], width: int, lo: int, 
     log = min(finite) > 0
     scaled = [None if c is None else (math.log10(c) if log else c) for c in columns]
     known = [s for s in scaled if s is not None]
-    a, b = min(known), max(known)
+    low, high = min(known), max(known)
     out = []
     for s, is_bad in zip(scaled, bad, strict=True):
         if is_bad:
@@ -62,7 +62,7 @@ def sparkline(steps: Sequence[int], values: Sequence[Any], width: int, lo: int, 
         elif s is None:
             out.append(" ")
         else:
-            out.append(BARS[0 if b == a else min(len(BARS) - 1, int((s - a) / (b - a) * len(BARS)))])
+            out.append(BARS[0 if high == low else min(len(BARS) - 1, int((s - low) / (high - low) * len(BARS)))])
     return "".join(out)
 
 
