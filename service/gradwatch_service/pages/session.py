@@ -59,12 +59,15 @@ async def page_principal(request: Request) -> Principal | None:
 
 
 def check_same_origin(request: Request) -> bool:
-    """False when the browser says another site sent this request (a cross-site form post)."""
-    if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
-        return False
+    """False when the browser says another site sent this request (a cross-site form post): by its
+    `Sec-Fetch-Site` where it sends one (every current browser), else by its `Origin`. A request with neither
+    comes from no browser, and so from no other site's page."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site in ("same-origin", "none")
     origin = request.headers.get("origin")
-    if origin is None or origin == "null":
-        return origin is None
+    if origin is None:
+        return True
     return urllib.parse.urlsplit(origin).netloc == request.headers.get("host", "")
 
 
