@@ -350,6 +350,7 @@
     renderHead(data);
     render(data);
     state.loads += 1; state.loaded = true; state.loadedAt = Date.now();
+    if (state.loads === 1) state.firstDrawnMs = performance.now();  // since navigation started
     if (data.run.status === "running") setTimeout(load, REFRESH_MS);
   }
 
