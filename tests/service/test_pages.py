@@ -156,6 +156,7 @@ def test_runs_list(tab: Tab, http: httpx.Client) -> None:
     run_id = new_run_id("listed")
     make_run(http, run_id, exploding_trace(run_id)[1:])
     assert run_id in http.get("/", params={"project": "pages"}).text  # server-rendered, before any script
+    assert run_id in http.get("/", params={"project": "pages", "status": ""}).text  # the form's "any" status
     tab.page.goto("/?project=pages")
     tab.page.wait_for_function("() => window.__gradwatch && window.__gradwatch.loads > 0", timeout=15_000)
     row = tab.page.locator(f'tr[data-run-id="{run_id}"]')

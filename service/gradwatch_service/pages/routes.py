@@ -17,7 +17,7 @@ from pydantic import Field
 from sqlalchemy import Connection, Engine
 from starlette.concurrency import run_in_threadpool
 
-from gradwatch.wire import LAYER_FIELDS, SCALAR_FIELDS, RunStatus
+from gradwatch.wire import LAYER_FIELDS, RUN_STATUSES, SCALAR_FIELDS
 
 from ..api.deps import EngineDep, RunIdPath, SettingsDep, model_response
 from ..api.summaries import read_summaries
@@ -91,27 +91,32 @@ def _logged_in(request: Request) -> bool:
     return COOKIE in request.cookies
 
 
+def _status(status: str | None) -> str | None:
+    """The filter form's status: one of the run statuses, else none (its "any" option sends an empty one)."""
+    return status if status in RUN_STATUSES else None
+
+
 @router.get("/")
 async def runs_list(request: Request, engine: EngineDep, project: str | None = None,
-                    status: RunStatus | None = None) -> Response:
+                    status: str | None = None) -> Response:
     principal = await page_principal(request)
     if principal is None:
         return _to_login(request)
-    listed = await run_in_threadpool(read_summaries, engine, principal.project, project or None, status,
+    listed = await run_in_threadpool(read_summaries, engine, principal.project, project or None, _status(status),
                                      None, PAGE_RUNS, 0)
-    return _html(runs_page(listed.runs, listed.count, project=project, status=status,
+    return _html(runs_page(listed.runs, listed.count, project=project, status=_status(status),
                            logged_in=_logged_in(request)))
 
 
 @router.get("/ui/runs")
 async def runs_data(request: Request, engine: EngineDep, project: str | None = None,
-                    status: RunStatus | None = None,
+                    status: str | None = None,
                     limit: Annotated[int, Query(ge=1, le=PAGE_RUNS)] = PAGE_RUNS) -> Response:
     principal = await page_principal(request)
     if principal is None:
         return _unauthorized()
     listed: RunSummariesPublic = await run_in_threadpool(read_summaries, engine, principal.project,
-                                                         project or None, status, None, limit, 0)
+                                                         project or None, _status(status), None, limit, 0)
     response = model_response(listed)
     response.headers.update(SECURITY_HEADERS)
     return response
