@@ -48,6 +48,8 @@ PAGE_INCIDENTS = 100
 DEFAULT_POINTS = 1000
 """Points per series a run page asks for: about one per pixel column of a wide chart."""
 MAX_POINTS = 4000
+WEIGHT_POINTS = 200
+"""Points per layer's weight norm (the update-to-weight ratio's denominator, read at the nearest step)."""
 DEFAULT_LAYERS = 64
 """Layers the heatmap shows (root-cause layers first, then in the run's order); `max_layers` up to MAX_LAYERS."""
 MAX_LAYERS = 256
@@ -173,9 +175,11 @@ def read_run_page(engine: Engine, principal: Principal, run_id: str, max_points:
             return None
         row, run, incidents = head
         layers = _chosen_layers(run.layers, [i.layer for i in incidents if i.layer], max_layers)
-        fields = [*SCALAR_FIELDS, *(LAYER_FIELDS[:2] if layers else ())]
-        series = read_series(conn, row.id, run.layers, fields=fields, layers=layers, start=None, end=None,
-                             max_points=max_points)
+        series = read_series(conn, row.id, run.layers, fields=[*SCALAR_FIELDS, *LAYER_FIELDS[:1]], layers=layers,
+                             start=None, end=None, max_points=max_points)
+        if layers:  # weights move slowly: the ratio's denominator needs far fewer points than the heatmap
+            series += read_series(conn, row.id, run.layers, fields=["layer_weight_norms"], layers=layers,
+                                  start=None, end=None, max_points=min(max_points, WEIGHT_POINTS))
     return RunPageData(run=run, max_points=max_points, layers=layers, root_cause=_root_cause(incidents),
                        series=series, incidents=incidents)
 

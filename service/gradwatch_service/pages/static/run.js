@@ -13,6 +13,7 @@
   const LEFT = 150, RIGHT = 16, TOP = 26, BOTTOM = 26;
   const COLORS = {loss: "#2563eb", grad_norm: "#d97706", ratio: "#0d9488", critical: "#dc2626",
                   warning: "#f59e0b", nonfinite: "#9333ea", grid: "#e5e7eb", axis: "#6b7280", text: "#111827"};
+  const ZERO = "#c4c9d1";  // a heatmap cell whose norm is 0 (a dead layer), or a layer with no positive value
   const state = window.__gradwatch = {runId: runId, loads: 0, loaded: false, error: null, run: null,
                                       incidents: [], charts: {}};
 
@@ -104,12 +105,16 @@
     ctx.strokeRect(LEFT + 0.5, TOP + 0.5, c.pw, c.ph);
   }
 
-  function nonfiniteMarks(c, dom, steps) {
+  function nonfiniteMarks(c, dom, steps) {  // one band per run of steps less than 3 px apart
     const ctx = c.ctx;
     ctx.fillStyle = COLORS.nonfinite; ctx.globalAlpha = 0.25;
-    for (const s of steps) {
-      const x = Math.floor(xOf(c, dom, s));
-      ctx.fillRect(x, TOP, Math.max(2, Math.ceil(xOf(c, dom, s + 1)) - x), c.ph);
+    let i = 0;
+    while (i < steps.length) {
+      let j = i;
+      while (j + 1 < steps.length && xOf(c, dom, steps[j + 1]) - xOf(c, dom, steps[j] + 1) < 3) j++;
+      const x0 = Math.floor(xOf(c, dom, steps[i])), x1 = Math.ceil(xOf(c, dom, steps[j] + 1));
+      ctx.fillRect(x0, TOP, Math.max(2, x1 - x0), c.ph);
+      i = j + 1;
     }
     ctx.globalAlpha = 1;
     if (steps.length) {
@@ -215,9 +220,9 @@
       for (let i = 0; i < s.steps.length; i++) {
         const v = s.values[i];
         if (v === null) continue;
-        const x0 = xOf(c, dom, s.steps[i]);
-        const x1 = xOf(c, dom, i + 1 < s.steps.length ? s.steps[i + 1] : s.steps[i] + 1);
-        ctx.fillStyle = !Number.isFinite(v) ? COLORS.nonfinite : (v > 0 && m ? heatColor(Math.log10(v / m)) : "#d1d5db");
+        const x0 = Math.floor(xOf(c, dom, s.steps[i]));  // whole pixels: no seams between cells
+        const x1 = Math.ceil(xOf(c, dom, i + 1 < s.steps.length ? s.steps[i + 1] : s.steps[i] + 1));
+        ctx.fillStyle = !Number.isFinite(v) ? COLORS.nonfinite : (v > 0 && m ? heatColor(Math.log10(v / m)) : ZERO);
         ctx.fillRect(x0, y, Math.max(1, x1 - x0), rowH);
       }
       ctx.fillStyle = name === data.root_cause ? COLORS.critical : COLORS.text;
@@ -242,7 +247,7 @@
     ctx.textAlign = "left"; ctx.textBaseline = "middle"; ctx.fillStyle = COLORS.text;
     let x = LEFT;
     for (const [label, color] of [["÷ median: 0.01", heatColor(-2)], ["1", heatColor(0)], ["100", heatColor(2)],
-                                  ["non-finite", COLORS.nonfinite], ["root cause", null]]) {
+                                  ["zero", ZERO], ["non-finite", COLORS.nonfinite], ["root cause", null]]) {
       if (color) { ctx.fillStyle = color; ctx.fillRect(x, 5, 12, 10); } else { ctx.strokeStyle = COLORS.critical; ctx.lineWidth = 2; ctx.strokeRect(x, 5, 12, 10); ctx.lineWidth = 1; }
       ctx.strokeStyle = COLORS.grid; ctx.strokeRect(x + 0.5, 5.5, 12, 10);
       ctx.fillStyle = COLORS.text; ctx.fillText(label, x + 16, 10);
