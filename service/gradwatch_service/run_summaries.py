@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from pydantic import ConfigDict
 from sqlalchemy import Connection, func, select
 
 from .models import incidents, runs, steps
@@ -34,6 +35,12 @@ class RunSummary(RunPublic):
 class RunSummariesPublic(WireModel):
     runs: list[RunSummary]
     count: int
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"runs": [{
+        "run_id": "resnet50-7f3a", "project": "vision", "name": "resnet50-lr0.4", "status": "running",
+        "config": {"lr": 0.4}, "meta": None, "layers": ["conv1.weight", "fc.weight"], "last_step": 1999,
+        "n_steps": 2000, "created_at": "2026-11-26T10:00:00Z", "updated_at": "2026-11-26T10:20:00Z",
+        "loss": "NaN", "grad_norm": "Infinity", "open_warnings": 0, "open_criticals": 1}], "count": 1}]})
 
 
 def list_run_summaries(conn: Connection, *, project: str | None = None, status: str | None = None,

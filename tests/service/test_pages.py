@@ -200,6 +200,8 @@ def test_login_keeps_the_token_in_an_http_only_cookie(browser: Any, secured: Ser
         assert cross.status_code == 403 and "set-cookie" not in cross.headers
         assert anon.post("/login", data={"token": read}, headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
         assert anon.post("/login", data={"token": ingest}).status_code == 401  # no read scope
+        assert anon.post("/login", content="a=1&b=2&c=3&d=4&e=5",
+                         headers={"Content-Type": "application/x-www-form-urlencoded"}).status_code == 400
         ok = anon.post("/login", data={"token": read, "next": "//evil.example/x"})
         assert ok.status_code == 303 and ok.headers["location"] == "/"  # never an open redirect
         cookie = ok.headers["set-cookie"].lower()

@@ -231,7 +231,10 @@ async def login(request: Request, settings: SettingsDep) -> Response:
         raw += chunk
         if len(raw) > MAX_LOGIN_BODY_BYTES:
             return _html(login_page(next_path="/", message="the form is too large"), 413)
-    form = urllib.parse.parse_qs(raw.decode("utf-8", "replace"), max_num_fields=4)
+    try:
+        form = urllib.parse.parse_qs(raw.decode("utf-8", "replace"), max_num_fields=4)
+    except ValueError:  # more fields than a login form has
+        return _html(login_page(next_path="/", message="that is not the login form"), 400)
     token = (form.get("token") or [""])[0].strip()
     next_path = safe_next((form.get("next") or ["/"])[0])
     if not token or await principal_of_token(request, token) is None:
