@@ -38,11 +38,12 @@ def sparkline(steps: Sequence[int], values: Sequence[Any], width: int, lo: int, 
         x = decode_value(raw)
         if x is None:
             continue
-        col = min(width - 1, max(0, (step - lo) * width // span))
-        if not math.isfinite(x):
-            bad[col] = True
-        elif columns[col] is None or x > columns[col]:  # type: ignore[operator]
-            columns[col] = x
+        first = min(width - 1, max(0, (step - lo) * width // span))
+        for col in range(first, max(first + 1, min(width, (step + 1 - lo) * width // span))):  # its own columns
+            if not math.isfinite(x):
+                bad[col] = True
+            elif columns[col] is None or x > columns[col]:  # type: ignore[operator]
+                columns[col] = x
     filled = [i for i, c in enumerate(columns) if c is not None]
     for a, b in zip(filled, filled[1:], strict=False):  # a short run: hold each value until the next one
         for i in range(a + 1, b):

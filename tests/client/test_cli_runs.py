@@ -160,3 +160,27 @@ def test_tail_follows_new_steps_and_incidents(server: ServerProcess, http: httpx
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+def test_the_commands_take_the_token_as_the_client_does(tmp_path: Path) -> None:
+    """GRADWATCH_TOKEN (or --token) is sent as the bearer; without one a guarded service's 401 says what to set."""
+    server = ServerProcess(f"sqlite:///{tmp_path / 'auth.db'}", auth=True, log_path=tmp_path / "server.log")
+    with server:
+        run_id = new_run_id("auth")
+        cli(server, "import", str(write_trace(tmp_path / "in.jsonl", exploding_trace(run_id)[:20])))
+        env = {k: v for k, v in os.environ.items() if k != "GRADWATCH_TOKEN"}
+        refused = subprocess.run([*GRADWATCH, "runs", "--url", server.url], env=env, capture_output=True, text=True,
+                                 timeout=60)
+        assert refused.returncode == 1 and "HTTP 401" in refused.stderr and "GRADWATCH_TOKEN" in refused.stderr
+        read = server.create_token("reader", ["read"])["token"]
+        listed = subprocess.run([*GRADWATCH, "runs", "--url", server.url, "--json"], capture_output=True, text=True,
+                                env={**env, "GRADWATCH_TOKEN": read}, timeout=60, check=True)
+        assert [r["run_id"] for r in json.loads(listed.stdout)["runs"]] == [run_id]
+        shown = subprocess.run([*GRADWATCH, "show", run_id, "--url", server.url, "--token", read],
+                               env=env, capture_output=True, text=True, timeout=60, check=True)
+        assert run_id in shown.stdout
+        no_ingest = subprocess.run([*GRADWATCH, "import", str(tmp_path / "in.jsonl"), "--run-id", "other",
+                                    "--url", server.url], env={**env, "GRADWATCH_TOKEN": read},
+                                   capture_output=True, text=True, timeout=60)
+        assert no_ingest.returncode == 1 and "HTTP 403" in no_ingest.stderr
+        assert read not in refused.stderr + listed.stderr + shown.stdout + no_ingest.stderr
