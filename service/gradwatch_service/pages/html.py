@@ -122,7 +122,7 @@ def login_page(*, next_path: str, message: str | None = None) -> str:
             f'<input type="hidden" name="next" value="{escape(next_path)}">'
             f'<label>API token with the read scope <input type="password" name="token" autocomplete="off" '
             f'required size="48" autofocus></label> <button type="submit">log in</button></form>'
-            f'<p class="sub">Make one with <code>gradwatch token create --scope read</code>. It is kept in a '
+            f'<p class="sub">Make one with <code>gradwatch token create --name me --scope read</code>. It is kept in a '
             f"cookie only this site's pages receive, until the browser closes.</p>")
     return _page("log in", body)
 
