@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS := server,postgres,torch,lightning,transformers,dev
 
-.PHONY: venv demo serve test test-fast fuzz check bench score clean prometheus-tools dashboards
+.PHONY: venv demo serve test test-fast fuzz check bench score clean prometheus-tools browser dashboards
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ serve: $(STAMP)
 	$(VENV)/bin/gradwatch db upgrade && $(VENV)/bin/gradwatch serve
 
 # HF_HUB_OFFLINE: the Hugging Face tests build their model from a config; nothing may be fetched from a hub
-test: $(STAMP) prometheus-tools
+test: $(STAMP) prometheus-tools browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # the pure core (client, detectors, wire): no server, no database, no torch; seconds, for every edit
@@ -47,6 +47,17 @@ prometheus-tools:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	      prometheus prometheus-alertmanager >/dev/null || echo "apt-get failed: the Prometheus tests will say so"; \
 	  else echo "prometheus/prometheus-alertmanager missing and not installable here (needs root and apt-get)"; fi; \
+	fi
+
+# Debian's chromium for the page tests (tests/service/test_pages.py drives it with Playwright: browser downloads are
+# not reachable here), when missing (as root). Without it those tests skip, except under CI=true, where they fail.
+browser:
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      chromium >/dev/null || echo "apt-get failed: the page tests will say so"; \
+	  else echo "chromium missing and not installable here (needs root and apt-get)"; fi; \
 	fi
 
 check: $(STAMP)

@@ -15,13 +15,14 @@ from gradwatch.wire import VERSION
 
 from . import __doc__ as package_doc
 from .allocator import tune_malloc
-from .api import health, incidents, metrics, runs, steps, tokens, webhooks
+from .api import health, incidents, metrics, runs, steps, summaries, tokens, webhooks
 from .api.deps import AppState
 from .api.errors import install_error_handlers
 from .db import make_engine
 from .delivery import DeliveryWorker
 from .metrics import count_database_errors
 from .migrate import schema_problem
+from .pages import router as pages_router
 from .request_metrics import RequestMetrics
 from .schemas import RunUpsert, StepBatch
 from .settings import Settings, get_settings
@@ -59,6 +60,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(incidents.router)
     app.include_router(webhooks.router)
     app.include_router(tokens.router)
+    app.include_router(summaries.router)
+    app.include_router(pages_router)  # the built-in run pages at /
     app.add_middleware(RejectNul)
     if settings.metrics:  # off (GRADWATCH_METRICS=false): no /metrics, nothing counted per request or batch
         app.include_router(metrics.router)
