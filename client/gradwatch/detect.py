@@ -668,8 +668,8 @@ def _nonfinite(state: dict[str, Any], t: int, loss: float | None, g: float | Non
            if v is not None and not _isfinite(v)]
     layer = bad_layer if bad_layer is not None else _root_cause(state, step, cfg)
     what, value = bad[0] if bad else ("layer norm", math.nan)
-    if bad_layer is not None and not math.isnan(bad_value):  # a layer grad norm: report its value
-        value = bad_value
+    if not bad and bad_layer is not None and not math.isnan(bad_value):  # a layer grad norm: report its value
+        value = bad_value  # (only when it is what the message names: value and name from the same place)
     where = f" (first in layer {layer})" if layer else ""
     return Event("nonfinite", CRITICAL, t, float(value), None, layer,
                  f"{what} is {encode_value(float(value))} at step {t}{where}")

@@ -20,6 +20,7 @@ from .api.deps import AppState
 from .api.errors import install_error_handlers
 from .db import make_engine
 from .delivery import DeliveryWorker
+from .exposure import warn_if_insecure
 from .metrics import count_database_errors
 from .migrate import schema_problem
 from .request_metrics import RequestMetrics
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         problem = schema_problem(engine)
         if problem:
             raise SchemaOutdated(problem)
+        warn_if_insecure(settings.insecure)
         worker = DeliveryWorker(engine, settings).start() if settings.webhook_delivery else None
         state.webhook_worker = worker
         yield

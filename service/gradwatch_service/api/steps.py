@@ -15,6 +15,7 @@ from ..metrics import count_incident_opened, observe_detector_seconds, record_ba
 from ..queries import UnknownLayer, get_run_row, list_incidents, read_series, read_steps
 from ..schemas import MAX_STEP, SERIES_FIELDS, Incident, IngestResult, SeriesPublic, StepBatch, StepsPublic
 from ..steps_table import StepColumns
+from .chunked import chunked_response
 from .deps import (
     AUTH_RESPONSES,
     DetectorDep,
@@ -63,7 +64,8 @@ async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, set
         batch: StepBatch | StepColumns
         if binary:
             batch = parse_binary_batch(raw, limits)
-        else:
+        else:  # parsing is what costs memory (a Python object a value): count the items before it
+            limits.check_batch_values(raw.count(b",") + 1, about=True)
             batch = parse_body(StepBatch, raw)
             limits.check_batch(len(batch.steps), batch.layers, (s.scalars for s in batch.steps))
         with write_transaction(engine) as conn:
@@ -83,11 +85,13 @@ async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, set
 
 
 @router.get("/steps", summary="A run's steps as stored, ascending", response_model=StepsPublic,
-            responses={404: {"description": "unknown run"}})
+            responses={404: {"description": "unknown run"},
+                       422: {"description": "an answer over GRADWATCH_MAX_RESPONSE_VALUES: ask fewer steps"}})
 async def get_steps(
     run_id: RunIdPath,
     engine: EngineDep,
     principal: ReadToken,
+    limits: LimitsDep,
     start: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="first step, inclusive")] = None,
     end: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="last step, inclusive")] = None,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
@@ -97,25 +101,28 @@ async def get_steps(
             run = get_run_row(conn, run_id)
             if run is None or not principal.sees(run.project):
                 return None
-            rows = read_steps(conn, run.id, start=start, end=end, limit=limit)
+            rows = read_steps(conn, run.id, start=start, end=end, limit=limit, n_layers=len(run.layer_names),
+                              limits=limits)
         return StepsPublic(run_id=run_id, layers=list(run.layer_names), steps=rows)
 
     out = await run_in_threadpool(read)
     if out is None:
         raise HTTPException(404, f"run {run_id!r} does not exist")
-    return model_response(out)
+    return await run_in_threadpool(chunked_response, out, "steps")
 
 
 @router.get(
     "/series",
     summary="Series of chosen fields and layers over a step range, downsampled keeping spikes",
     response_model=SeriesPublic,
-    responses={404: {"description": "unknown run"}, 422: {"description": "unknown field or layer"}},
+    responses={404: {"description": "unknown run"},
+               422: {"description": "unknown or repeated field or layer, or an answer over a limit"}},
 )
 async def get_series(
     run_id: RunIdPath,
     engine: EngineDep,
     principal: ReadToken,
+    limits: LimitsDep,
     fields: Annotated[str, Query(description=f"comma-separated, of {', '.join(SERIES_FIELDS)}",
                                  examples=["loss,grad_norm,layer_grad_norms"])] = "loss,grad_norm",
     layers: Annotated[str | None, Query(description="comma-separated layer names for per-layer fields; "
@@ -131,7 +138,10 @@ async def get_series(
     if unknown or not field_list:
         raise HTTPException(422, [{"loc": ["query", "fields"], "type": "value_error",
                                    "msg": f"unknown field(s) {unknown}; choose from {list(SERIES_FIELDS)}"}])
+    limits.check_query_names(["query", "fields"], field_list, "field", None)
     layer_list = None if layers is None else [name for name in layers.split(",") if name]
+    if layer_list is not None:
+        limits.check_query_names(["query", "layers"], layer_list, "layer")
 
     def read() -> SeriesPublic | None:
         with read_connection(engine) as conn:
@@ -139,7 +149,7 @@ async def get_series(
             if run is None or not principal.sees(run.project):
                 return None
             series = read_series(conn, run.id, list(run.layer_names), fields=field_list, layers=layer_list,
-                                 start=start, end=end, max_points=max_points)
+                                 start=start, end=end, max_points=max_points, limits=limits)
         return SeriesPublic(run_id=run_id, start=start, end=end, max_points=max_points, series=series)
 
     try:
@@ -148,7 +158,7 @@ async def get_series(
         raise HTTPException(422, [{"loc": ["query", "layers"], "msg": str(exc), "type": "value_error"}]) from None
     if out is None:
         raise HTTPException(404, f"run {run_id!r} does not exist")
-    return model_response(out)
+    return await run_in_threadpool(chunked_response, out, "series")
 
 
 def _count_ingested(outcome: BatchOutcome) -> None:
