@@ -16,7 +16,7 @@ from gradwatch.wire import LAYER_FIELDS
 from .codec import decode_scalars
 from .limits import InputLimits
 from .models import FLAG_LATE, FLAG_SKIPPED, ROLLUP_WIDTHS, incidents, projects, runs, steps
-from .read_bounds import check_documents, check_raw_read
+from .read_bounds import check_documents, check_raw_read, fetch_in_parts
 from .rollups import NONE_STEP, FieldStats, concat_units, raw_units, read_units, reduce_units, take_units
 from .schemas import Incident, RunListed, RunPublic, Series, StepOut
 
@@ -114,6 +114,13 @@ def _step_range(q: Any, start: int | None, end: int | None) -> Any:
 _STEP_VALUES = 6
 """step, time, loss, grad_norm, lr, update_norm: the values of a StepOut besides its per-layer arrays and scalars"""
 _STEPS_ADVICE = "ask for fewer steps (limit, or a narrower start..end)"
+DEFAULT_STEPS_PAGE = 10_000
+
+
+def default_steps_limit(n_layers: int, limits: InputLimits) -> int:
+    """The page /steps serves when no `limit` is asked: 10,000 steps, or as many as
+    GRADWATCH_MAX_RESPONSE_VALUES allows of a run this wide (its extra scalars aside)."""
+    return max(1, min(DEFAULT_STEPS_PAGE, limits.max_response_values // (_STEP_VALUES + len(LAYER_FIELDS) * n_layers)))
 
 
 def read_steps(conn: Connection, run_pk: int, *, start: int | None, end: int | None, limit: int,
@@ -126,7 +133,7 @@ def read_steps(conn: Connection, run_pk: int, *, start: int | None, end: int | N
     q = _step_range(select(steps).where(steps.c.run_pk == run_pk), start, end).order_by(steps.c.step).limit(limit)
     out: list[StepOut] = []
     n_values = 0
-    for r in conn.execute(q):
+    for r in conn.execute(q, execution_options=fetch_in_parts(limit, _STEP_VALUES + len(LAYER_FIELDS) * n_layers)):
         scalars = decode_scalars(r.scalars)
         if limits is not None:
             n_values += _STEP_VALUES + len(LAYER_FIELDS) * n_layers + len(scalars or ())
@@ -163,7 +170,8 @@ def read_series(conn: Connection, run_pk: int, run_layers: Sequence[str], *, fie
                        MAX_ROWS, _SERIES_ADVICE)
     columns = [steps.c.step] + [steps.c[f] for f in fields]
     q = _step_range(select(*columns).where(steps.c.run_pk == run_pk), start, end).order_by(steps.c.step)
-    rows = conn.execute(q).all()
+    rows = conn.execute(q, execution_options=fetch_in_parts(MAX_ROWS, 1 + len(fields) + n_layer_fields * (
+        len(run_layers) - 1))).all()
     step_list = [r[0] for r in rows]
     out: list[Series] = []
     for j, f in enumerate(fields, start=1):

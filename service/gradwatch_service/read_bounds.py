@@ -15,7 +15,11 @@ from sqlalchemy import Connection, LargeBinary, Text, func, literal, select
 from .limits import InputLimits
 from .models import runs, steps
 
-__all__ = ["check_raw_read", "check_documents", "rows_in_range"]
+__all__ = ["check_raw_read", "check_documents", "fetch_in_parts", "rows_in_range"]
+
+_PART_VALUES = 50_000
+"""values a fetch converts at once in a large read (a few milliseconds): the driver turns a whole fetch into
+Python objects in one call that holds the GIL, and /healthz would wait for a million values"""
 
 
 def rows_in_range(conn: Connection, run_pk: int, start: int | None, end: int | None, at_most: int) -> int:
@@ -40,6 +44,14 @@ def check_raw_read(conn: Connection, limits: InputLimits, run_pk: int, start: in
     n = rows_in_range(conn, run_pk, start, end, min(max_rows, allowed_rows + 1))
     if n > allowed_rows:  # counted no further than one row past the limit: "at least"
         limits.check_response_values(["query"], n * per_row, advice, at_least=True)
+
+
+def fetch_in_parts(max_rows: int, values_per_row: int) -> dict[str, Any]:
+    """Execution options for a read of up to `max_rows` rows: none when it is small (the common case, one
+    fetch), else rows fetched a few at a time (a server-side cursor on PostgreSQL)."""
+    if max_rows * max(1, values_per_row) <= 4 * _PART_VALUES:
+        return {}
+    return {"yield_per": max(1, _PART_VALUES // max(1, values_per_row))}
 
 
 def _json_size(conn: Connection, column: Any) -> Any:

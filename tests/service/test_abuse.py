@@ -167,17 +167,19 @@ def test_series_of_every_layer_of_a_big_run_is_refused_naming_the_setting(target
 
 
 def test_steps_of_a_big_run_are_refused_and_a_page_within_the_limit_is_served(target: Target) -> None:
-    """/steps capped steps, not values: its default 10,000-step page of a 10,000-layer run is refused; the most
-    steps the limit allows (33 of 30,006 values) are served, under the same watch."""
+    """/steps capped steps, not values: a 10,000-step page of a 10,000-layer run is refused; with no limit
+    asked, the default page is as many steps as the limit allows (33 of 30,006 values), served under the same
+    watch."""
+    with watching(target.server) as w:
+        r = target.http.get(f"/v1/runs/{target.big_run}/steps", params={"limit": 10_000})
+    _refused(r, 422, "GRADWATCH_MAX_RESPONSE_VALUES", "ask for fewer steps")
+    _held(w, f"{target.backend} /steps?limit=10000 of a 10,000-layer run")
     with watching(target.server) as w:
         r = target.http.get(f"/v1/runs/{target.big_run}/steps")
-    _refused(r, 422, "GRADWATCH_MAX_RESPONSE_VALUES", "ask for fewer steps")
-    _held(w, f"{target.backend} /steps of a 10,000-layer run")
-    with watching(target.server) as w:
-        r = target.http.get(f"/v1/runs/{target.big_run}/steps", params={"limit": 33})
     assert r.status_code == 200 and len(r.json()["steps"]) == 33
     assert len(r.json()["steps"][0]["layer_grad_norms"]) == BIG_LAYERS
-    _held(w, f"{target.backend} /steps?limit=33 served ({len(r.content) / 1e6:.1f} MB)")
+    _held(w, f"{target.backend} /steps default page (33 steps) served ({len(r.content) / 1e6:.1f} MB)")
+    assert target.http.get(f"/v1/runs/{target.big_run}/steps", params={"limit": 34}).status_code == 422
 
 
 def test_a_downsampled_series_of_one_layer_of_the_big_run_is_served(target: Target) -> None:
@@ -305,7 +307,8 @@ def test_updated_since_at_the_ends_of_time_is_answered(target: Target, since: st
     assert bool(r.json()["runs"]) is found
 
 
-@pytest.mark.parametrize("trailer", [gzip.compress(b'{"name": "second"}'), b"junk after the member"])
+@pytest.mark.parametrize("trailer", [gzip.compress(b'{"name": "second"}'), b"junk after the member"],
+                         ids=["second-member", "junk"])
 def test_gzip_with_anything_after_its_member_is_refused(target: Target, trailer: bytes) -> None:
     run_id = new_run_id()
     body = gzip.compress(b'{"project": "abuse", "name": "first"}') + trailer

@@ -12,7 +12,7 @@ from ..body import BINARY_CONTENT_TYPE, content_type_of, parse_body, read_body
 from ..db import read_connection, write_transaction
 from ..ingest import BatchOutcome, append_steps
 from ..metrics import count_incident_opened, observe_detector_seconds, record_batch
-from ..queries import UnknownLayer, get_run_row, list_incidents, read_series, read_steps
+from ..queries import UnknownLayer, default_steps_limit, get_run_row, list_incidents, read_series, read_steps
 from ..schemas import MAX_STEP, SERIES_FIELDS, Incident, IngestResult, SeriesPublic, StepBatch, StepsPublic
 from ..steps_table import StepColumns
 from .chunked import chunked_response
@@ -94,15 +94,18 @@ async def get_steps(
     limits: LimitsDep,
     start: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="first step, inclusive")] = None,
     end: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="last step, inclusive")] = None,
-    limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
+    limit: Annotated[int | None, Query(ge=1, le=100_000, description=(
+        "most steps; when absent 10,000, or fewer for a run so wide that 10,000 steps would pass "
+        "GRADWATCH_MAX_RESPONSE_VALUES (a limit asked for that would pass it is a 422)"))] = None,
 ) -> Response:
     def read() -> StepsPublic | None:
         with read_connection(engine) as conn:
             run = get_run_row(conn, run_id)
             if run is None or not principal.sees(run.project):
                 return None
-            rows = read_steps(conn, run.id, start=start, end=end, limit=limit, n_layers=len(run.layer_names),
-                              limits=limits)
+            n_layers = len(run.layer_names)
+            page = limit if limit is not None else default_steps_limit(n_layers, limits)
+            rows = read_steps(conn, run.id, start=start, end=end, limit=page, n_layers=n_layers, limits=limits)
         return StepsPublic(run_id=run_id, layers=list(run.layer_names), steps=rows)
 
     out = await run_in_threadpool(read)
