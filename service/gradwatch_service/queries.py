@@ -165,12 +165,13 @@ def read_series(conn: Connection, run_pk: int, run_layers: Sequence[str], *, fie
                 limits.check_response_values(["query"], 5 * plan.groups * n_series, _SERIES_ADVICE)
             return _downsampled(conn, run_pk, plan, fields, wanted_layers, [position[name] for name in wanted_layers],
                                 len(run_layers))
+    most_rows = MAX_ROWS if max_points is None else max_points  # not downsampled: the range has no more steps
     if limits is not None:  # a row holds every layer of a per-layer field, whichever are asked for
         check_raw_read(conn, limits, run_pk, start, end, 1 + len(fields) + n_layer_fields * (len(run_layers) - 1),
-                       MAX_ROWS, _SERIES_ADVICE)
+                       most_rows, _SERIES_ADVICE)
     columns = [steps.c.step] + [steps.c[f] for f in fields]
     q = _step_range(select(*columns).where(steps.c.run_pk == run_pk), start, end).order_by(steps.c.step)
-    rows = conn.execute(q, execution_options=fetch_in_parts(MAX_ROWS, 1 + len(fields) + n_layer_fields * (
+    rows = conn.execute(q, execution_options=fetch_in_parts(most_rows, 1 + len(fields) + n_layer_fields * (
         len(run_layers) - 1))).all()
     step_list = [r[0] for r in rows]
     out: list[Series] = []
