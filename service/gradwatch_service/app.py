@@ -25,6 +25,7 @@ from .metrics import count_database_errors
 from .migrate import schema_problem
 from .request_metrics import RequestMetrics
 from .schemas import RunUpsert, StepBatch
+from .serving import LearnServingPort, ServedAt
 from .settings import Settings, get_settings
 
 __all__ = ["create_app", "SchemaOutdated"]
@@ -45,7 +46,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         if problem:
             raise SchemaOutdated(problem)
         warn_if_insecure(settings.insecure)
-        worker = DeliveryWorker(engine, settings).start() if settings.webhook_delivery else None
+        worker = DeliveryWorker(engine, settings, public_url=served_at.public_url).start() \
+            if settings.webhook_delivery else None
         state.webhook_worker = worker
         yield
         if worker is not None:
@@ -62,6 +64,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(webhooks.router)
     app.include_router(tokens.router)
     app.add_middleware(RejectNul)
+    served_at = ServedAt(settings)
+    app.add_middleware(LearnServingPort, served_at=served_at)
     if settings.metrics:  # off (GRADWATCH_METRICS=false): no /metrics, nothing counted per request or batch
         app.include_router(metrics.router)
         app.add_middleware(RequestMetrics)

@@ -19,6 +19,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -124,8 +125,11 @@ def _pinned(address: str) -> Any:
 
 
 class DeliveryWorker:
-    def __init__(self, engine: Engine, settings: Settings, resolve: Resolver = system_resolver) -> None:
+    def __init__(self, engine: Engine, settings: Settings, resolve: Resolver = system_resolver,
+                 public_url: Callable[[], str] | None = None) -> None:
         self.engine, self.settings = engine, settings
+        self.public_url = public_url or settings.public_url
+        """the service's own URL for webhook bodies (serving.py: with the port requests arrive on)"""
         self.policy = settings.webhook_target_policy()
         self.resolve = resolve
         """how target names are resolved before each POST (a parameter, so tests can play DNS)"""
@@ -182,7 +186,7 @@ class DeliveryWorker:
     def _deliver(self, claim: Claim) -> None:
         s = self.settings
         try:
-            body = encode_body(alert_body(claim.event, claim.payload, claim.receiver, s.public_url()))
+            body = encode_body(alert_body(claim.event, claim.payload, claim.receiver, self.public_url()))
             outcome = send(claim.url, body, signed_headers(claim.secret, claim.msg_id, body), s.webhook_timeout_s,
                            self.policy, self.resolve)
             with write_transaction(self.engine) as conn:

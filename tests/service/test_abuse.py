@@ -543,3 +543,15 @@ def test_with_no_token_only_loopback_is_served_whatever_the_launcher(backend: st
     finally:
         if schema:
             schema.drop()
+
+
+def test_webhook_urls_carry_the_port_under_plain_uvicorn_too(tmp_path: Path) -> None:
+    """No `serve` to pass the port on: the app learns it from the requests it serves."""
+    url, _ = new_database_url("sqlite", tmp_path)
+    env = {"GRADWATCH_WEBHOOK_ALLOWED_TARGETS": "127.0.0.1", "GRADWATCH_WEBHOOK_POLL_S": "0.2"}
+    with uvicorn_app(url, tmp_path, "127.0.0.1", **env) as (port, _log), Receiver() as receiver, \
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        assert http.post("/v1/webhooks", json={"url": receiver.url}).status_code == 201
+        _explode(http, "p")
+        body = receiver.wait_for(lambda rs: bool(rs))[0].json()
+    assert port != 8000 and body["externalURL"] == f"http://127.0.0.1:{port}"
