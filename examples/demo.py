@@ -87,7 +87,7 @@ def show(url: str) -> None:
     listed = get(url + "/v1/runs?project=demo&limit=2")["runs"]
     print(f"\nGET /v1/runs?project=demo  ->  {len(listed)} latest runs")
     for run in listed:
-        print(f"  {run['run_id']:<28} status={run['status']:<9} steps={run['n_steps']:<5} layers={len(run['layers'])}")
+        print(f"  {run['run_id']:<28} status={run['status']:<9} steps={run['n_steps']:<5} layers={run['n_layers']}")
     for run in listed:
         rid = run["run_id"]
         series = get(f"{url}/v1/runs/{rid}/series?fields=loss,grad_norm&max_points=12")["series"]

@@ -40,7 +40,7 @@ def nonfinite(state: dict[str, Any], t: int, loss: float | None, g: float | None
            if v is not None and not _isfinite(v)]
     layer = bad_layer if bad_layer is not None else root_cause(state, step, cfg)
     what, value = bad[0] if bad else ("layer norm", math.nan)
-    if bad_layer is not None and not math.isnan(bad_value):  # a layer grad norm: report its value
+    if not bad and bad_layer is not None and not math.isnan(bad_value):  # the layer norm the message names
         value = bad_value
     where = f" (first in layer {layer})" if layer else ""
     return Event("nonfinite", CRITICAL, t, float(value), None, layer,
