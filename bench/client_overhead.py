@@ -3,6 +3,7 @@
     python bench/client_overhead.py            # readable table
     python bench/client_overhead.py --json     # one JSON object (keys below)
     python bench/client_overhead.py --quick    # fewer repeats, no wandb (CI)
+    python bench/client_overhead.py --log-only --json   # run.log() latency alone (up, down, hung): seconds
 
 Measured on CPU on a 3.7M-parameter MLP with 50 parameter tensors (25 Linear(384, 384) layers):
 
@@ -290,6 +291,19 @@ def log_latency(url: str, n: int, spool: Path) -> dict[str, float]:
             "max_us": samples[-1] / 1e3, "finish_s": finish_s}
 
 
+def log_latencies(n_logs: int, spool: Path, say: Callable[..., None]) -> tuple[dict[str, float], ...]:
+    """run.log() with the service up, down (connection refused) and hung (accepts, never answers)."""
+    with sink_server() as url:
+        up = log_latency(url, n_logs, spool)
+    down = log_latency(closed_port_url(), n_logs, spool)
+    with hung_server() as url:
+        hung = log_latency(url, n_logs, spool)
+    for name, r in (("up", up), ("down", down), ("hung", hung)):
+        say(f"log() service {name:4}: p50 {r['p50_us']:.1f} us, p99 {r['p99_us']:.1f} us, "
+            f"max {r['max_us']:.0f} us; finish() {r['finish_s']:.2f} s (target p99 <= 50 us)")
+    return up, down, hung
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -297,6 +311,7 @@ def main() -> int:
     parser.add_argument("--no-wandb", action="store_true", help="do not measure wandb.watch")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="where the model trains (the targets are for cpu)")
+    parser.add_argument("--log-only", action="store_true", help="measure run.log() latency only")
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -308,6 +323,13 @@ def main() -> int:
     n_params = sum(p.numel() for p in build()[0].parameters())
     say(f"model: {n_params / 1e6:.2f}M parameters in {2 * LAYERS} tensors, batch {BATCH}, on {DEVICE}, "
         f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}")
+    if args.log_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            up, down, hung = log_latencies(n_logs, Path(tmp), say)
+        if args.json:
+            print(json.dumps({f"log_{q}_us_{name}": round(r[f"{q}_us"], 1) for name, r in
+                              (("up", up), ("down", down), ("hung", hung)) for q in ("p50", "p99")}))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         spool = Path(tmp)
         floor = norms_vs_floor(10 if args.quick else 30)
@@ -325,13 +347,7 @@ def main() -> int:
                 f"chose): {overall:+.2f}% (target <= 1%)")
             control = aa_control(pairs // 4)
             say(f"step: two bare models, the same estimator: {control['plain_pct']:+.2f}% (the noise floor)")
-            up = log_latency(url, n_logs, spool)
-        down = log_latency(closed_port_url(), n_logs, spool)
-        with hung_server() as url:
-            hung = log_latency(url, n_logs, spool)
-        for name, r in (("up", up), ("down", down), ("hung", hung)):
-            say(f"log() service {name:4}: p50 {r['p50_us']:.1f} us, p99 {r['p99_us']:.1f} us, "
-                f"max {r['max_us']:.0f} us; finish() {r['finish_s']:.2f} s (target p99 <= 50 us)")
+        up, down, hung = log_latencies(n_logs, spool, say)
     if args.quick or args.no_wandb:
         wandb_result, reason = None, "skipped with --quick" if args.quick else "skipped with --no-wandb"
     else:

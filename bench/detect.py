@@ -6,7 +6,8 @@
 
 The service ingests about 70,000 steps/s and detection must keep at least 75 % of that, so one step with 50
 layers has a budget of about 5 us in CPython 3.11 (one ingested step costs about 14 us end to end). Steps are
-built before timing (decoding JSON is the ingest path's cost, not the detector's) and replayed through
+built before timing, as the `StepInput`s the callers build (decoding JSON is the ingest path's cost, not the
+detector's), and replayed through
 `advance` + `track_incidents` on every step, as in the service (it also resolves incidents on quiet steps).
 Each measurement is one entry in MEASUREMENTS; add a function there to add a row and a JSON key.
 """
@@ -24,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gradwatch.detect import DetectorConfig, advance, held_signatures, new_state
+from gradwatch.detect import DetectorConfig, StepInput, advance, held_signatures, new_state
 from gradwatch.incidents import new_incident_state, track_incidents
 
 
@@ -49,7 +50,7 @@ def synthetic_steps(n_steps: int, n_layers: int, seed: int = 0) -> list[dict[str
 
 def us_per_step(n_layers: int, n_steps: int, repeats: int) -> float:
     """Best of `repeats` passes over one run, in microseconds per step (best-of filters scheduler noise)."""
-    steps = synthetic_steps(n_steps, n_layers)
+    steps = [StepInput.of(s) for s in synthetic_steps(n_steps, n_layers)]
     config = DetectorConfig()
     best = math.inf
     for _ in range(repeats):
@@ -58,7 +59,7 @@ def us_per_step(n_layers: int, n_steps: int, repeats: int) -> float:
         started = time.perf_counter()
         for step in steps:
             state, events = advance(state, step, config)
-            incidents, _, _ = track_incidents(incidents, events, step["step"], config, held_signatures(state))
+            incidents, _, _ = track_incidents(incidents, events, step.step, config, held_signatures(state))
         best = min(best, time.perf_counter() - started)
     return 1e6 * best / n_steps
 

@@ -112,8 +112,9 @@ def ingest_run(api: Api, run_id: str, n: int, n_layers: int) -> tuple[float, flo
     layers = [f"layer{k}" for k in range(n_layers)]
     api.call("PUT", f"/v1/runs/{run_id}", json.dumps({"project": "bench", "layers": layers}).encode())
     took, peak = 0.0, -np.inf
-    for lo in range(0, n, BATCH):
-        columns = run_columns(n, n_layers, lo, min(n, lo + BATCH), seed=n)
+    batch = max(1, min(BATCH, 450_000 // (8 + 3 * n_layers)))  # within GRADWATCH_MAX_BATCH_VALUES (500,000)
+    for lo in range(0, n, batch):
+        columns = run_columns(n, n_layers, lo, min(n, lo + batch), seed=n)
         peak = max(peak, float(columns["layer_grad_norms"][:, BLOWS_UP].max()))
         body = binary_body(columns, layers)
         start = time.perf_counter()

@@ -2,7 +2,8 @@
 
 One healthy run and one that explodes (`--explode`), both real PyTorch training on the CPU, instrumented with
 `gradwatch.watch`. Then it reads back from the API what a dashboard would: the runs, a downsampled series and
-the incidents the detectors opened, and leaves the service running for you to explore (Ctrl-C stops it).
+the incidents the detectors opened, and leaves the service running for you to explore (Ctrl-C stops it); it
+ends by printing the address of the exploding run's page.
 """
 
 from __future__ import annotations
@@ -66,9 +67,12 @@ def main() -> int:
                    "--name", name, "--steps", str(args.steps)] + (["--explode"] if kind == "exploding" else [])
             subprocess.run(cmd, check=True, env={**os.environ, "GRADWATCH_URL": url})
         show(url)
+        page = f"{url}/runs/{run_id_of(url, runs['exploding'])}"
         if args.exit:
+            print(f"\nThe exploding run's page (while the service runs): {page}")
             return 0
-        print(f"\nThe service keeps running on {url}; Ctrl-C stops it.")
+        print(f"\nThe service keeps running on {url} (all runs: {url}/); Ctrl-C stops it.")
+        print(f"The exploding run's page: {page}", flush=True)
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
         return 0
     except KeyboardInterrupt:
@@ -83,7 +87,7 @@ def show(url: str) -> None:
     listed = get(url + "/v1/runs?project=demo&limit=2")["runs"]
     print(f"\nGET /v1/runs?project=demo  ->  {len(listed)} latest runs")
     for run in listed:
-        print(f"  {run['run_id']:<28} status={run['status']:<9} steps={run['n_steps']:<5} layers={len(run['layers'])}")
+        print(f"  {run['run_id']:<28} status={run['status']:<9} steps={run['n_steps']:<5} layers={run['n_layers']}")
     for run in listed:
         rid = run["run_id"]
         series = get(f"{url}/v1/runs/{rid}/series?fields=loss,grad_norm&max_points=12")["series"]
@@ -96,6 +100,12 @@ def show(url: str) -> None:
         for inc in sorted(incidents, key=lambda i: i["opened_step"]):
             print(f"  step {inc['opened_step']:<4} {inc['severity']:<8} {inc['signature']:<16} "
                   f"layer={inc['layer']}  ({inc['status']})")
+
+
+def run_id_of(url: str, name: str) -> str:
+    """The id the client chose for the demo run named `name`."""
+    listed = get(url + "/v1/runs?project=demo&limit=20")["runs"]
+    return next(r["run_id"] for r in listed if r["name"] == name)
 
 
 def _fmt(v: Any) -> str:

@@ -154,3 +154,14 @@ def test_query_benchmark_reports_its_figures() -> None:
     assert all(figures[k] > 0 for k in keys)
     assert figures["ingest_rollups_ratio"] == min(figures["sqlite_ingest_rollups_ratio"],
                                                   figures["postgres_ingest_rollups_ratio"])
+
+
+@pytest.mark.slow
+def test_page_benchmark_reports_its_figures() -> None:
+    from .support.browser import require_chromium
+
+    require_chromium()
+    figures = _run("page.py", "--backends", "sqlite", "--steps", "5000", "--repeat", "2")
+    assert figures["steps"] == 5000 and figures["page_reason"] is None
+    for key in ("sqlite_data_p50_ms", "sqlite_data_kb", "sqlite_page_load_p50_ms", "data_p50_ms", "page_load_p50_ms"):
+        assert figures[key] > 0, key

@@ -96,7 +96,8 @@ def test_the_wheel_ships_every_package_and_nothing_else(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {n.rsplit("/", 1)[0].replace("/", ".") for n in names if n.endswith("/__init__.py")}
     assert shipped == _source_packages()
-    assert {"gradwatch/py.typed", "gradwatch_service/py.typed", "gradwatch_service/migrations/script.py.mako"} <= names
+    assert {"gradwatch/py.typed", "gradwatch_service/py.typed", "gradwatch_service/migrations/script.py.mako",
+            "gradwatch_service/pages/static/run.js", "gradwatch_service/pages/static/style.css"} <= names
     assert not any(n.startswith(("tests/", "bench/", "tools/", "examples/", "deploy/")) for n in names)
 
 
@@ -130,6 +131,8 @@ def test_the_image_install_alone_migrates_serves_and_stores_a_batch(image_python
             assert r.status_code == 200, r.text
             assert r.json()["accepted"] == 4
             got = http.get("/v1/runs/wheel-1/steps").json()["steps"]
+            assert "wheel-1" in http.get("/").text  # the run pages and their files ship in the wheel
+            assert http.get("/ui/static/run.js").status_code == 200
     finally:
         if schema:
             schema.drop()
@@ -149,3 +152,5 @@ def test_demo_trains_against_the_service_and_reads_back_incidents(tmp_path: Path
     assert "GET /v1/runs?project=demo  ->  2 latest runs" in done.stdout
     assert "critical" in done.stdout  # the exploding run raised a critical incident
     assert (tmp_path / "demo" / "gradwatch.db").exists()
+    last = done.stdout.strip().splitlines()[-1]  # it ends with the exploding run's page
+    assert re.search(r"http://127\.0\.0\.1:\d+/runs/\S+$", last), last

@@ -1,6 +1,6 @@
 """What a change to the detector costs per step: this checkout's `gradwatch.detect` against another version of it.
 
-    git show 410af75:client/gradwatch/detect.py > /tmp/detect_old.py
+    git show 2495a52:client/gradwatch/detect.py > /tmp/detect_old.py      # a one-module version (before 12-07)
     .venv/bin/python tools/detect_ab.py --old /tmp/detect_old.py                # wall clock, interleaved pairs
     .venv/bin/python tools/detect_ab.py --old /tmp/detect_old.py --callgrind    # instruction counts (valgrind)
 
@@ -11,6 +11,11 @@ from other processes falls on both sides of a pair. On a shared machine even tha
 so `--callgrind` counts the instructions instead, which do not depend on the load: each version runs under
 `valgrind --tool=callgrind` over N steps and again with the detector left out (the same start-up, imports and
 step building), and the difference over N is its instructions per step.
+
+The other version is one module (detect.py, as it was until the package); it gets the steps as dicts. This
+checkout's package gets them as `StepInput`s, built from the same dicts before the loop, as its callers now
+build them instead of the dicts: under `--callgrind` its baseline builds them too, and the cost of building
+them (`StepInput.of` per step, over the dicts) is printed on its own.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -54,13 +60,13 @@ def runner(module: ModuleType) -> Any:
         advance, held_signatures = new_detect.advance, new_detect.held_signatures
         new_incident_state, track = new_incidents.new_incident_state, new_incidents.track_incidents
 
-        def run(steps: list[dict[str, object]]) -> None:
+        def run(steps: list[Any]) -> None:
             config = new_detect.DetectorConfig()
             state = new_detect.new_state()
             incidents = new_incident_state()
             for step in steps:
                 state, events = advance(state, step, config)
-                incidents, _, _ = track(incidents, events, step["step"], config, held_signatures(state))
+                incidents, _, _ = track(incidents, events, step.step, config, held_signatures(state))
         return run
     # the 12-01 module kept its own incident tracking (no holds)
     advance = module.advance
@@ -77,17 +83,23 @@ def runner(module: ModuleType) -> Any:
     return run_old
 
 
+def typed(steps: list[dict[str, Any]]) -> list[Any]:
+    """The steps as this checkout's callers build them."""
+    return [new_detect.StepInput.of(s) for s in steps]
+
+
 def pairs(old: ModuleType, n_layers: int, n_steps: int, n_pairs: int) -> dict[str, Any]:
     steps = synthetic_steps(n_steps, n_layers)
+    inputs = typed(steps)
     run_old, run_new = runner(old), runner(new_detect)
-    run_old(steps), run_new(steps)  # warm both
+    run_old(steps), run_new(inputs)  # warm both
     ratios, olds, news = [], [], []
     for i in range(n_pairs):
         order = (("old", run_old), ("new", run_new)) if i % 2 == 0 else (("new", run_new), ("old", run_old))
         took = {}
         for name, run in order:
             started = time.perf_counter()
-            run(steps)
+            run(steps if name == "old" else inputs)
             took[name] = time.perf_counter() - started
         ratios.append(took["new"] / took["old"])
         olds.append(1e6 * took["old"] / n_steps)
@@ -118,22 +130,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=15, help="interleaved pairs per layer count (default 15)")
     parser.add_argument("--layers", type=int, nargs="*", default=list(LAYERS), help="layer counts (50 10 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--impl", choices=("old", "new", "none"), help=argparse.SUPPRESS)  # one run, for valgrind
+    parser.add_argument("--jobs", type=int, default=4, help="valgrind runs at a time under --callgrind (default 4)")
+    parser.add_argument("--impl", choices=("old", "new", "none", "typed"),
+                        help=argparse.SUPPRESS)  # one run, for valgrind
     args = parser.parse_args(argv)
     old = load_old(args.old)
     if args.impl is not None:
         steps = synthetic_steps(args.steps, args.layers[0])
-        if args.impl != "none":
+        if args.impl in ("new", "typed"):
+            steps = typed(steps)
+        if args.impl in ("old", "new"):
             runner(old if args.impl == "old" else new_detect)(steps)
         return 0
     results: dict[str, Any] = {}
+    counted: dict[tuple[str, int], int] = {}
+    if args.callgrind:  # the counts do not depend on the load: run them side by side
+        jobs = [(impl, n) for n in args.layers for impl in ("none", "typed", "old", "new")]
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for job, total in zip(jobs, pool.map(lambda j: count_instructions(args.old, j[0], j[1], args.steps), jobs),
+                                  strict=True):
+                counted[job] = total
     for n_layers in args.layers:
         if args.callgrind:
-            base = count_instructions(args.old, "none", n_layers, args.steps)
-            per = {impl: (count_instructions(args.old, impl, n_layers, args.steps) - base) / args.steps
-                   for impl in ("old", "new")}
-            results[str(n_layers)] = {"old_instr": round(per["old"]), "new_instr": round(per["new"]),
-                                      "ratio": round(per["new"] / per["old"], 4)}
+            counts = {impl: counted[(impl, n_layers)] for impl in ("none", "typed", "old", "new")}
+            old_per = (counts["old"] - counts["none"]) / args.steps
+            new_per = (counts["new"] - counts["typed"]) / args.steps
+            results[str(n_layers)] = {"old_instr": round(old_per), "new_instr": round(new_per),
+                                      "ratio": round(new_per / old_per, 4),
+                                      "input_instr": round((counts["typed"] - counts["none"]) / args.steps)}
         else:
             results[str(n_layers)] = pairs(old, n_layers, args.steps, args.pairs)
     if args.json:
@@ -143,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"detect: this checkout / {args.old}, {args.steps} steps, {unit}")
     for n_layers, r in results.items():
         if args.callgrind:
-            print(f"  {n_layers:>3} layers  old {r['old_instr']:>8}  new {r['new_instr']:>8}  new/old {r['ratio']:.3f}")
+            print(f"  {n_layers:>3} layers  old {r['old_instr']:>8}  new {r['new_instr']:>8}  new/old {r['ratio']:.3f}"
+                  f"  (building the StepInputs {r['input_instr']})")
         else:
             print(f"  {n_layers:>3} layers  old {r['old_us']:6.2f}  new {r['new_us']:6.2f}  new/old {r['ratio']:.3f}"
                   f"  (pairs {min(r['ratios']):.3f}-{max(r['ratios']):.3f})")

@@ -23,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from gradwatch.detect import DetectorConfig, advance, held_signatures, new_state  # noqa: E402
+from gradwatch.detect import DetectorConfig, StepInput, advance, held_signatures, new_state  # noqa: E402
 from gradwatch.incidents import new_incident_state, track_incidents  # noqa: E402
 from gradwatch.replay import read_trace  # noqa: E402
 
@@ -41,7 +41,7 @@ EXAMPLES: dict[str, tuple[str, int | None, str]] = {
 COLOURS = {"critical": "#d62728", "warning": "#ff7f0e"}
 
 
-def replay_with_bands(steps: list[dict[str, Any]], cfg: DetectorConfig) -> dict[str, list[Any]]:
+def replay_with_bands(steps: list[StepInput], cfg: DetectorConfig) -> dict[str, list[Any]]:
     """Per step: the measurements, the bands the detectors judged them against, and the incidents opened."""
     state = new_state()
     incidents = new_incident_state()
@@ -54,13 +54,13 @@ def replay_with_bands(steps: list[dict[str, Any]], cfg: DetectorConfig) -> dict[
         g_mu, g_dev = state["g_mu"], max(state["g_dev"], cfg.band_dev_floor)
         r_mu, r_dev = state["r_mu"], max(state["r_dev"], cfg.band_dev_floor)
         state, events = advance(state, step, cfg)
-        incidents, new, _ = track_incidents(incidents, events, step["step"], cfg, held_signatures(state))
-        opened += [(step["step"], inc["signature"], inc["severity"]) for inc in new]
-        weights = [v for v in (step.get("layer_weight_norms") or {}).values() if v is not None]
+        incidents, new, _ = track_incidents(incidents, events, step.step, cfg, held_signatures(state))
+        opened += [(step.step, inc["signature"], inc["severity"]) for inc in new]
+        weights = [v for v in (step.layer_weight_norms or {}).values() if v is not None]
         w = math.hypot(*weights) if weights else math.nan
-        u = step.get("update_norm")
-        rows["step"].append(step["step"])
-        rows["loss"].append(_positive(step.get("loss")))
+        u = step.update_norm
+        rows["step"].append(step.step)
+        rows["loss"].append(_positive(step.loss))
         rows["loss_slow"].append(math.exp(state["l_slow"]) if state["l_n"] else math.nan)
         rows["loss_limit"].append(math.exp(state["l_start"]) * cfg.loss_factor
                                   if state["l_n"] > cfg.loss_start_steps else math.nan)
@@ -68,7 +68,7 @@ def replay_with_bands(steps: list[dict[str, Any]], cfg: DetectorConfig) -> dict[
         rows["giveback"].append(math.exp(state["l_best"] + cfg.loss_giveback_share * progress)
                                 if state["l_n"] > cfg.warmup_steps
                                 and progress >= math.log(cfg.loss_giveback_min_progress) else math.nan)
-        rows["grad"].append(_positive(step.get("grad_norm")))
+        rows["grad"].append(_positive(step.grad_norm))
         rows["g_mu"].append(math.exp(g_mu) if g_ready else math.nan)
         rows["g_hi"].append(math.exp(g_mu + cfg.spike_z * g_dev) if g_ready else math.nan)
         rows["ratio"].append(_positive(u / w) if u is not None and w and math.isfinite(w) else math.nan)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         _, steps = read_trace(path)
         header = _header(path)
         if last is not None:
-            steps = [s for s in steps if s["step"] <= last]
+            steps = [s for s in steps if s.step <= last]
         rows = replay_with_bands(steps, cfg)
         if not any(sig == signature for _, sig, _ in rows["opened"]):
             print(f"plot_signatures: {signature} does not fire on {run_id} any more; pick another run",

@@ -1,6 +1,6 @@
 """How far ahead can any causal signal see a divergence? Candidate precursors measured on the labelled traces.
 
-    .venv/bin/python tools/precursors.py [--traces ../shared/traces/dev] [--alerts bench/out/gradwatch.jsonl]
+    .venv/bin/python tools/precursors.py [--traces ../shared/traces/dev] [--alerts bench/out/gradwatch-dev.jsonl]
     .venv/bin/python tools/precursors.py --model      # also needs `pip install scikit-learn` (not a dependency)
 
 Part 1, one signal at a time: each candidate is computed step by step from what a detector sees (no look
@@ -10,7 +10,7 @@ healthy runs (the scorer's false_alarm 0.034) is the third-largest healthy maxim
 the late-diverging runs pass it in time.
 
 Part 2, candidate rules joined to the shipped detector: the default detector's alerts (`make score` writes
-them to bench/out/gradwatch.jsonl) plus one extra critical rule, scored by the scorer itself.
+them to bench/out/gradwatch-dev.jsonl) plus one extra critical rule, scored by the scorer itself.
 
 Part 3 (--model): a gradient-boosted classifier over per-step features of all the signals above, trained on
 four families and judged on the fifth (leave-one-family-out), its alert level chosen on the training families
@@ -52,13 +52,13 @@ def load(traces: str) -> list[dict[str, Any]]:
         with (gzip.open if name.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
             header = json.loads(f.readline())
         _, steps = read_trace(path)
-        weights = [math.sqrt(sum(v * v for v in s["layer_weight_norms"].values()))
-                   if s.get("layer_weight_norms") and all(isinstance(v, float | int) for v in
-                                                         s["layer_weight_norms"].values()) else None
+        weights = [math.sqrt(sum(v * v for v in s.layer_weight_norms.values()))
+                   if isinstance(s.layer_weight_norms, dict) and s.layer_weight_norms
+                   and all(isinstance(v, float | int) for v in s.layer_weight_norms.values()) else None
                    for s in steps]
         runs.append({"id": header["run_id"], "family": header["family"], "labels": header["labels"],
-                     "loss": [s.get("loss") for s in steps], "g": [s.get("grad_norm") for s in steps],
-                     "lr": [s.get("lr") for s in steps], "u": [s.get("update_norm") for s in steps],
+                     "loss": [s.loss for s in steps], "g": [s.grad_norm for s in steps],
+                     "lr": [s.lr for s in steps], "u": [s.update_norm for s in steps],
                      "w": weights})
     return runs
 
@@ -271,7 +271,7 @@ def learned(runs: list[dict[str, Any]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--traces", default=os.path.join(SHARED, "traces", "dev"))
-    parser.add_argument("--alerts", default=os.path.join(HERE, "..", "bench", "out", "gradwatch.jsonl"),
+    parser.add_argument("--alerts", default=os.path.join(HERE, "..", "bench", "out", "gradwatch-dev.jsonl"),
                         help="the default detector's alerts (make score writes them)")
     parser.add_argument("--model", action="store_true", help="also fit the leave-one-family-out model")
     args = parser.parse_args()

@@ -19,9 +19,10 @@ from __future__ import annotations
 from typing import Any as _Any
 
 from ._errors import CriticalIncident, GradwatchError
-from ._options import DENSE_STEPS, Options
+from ._options import DENSE_STEPS, InitOptions, Options
 from ._run import DeliveryReport, Run, init
 from ._sink import StepSink as _StepSink
+from ._transport import Transport
 from .wire import VERSION as _VERSION
 
 __all__ = [
@@ -29,8 +30,10 @@ __all__ = [
     "CriticalIncident",
     "DeliveryReport",
     "GradwatchError",
+    "InitOptions",
     "Options",
     "Run",
+    "Transport",
     "clip_grad_norm_",
     "init",
     "tensor_norms",
@@ -40,14 +43,18 @@ __all__ = [
 __version__ = _VERSION
 
 
-def watch(model: _Any, optimizer: _Any, run: _StepSink, **kwargs: _Any) -> _Any:
+def watch(model: _Any, optimizer: _Any, run: _StepSink, *, scaler: _Any = None, start_step: int = 0,
+          weight_every: int | None = None, update_every: int | None = None, dense_steps: int = DENSE_STEPS) -> _Any:
     """Instrument a PyTorch model and optimizer: per-layer gradient, weight and update norms for every step.
 
-    See `gradwatch._torch.watch` for the options (scaler, start_step, weight_every, update_every,
-    dense_steps, default DENSE_STEPS)."""
+    scaler: the GradScaler in use (steps it skips are recorded as skipped); start_step: the number of the next
+    optimizer step; weight_every / update_every: sample weight / update norms every N steps (0: never; None:
+    on a cadence that keeps them under 0.25 % of the training time); dense_steps: measure them on every one of
+    the first N steps. `gradwatch._torch.watch` says more; it returns the `Watch` (`.remove()` detaches it)."""
     from ._torch import watch as _watch
 
-    return _watch(model, optimizer, run, **kwargs)
+    return _watch(model, optimizer, run, scaler=scaler, start_step=start_step, weight_every=weight_every,
+                  update_every=update_every, dense_steps=dense_steps)
 
 
 def clip_grad_norm_(parameters: _Any, max_norm: float, norm_type: float = 2.0,

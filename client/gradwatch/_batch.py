@@ -8,6 +8,8 @@ wire does not have yet: a batch from values rather than from a JSON-shaped body.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 import struct
@@ -16,9 +18,16 @@ from array import array
 from typing import Any
 
 from ._step import LAYER_ATTRIBUTES, StepRecord, encode_step
-from .wire import BINARY_MAGIC, MISSING_BYTES, STEP_COLUMN_FIELDS, encode_binary_batch, encode_value
+from .wire import (
+    BINARY_MAGIC,
+    MISSING_BYTES,
+    STEP_COLUMN_FIELDS,
+    decode_binary_batch,
+    encode_binary_batch,
+    encode_value,
+)
 
-__all__ = ["StepBatch", "encode_records"]
+__all__ = ["StepBatch", "encode_records", "spooled_steps"]
 
 _MISSING: float = struct.unpack("<d", MISSING_BYTES)[0]
 _LITTLE = sys.byteorder == "little"
@@ -29,11 +38,13 @@ class StepBatch:
     Either fresh records from the queue, or a JSON-shaped body read back from the spool."""
 
     def __init__(self, batch_id: str, layers: list[str], records: list[StepRecord] | None = None,
-                 body: dict[str, Any] | None = None) -> None:
+                 body: dict[str, Any] | None = None, binary: bytes | None = None, n: int = 0) -> None:
         self.batch_id = batch_id
         self.layers = layers
         self.records = records
         self._body = body
+        self._binary = binary
+        self._n = n
 
     @classmethod
     def of(cls, records: list[StepRecord], layers: list[str]) -> StepBatch:
@@ -43,20 +54,52 @@ class StepBatch:
     def from_body(cls, body: dict[str, Any]) -> StepBatch:
         return cls(str(body.get("batch_id")), list(body.get("layers") or []), body=body)
 
+    @classmethod
+    def from_spooled(cls, line: dict[str, Any]) -> StepBatch:
+        """A batch as `spooled()` wrote it: binary columns in base64, or a JSON-shaped body (older spools, and
+        batches the binary form cannot carry). Raises ValueError for a binary line that is not base64."""
+        encoded = line.get("binary")
+        if encoded is None:
+            return cls.from_body(line)
+        try:
+            raw = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, TypeError) as exc:
+            raise ValueError(f"a spooled batch's binary body is not base64: {exc}") from exc
+        return cls(str(line.get("batch_id")), [], binary=raw, n=int(line.get("n") or 0))
+
     def __len__(self) -> int:
-        return len(self.records) if self.records is not None else len(self.body().get("steps", ()))
+        if self.records is not None:
+            return len(self.records)
+        if self._body is None and self._binary is not None:
+            return self._n
+        return len(self.body().get("steps", ()))
+
+    def spooled(self) -> dict[str, Any]:
+        """The batch as one spool line: its binary columns in base64 where they carry it. Building and writing
+        the JSON form of 500 steps held the sender (and so the GIL) five times as long, while the training thread
+        logs on through an outage (docs/benchmarks.md, log() with the service down)."""
+        try:
+            raw = self.binary()
+        except (ValueError, TypeError, OverflowError):
+            return self.body()
+        return {"batch_id": self.batch_id, "n": len(self), "binary": base64.b64encode(raw).decode("ascii")}
 
     def body(self) -> dict[str, Any]:
         """The JSON-shaped batch (values as on the JSON wire), built once on first use."""
         if self._body is None:
-            assert self.records is not None
-            self._body = {"batch_id": self.batch_id, "layers": self.layers,
-                          "steps": [encode_step(r, self.layers) for r in self.records]}
+            if self.records is None:
+                assert self._binary is not None
+                self._body = decode_binary_batch(self._binary)
+            else:
+                self._body = {"batch_id": self.batch_id, "layers": self.layers,
+                              "steps": [encode_step(r, self.layers) for r in self.records]}
         return self._body
 
     def binary(self) -> bytes:
         """The binary body. Raises ValueError/TypeError/OverflowError where the columns cannot carry it (a
         value that is not a number, a step past int64): send `body()` as JSON then."""
+        if self._binary is not None:
+            return self._binary
         if self.records is not None:
             try:
                 return encode_records(self.records, self.layers, self.batch_id)
@@ -76,6 +119,13 @@ class StepBatch:
         body = self.body()
         return StepBatch.from_body({**body, "batch_id": self.batch_id + ".r",
                                     "steps": [s for s in body["steps"] if s.get("step") not in steps]})
+
+
+def spooled_steps(line: dict[str, Any]) -> int:
+    """How many steps a spool line holds (either form of `StepBatch.spooled`)."""
+    if "binary" in line:
+        return int(line.get("n") or 0)
+    return len(line.get("steps", ()))
 
 
 def encode_records(records: list[StepRecord], layers: list[str], batch_id: str | None = None) -> bytes:

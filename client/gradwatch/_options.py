@@ -10,9 +10,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
-__all__ = ["DEFAULT_URL", "DENSE_STEPS", "OnCritical", "Options", "default_spool_dir"]
+if TYPE_CHECKING:
+    from ._transport import Transport
+
+__all__ = ["DEFAULT_URL", "DENSE_STEPS", "CallbackOptions", "InitOptions", "OnCritical", "Options", "default_spool_dir"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DENSE_STEPS = 20
@@ -78,3 +81,39 @@ class Options:
     alerts work with the service down, and `on_critical` acts in the `log()` of the step that raised the
     critical instead of when the service's answer comes back (up to `batch_age` later). None (the default):
     on exactly when `on_critical` is "stop" or "raise", where acting a batch late means training on into NaN."""
+    transport: Transport | None = None
+    """How batches reach the service: None for HTTP to `url`; `gradwatch.testing.MemoryTransport()` to test a
+    training script's instrumentation with no server (anything with the methods of `gradwatch.Transport`)."""
+
+
+class CallbackOptions(TypedDict, total=False):
+    """The options of the framework callbacks (`gradwatch.integrations`): init's less `on_critical`, which a
+    callback sets itself (its own `on_critical` says what it does to the trainer)."""
+
+    url: str
+    token: str | None
+    spool_dir: Path | str
+    spool_max_bytes: int
+    max_queue: int
+    batch_size: int
+    batch_age: float
+    seal_after: float
+    timeout: float
+    flush_timeout: float
+    min_backoff: float
+    max_backoff: float
+    compress: bool
+    wire: Literal["binary", "json"]
+    strict: bool
+    all_ranks: bool
+    on_alert: Callable[[dict[str, Any]], object] | None
+    local_detection: bool | None
+    transport: Transport | None
+
+
+class InitOptions(CallbackOptions, total=False):
+    """The options of `gradwatch.init`, as keywords: the fields of `Options` (documented there), so that a
+    misspelled or mistyped option is an error in a type checker as well as a TypeError at the call. A test
+    holds the two to the same names and types."""
+
+    on_critical: OnCritical

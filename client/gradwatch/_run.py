@@ -21,10 +21,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 from ._errors import CriticalIncident, GradwatchError
-from ._options import Options
+from ._options import InitOptions, Options
 from ._spool import Spool, hostname
 from ._step import StepRecord, host_value
 from ._transport import HttpTransport
@@ -74,19 +74,24 @@ def init(
     *,
     run_id: str | None = None,
     meta: Mapping[str, Any] | None = None,
-    **options: Any,
+    **options: Unpack[InitOptions],
 ) -> Run:
-    """Start a run and return it. Options are the fields of `gradwatch._options.Options` (url, token,
-    spool_dir, on_alert, on_critical, local_detection, strict, all_ranks, ...).
+    """Start a run and return it. Options are the fields of `gradwatch.Options` (url, token, spool_dir,
+    on_alert, on_critical, local_detection, strict, all_ranks, transport, ...), typed by `gradwatch.InitOptions`:
+    a misspelled one is a TypeError here and an error in mypy.
 
     Under torch.distributed only rank 0 gets a live run (other ranks get one whose methods do nothing),
     unless `all_ranks=True`, where each rank is its own run with the rank in its id and name."""
-    opts = Options(**options)
+    settings: dict[str, Any] = dict(options)
+    spool_dir = settings.pop("spool_dir", None)
+    opts = Options(**settings)  # an unknown option is a TypeError here, as at any call
+    if spool_dir is not None:
+        opts.spool_dir = Path(spool_dir)
     if opts.on_critical not in ("warn", "raise", "stop"):
         raise ValueError(f"on_critical must be 'warn', 'raise' or 'stop', not {opts.on_critical!r}")
     if opts.wire not in ("binary", "json"):
         raise ValueError(f"wire must be 'binary' or 'json', not {opts.wire!r}")
-    opts.spool_dir = Path(opts.spool_dir).expanduser()
+    opts.spool_dir = opts.spool_dir.expanduser()
     rank = _distributed_rank()
     if rank and not opts.all_ranks:
         return Run(run_id or "disabled", opts, {}, enabled=False)
@@ -147,8 +152,10 @@ class Run:
         if local if local is not None else options.on_critical in ("stop", "raise"):
             self._detector = _LocalDetector()
         spool = Spool(options.spool_dir / run_id, options.spool_max_bytes)
-        transport = HttpTransport(options.url, options.token, options.timeout, options.compress,
-                                  binary=options.wire == "binary")
+        transport = options.transport
+        if transport is None:
+            transport = HttpTransport(options.url, options.token, options.timeout, options.compress,
+                                      binary=options.wire == "binary")
         self._worker = Worker(run_id, body, options, spool, self.stats, transport,
                               on_incidents=self._incidents_seen, on_tick=self._seal_stale)
 

@@ -6,7 +6,9 @@ batch body, `batch_id` included, so a resend is byte-for-byte the same request a
 it. A healthy run never touches the disk: the directory is created on the first append.
 
     <root>/<run_id>/run.json        the run's PUT body, URL and owner (pid, host); never the token
-    <root>/<run_id>/000001.jsonl    batch bodies, one per line, oldest segment first
+    <root>/<run_id>/000001.jsonl    batches, one per line, oldest segment first: {"batch_id", "n", "binary":
+                                    base64 of the binary body}, or a JSON body (older spools; a batch the
+                                    binary form cannot carry)
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from ._batch import spooled_steps
 
 __all__ = ["META_FILE", "Spool", "SpoolFull", "directory_size", "hostname", "owner_alive", "spooled_runs"]
 
@@ -129,7 +133,7 @@ class Spool:
         count = 0
         for path in self.segments():
             for body in self._read(path, 0):
-                count += len(body[1].get("steps", ()))
+                count += spooled_steps(body[1])
         return count
 
     def drain(self, send: Callable[[dict[str, Any]], bool], max_batches: int | None = None) -> bool:

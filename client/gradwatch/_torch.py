@@ -172,8 +172,10 @@ class Watch:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: StepSink, *,
                  scaler: Any = None, start_step: int = 0, weight_every: int | None = None,
-                 update_every: int | None = None, dense_steps: int = DENSE_STEPS):
+                 update_every: int | None = None, dense_steps: int = DENSE_STEPS, gradients_at_step: bool = True):
         self.run = run
+        self.gradients_at_step = gradients_at_step
+        """Whether the step pre-hook takes the gradient norms (False: `measure_gradients` is called instead)."""
         self.optimizer = optimizer
         self.step = start_step
         self.weight_every = None if weight_every is None else max(0, weight_every)
@@ -224,22 +226,28 @@ class Watch:
             self._scaler_step = None
         _watches.discard(self)
 
-    # -- hooks -------------------------------------------------------------------------------------------
-    def _take_clip_norms(self, clip: _ClipNorms) -> None:
-        if not self._id_set.isdisjoint(clip.ids):
-            self._clip = clip
-
-    @_guarded
-    @torch.no_grad()
-    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self.run.finished:  # the run is over; the model may train on (or be watched by a new run)
+    def measure_gradients(self, scale: Any = None) -> None:
+        """Take this step's gradient norms now, for the step hooks to record: for a framework that calls the
+        optimizer's step before the gradients exist (Lightning runs the backward pass as the step's closure)
+        or clips them before the step. Call it once per optimizer step, where the gradients are final (after
+        AMP's unscaling, before clipping); with `gradients_at_step=False` the step pre-hook takes none itself.
+        `scale`: the loss scale the gradients are still multiplied by (a tensor: divided without a sync)."""
+        if self.run.finished or not self._handles:
             return
-        now = time.perf_counter()
-        if self._hook_at is not None:
-            self.cadence.step_took(now - self._hook_at)
-        self._hook_at = now
-        self.collect(wait=False)
-        self._read_timing()
+        try:
+            with torch.no_grad():
+                present, total, norms, stacked = self._gradient_norms()
+                if scale is not None and norms:
+                    norms = list(torch._foreach_div(norms, scale))
+                    total = None if total is None else total / scale
+                    stacked = None if stacked is None else stacked / scale
+                self._grad = (present, total, norms, stacked)
+        except Exception as exc:
+            self.run.instrumentation_error(exc)
+
+    # -- hooks -------------------------------------------------------------------------------------------
+    def _gradient_norms(self) -> tuple[list[int], torch.Tensor | None, list[torch.Tensor], torch.Tensor | None]:
+        """The norms of the gradients there are now: a clip's where one just measured them (nothing to redo)."""
         present = [i for i, p in enumerate(self.params) if p.grad is not None]
         clip, self._clip = self._clip, None
         norms: list[torch.Tensor] = []
@@ -257,7 +265,25 @@ class Watch:
                     norms, stacked, total = _norms([self.params[i].grad for i in present])  # type: ignore[misc]
             if total is None:
                 _, stacked, total = _norms(norms)  # the norms of the norms are the norms
-        self._grad = (present, total, norms, stacked)
+        return present, total, norms, stacked
+
+    def _take_clip_norms(self, clip: _ClipNorms) -> None:
+        if not self._id_set.isdisjoint(clip.ids):
+            self._clip = clip
+
+    @_guarded
+    @torch.no_grad()
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.run.finished:  # the run is over; the model may train on (or be watched by a new run)
+            return
+        now = time.perf_counter()
+        if self._hook_at is not None:
+            self.cadence.step_took(now - self._hook_at)
+        self._hook_at = now
+        self.collect(wait=False)
+        self._read_timing()
+        if self.gradients_at_step:
+            self._grad = self._gradient_norms()
         if self._due(self.update_every):
             started = self._timer()
             self._snapshot = self._copy_weights()
@@ -433,6 +459,7 @@ class Watch:
     def _skipped(self) -> None:
         self.collect(wait=False)
         self._clip = None
+        self._grad = None
         self._snapshot = None
         self._sample_parts = []
         self.run.log_measured(self.step, {"skipped": True})

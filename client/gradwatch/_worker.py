@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._batch import StepBatch
+from ._batch import StepBatch, spooled_steps
 from ._options import Options
 from ._spool import Spool, SpoolFull, hostname
 from ._step import StepRecord
@@ -335,10 +335,15 @@ class Worker:
     def _post_spooled(self, body: dict[str, Any]) -> bool:
         if self._abandoned:
             return False
-        delivered = self._post(StepBatch.from_body(body))
+        try:
+            batch = StepBatch.from_spooled(body)
+        except ValueError:
+            self.stats.count_lost("corrupt_spool", spooled_steps(body))
+            return True
+        delivered = self._post(batch)
         if delivered:
             with self.stats.lock:
-                self.stats.spooled -= len(body.get("steps", ()))
+                self.stats.spooled -= len(batch)
         return delivered
 
     def _encode(self, records: list[StepRecord]) -> StepBatch:
@@ -360,7 +365,7 @@ class Worker:
         n = len(batch)
         try:
             first = not self.spool.directory.exists()
-            self.spool.append(batch.body())
+            self.spool.append(batch.spooled())
             if first:
                 self._write_meta(force=True)
         except SpoolFull:

@@ -18,6 +18,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "token": ("gradwatch_service.cli.token", "make, list and revoke the service's API tokens (on its database)"),
     "sync": ("gradwatch.sync", "upload steps a finished job left in its spool"),
     "replay": ("gradwatch.replay", "run the detectors over trace files and write alerts"),
+    "runs": ("gradwatch.cli_runs", "list runs with their latest loss, gradient norm and open incidents"),
+    "show": ("gradwatch.cli_show", "one run: summary, incidents, sparklines of loss and gradient norm"),
+    "tail": ("gradwatch.cli_tail", "follow a run's new steps and incidents live"),
+    "export": ("gradwatch.cli_export", "write a run as a trace file (JSON lines or CSV)"),
+    "import": ("gradwatch.cli_import", "send a trace file to the service as a run, through its detectors"),
 }
 
 

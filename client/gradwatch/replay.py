@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import IO, Any
 
-from gradwatch.detect import DetectorConfig, Event, advance, held_signatures, new_state
+from gradwatch.detect import DetectorConfig, Event, StepInput, advance, held_signatures, new_state
 from gradwatch.incidents import new_incident_state, track_incidents
 from gradwatch.wire import LAYER_FIELDS, SCALAR_FIELDS, decode_value, encode_value
 
@@ -105,14 +105,14 @@ def trace_paths(where: str) -> list[str]:
     raise FileNotFoundError(f"no such file or directory: {where}")
 
 
-def read_trace(path: str) -> tuple[str, list[dict[str, Any]]]:
+def read_trace(path: str) -> tuple[str, list[StepInput]]:
     """The run id (from the header, else the file name) and the run's decoded step lines, in file order.
 
     One run is held in memory at a time: a few thousand steps, a few megabytes.
     """
     name = os.path.basename(path)
     run_id = name[: -len(".jsonl.gz")] if name.endswith(".jsonl.gz") else name.removesuffix(".jsonl")
-    steps: list[dict[str, Any]] = []
+    steps: list[StepInput] = []
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -129,8 +129,8 @@ def read_trace(path: str) -> tuple[str, list[dict[str, Any]]]:
     return run_id, steps
 
 
-def decode_step(raw: dict[str, Any]) -> dict[str, Any]:
-    """A step line with its wire values ("NaN", "Infinity", ...) turned back into floats."""
+def decode_step(raw: dict[str, Any]) -> StepInput:
+    """The detectors' input from a step line, its wire values ("NaN", "Infinity", ...) turned back into floats."""
     if raw.get("kind", "step") != "step":
         raise ValueError(f"expected a step line, got kind {raw.get('kind')!r}")
     if not isinstance(raw.get("step"), int):
@@ -143,23 +143,24 @@ def decode_step(raw: dict[str, Any]) -> dict[str, Any]:
         m = raw.get(key)
         if m and not all(v.__class__ is float for v in m.values()):
             raw[key] = {name: decode_value(v) for name, v in m.items()}
-    return raw
+    return StepInput.of(raw)
 
 
-def replay_run(run_id: str, steps: Iterable[Mapping[str, Any]], config: DetectorConfig, *,
+def replay_run(run_id: str, steps: Iterable[StepInput | Mapping[str, Any]], config: DetectorConfig, *,
                every_event: bool = False) -> Iterator[dict[str, Any]]:
     """The alert lines for one run: one per incident opened (or escalated), or one per event if asked."""
     state = new_state()
     incidents = new_incident_state()
-    for step in steps:
+    for item in steps:
+        step = item if type(item) is StepInput else StepInput.of(item)  # type: ignore[arg-type]
         state, events = advance(state, step, config)
-        incidents, opened, _ = track_incidents(incidents, events, step["step"], config, held_signatures(state))
+        incidents, opened, _ = track_incidents(incidents, events, step.step, config, held_signatures(state))
         if every_event:
             for ev in events:
                 yield _event_line(run_id, ev)
         else:
             for inc in opened:
-                yield {"run_id": run_id, "step": step["step"], "severity": inc["severity"],
+                yield {"run_id": run_id, "step": step.step, "severity": inc["severity"],
                        "signature": inc["signature"], "layer": inc["layer"], "value": inc["value"],
                        "baseline": inc["baseline"], "message": inc["message"]}
 

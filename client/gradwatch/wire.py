@@ -32,6 +32,7 @@ __all__ = [
     "STEP_COLUMN_FIELDS",
     "USER_AGENT",
     "VERSION",
+    "decode_binary_batch",
     "decode_value",
     "encode_binary_batch",
     "encode_value",
@@ -269,3 +270,33 @@ def int_column(section: memoryview | bytes) -> list[int]:
     if not _LITTLE:
         a.byteswap()
     return a.tolist()
+
+
+def decode_binary_batch(raw: bytes) -> dict[str, Any]:
+    """A binary body as the JSON-shaped batch it stands for, values as on the JSON wire (for tests, tools)."""
+    header, sections = split_binary_batch(raw)
+    n = header["n"]
+    n_layers = len(header.get("layers") or [])
+    steps: list[dict[str, Any]] = [{"step": s} for s in int_column(sections["step"])]
+    for name, section in sections.items():
+        if name in STEP_COLUMN_FIELDS:
+            for s, v in zip(steps, unpack_floats(section), strict=True):
+                if v is not None:
+                    s[name] = encode_value(v)
+        elif name in LAYER_FIELDS:
+            flat = [encode_value(v) for v in unpack_floats(section)]
+            for i, s in enumerate(steps):
+                row = flat[i * n_layers: (i + 1) * n_layers]
+                if any(v is not None for v in row):  # a row of sentinels only: the step has no such field
+                    s[name] = row
+        elif name == "skipped":
+            for s, b in zip(steps, bytes(section), strict=True):
+                s["skipped"] = bool(b)
+    for s, scalars in zip(steps, header.get("scalars") or [None] * n, strict=False):
+        if scalars:
+            s["scalars"] = scalars
+    out: dict[str, Any] = {"steps": steps}
+    for key in ("batch_id", "layers"):
+        if key in header:
+            out[key] = header[key]
+    return out

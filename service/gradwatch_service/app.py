@@ -17,11 +17,14 @@ from . import __doc__ as package_doc
 from .alerting.delivery import DeliveryWorker
 from .alerting.metrics import count_database_errors
 from .allocator import tune_malloc
-from .api import health, incidents, metrics, runs, steps, tokens, webhooks
+from .api import health, incidents, metrics, runs, steps, summaries, tokens, webhooks
 from .api.deps import AppState
 from .api.errors import install_error_handlers
+from .exposure import warn_if_insecure
+from .pages import router as pages_router
 from .request_metrics import RequestMetrics
 from .schemas import RunUpsert, StepBatch
+from .serving import LearnServingPort, ServedAt
 from .settings import Settings, get_settings
 from .storage.db import make_engine
 from .storage.migrate import schema_problem
@@ -44,7 +47,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         problem = schema_problem(engine)
         if problem:
             raise SchemaOutdated(problem)
-        worker = DeliveryWorker(engine, settings).start() if settings.webhook_delivery else None
+        warn_if_insecure(settings.insecure)
+        worker = DeliveryWorker(engine, settings, public_url=served_at.public_url).start() \
+            if settings.webhook_delivery else None
         state.webhook_worker = worker
         state.rollup_worker = rollups = RollupWorker(engine).start()
         yield
@@ -63,7 +68,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(incidents.router)
     app.include_router(webhooks.router)
     app.include_router(tokens.router)
+    app.include_router(summaries.router)
+    app.include_router(pages_router)  # the built-in run pages at /
     app.add_middleware(RejectNul)
+    served_at = ServedAt(settings)
+    app.add_middleware(LearnServingPort, served_at=served_at)
     if settings.metrics:  # off (GRADWATCH_METRICS=false): no /metrics, nothing counted per request or batch
         app.include_router(metrics.router)
         app.add_middleware(RequestMetrics)

@@ -49,6 +49,8 @@ def parse_binary_batch(raw: bytes, limits: InputLimits) -> StepColumns:
     if header.scalars is not None and len(header.scalars) != n:
         raise InvalidInput(["body", "header", "scalars"], f"has {len(header.scalars)} entries for {n} steps")
     limits.check_batch(n, header.layers, header.scalars or ())
+    limits.check_batch_values(sum(len(v) for k, v in sections.items() if k != "skipped") // 8
+                              + sum(len(extra) for extra in header.scalars or () if extra))
     if header.layers is not None and len(set(header.layers)) != len(header.layers):
         raise InvalidInput(["body", "header", "layers"], "layer names must be unique")
     steps = int_column(sections["step"])

@@ -76,6 +76,9 @@ def gunzip_capped(data: bytes, max_bytes: int) -> bytes:
         raise _inflated_too_large(max_bytes)
     if not inflater.eof:
         raise HTTPException(400, "gzip body is truncated")
+    if inflater.unused_data:  # a second member, or junk: refused rather than silently dropped
+        raise HTTPException(400, f"gzip body has {len(inflater.unused_data)} bytes after its end (a second "
+                                 "gzip member or trailing data); send one gzip member")
     return out
 
 

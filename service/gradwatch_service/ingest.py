@@ -26,7 +26,7 @@ from gradwatch.detect import DetectorConfig
 from gradwatch.wire import LAYER_FIELDS, SCALAR_FIELDS, jsonable
 
 from .errors import InvalidInput, RunNotFound, RunOfAnotherProject, StepConflict
-from .incidents import advance_detection
+from .incidents import advance_detection, close_open_incident
 from .limits import InputLimits
 from .schemas import RunUpsert, StepBatch, StepIn
 from .storage.db import now_utc
@@ -140,6 +140,10 @@ def upsert_run(conn: Connection, run_id: str, body: RunUpsert, *, limits: InputL
         changes["layer_names"] = _merge_layers(current, body.layers)
         if limits is not None:
             limits.check_run_layers(["body", "layers"], len(changes["layer_names"]))
+    if changes.get("status", "running") != "running":  # the run ended: no step will come to resolve its incident
+        closed = close_open_incident(conn, row.id, row.detector_state, f"run {changes['status']}")
+        if closed is not None:
+            changes["detector_state"] = closed
     if changes:
         changes["updated_at"] = now
         conn.execute(update(runs).where(runs.c.id == row.id).values(**changes))

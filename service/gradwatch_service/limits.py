@@ -23,13 +23,14 @@ class LimitExceeded(InvalidInput):
     programs)."""
 
     def __init__(self, loc: Sequence[str | int], subject: str, value: int, unit: str, limit: int,
-                 setting: str) -> None:
-        super().__init__(loc, f"{subject} {value}{unit}; the limit is {limit}{unit} ({setting})")
+                 setting: str, advice: str = "") -> None:
+        super().__init__(loc, f"{subject} {value}{unit}; the limit is {limit}{unit} ({setting})"
+                              + (f": {advice}" if advice else ""))
         self.errors[0].update(type="limit_exceeded", limit=limit, setting=setting)
 
 
 class BatchTooLarge(LimitExceeded):
-    """Too many steps in one batch: the client answers by sending halves (a 413, not a 422)."""
+    """Too many steps or values in one batch: the client answers by sending halves (a 413, not a 422)."""
 
 
 def _setting(field: str) -> str:
@@ -54,6 +55,9 @@ class InputLimits:
     max_webhook_subscriptions: int
     max_webhook_url_chars: int
     max_webhook_name_chars: int
+    max_batch_values: int
+    max_response_values: int
+    max_response_bytes: int
 
     @classmethod
     def from_settings(cls, settings: Any) -> InputLimits:
@@ -71,13 +75,17 @@ class InputLimits:
 
     # ------------------------------------------------------------------------------------------------ runs
 
-    def check_run(self, *, name: str | None, config: Any, meta: Any, layers: Sequence[str] | None) -> None:
-        """PUT /v1/runs/{run_id}'s fields on their own (the merged layer list: `check_run_layers`)."""
+    def check_run(self, *, name: str | None, config: Any, meta: Any, layers: Sequence[str] | None,
+                  stored: bool = False) -> None:
+        """PUT /v1/runs/{run_id}'s fields on their own (the merged layer list: `check_run_layers`). `stored`: the
+        documents as the database gave them back, which can be larger than what was sent (PostgreSQL's jsonb
+        writes 1e308 out as a 309-digit integer), checked again before the PUT commits."""
         if name is not None:
             self._chars(["body", "name"], "name is", name, "max_run_name_chars")
         for key, doc in (("config", config), ("meta", meta)):
             if doc is not None:
-                self._over(["body", key], f"{key} is", _json_bytes(doc), " bytes of JSON", "max_config_bytes")
+                subject = f"{key} as the database stores it is" if stored else f"{key} is"
+                self._over(["body", key], subject, _json_bytes(doc), " bytes of JSON", "max_config_bytes")
         if layers is not None:
             self.check_layer_names(["body", "layers"], layers)
 
@@ -105,6 +113,41 @@ class InputLimits:
             self._over(loc, "the step has", len(extra), " extra scalars", "max_step_scalars")
             for key in extra:
                 self._chars([*loc, key], "the scalar name is", key, "max_scalar_name_chars")
+
+    def check_batch_values(self, n_values: int, about: bool = False) -> None:
+        """Every number of a batch (a 413: halves pass). `about`: counted on the JSON text before parsing it."""
+        subject = "the batch has about" if about else "the batch has"
+        self._over(["body", "steps"], subject, n_values, " values", "max_batch_values", BatchTooLarge)
+
+    # ------------------------------------------------------------------------------------------ responses
+
+    def check_response_values(self, loc: Sequence[str | int], n_values: int, advice: str,
+                              at_least: bool = False) -> None:
+        """What a /steps or /series answer would read or hold; `advice` says how to ask for less."""
+        limit = self.max_response_values
+        if n_values > limit:
+            subject = "the answer would hold at least" if at_least else "the answer would hold"
+            raise LimitExceeded(loc, subject, n_values, " values", limit,
+                                _setting("max_response_values"), advice=advice)
+
+    def check_response_bytes(self, loc: Sequence[str | int], n_bytes: int, advice: str) -> None:
+        """The stored JSON documents a list answer would carry."""
+        limit = self.max_response_bytes
+        if n_bytes > limit:
+            raise LimitExceeded(loc, "the answer would carry", n_bytes, " bytes of stored JSON", limit,
+                                _setting("max_response_bytes"), advice=advice)
+
+    def check_query_names(self, loc: Sequence[str | int], names: Sequence[str], kind: str,
+                          field: str | None = "max_run_layers") -> None:
+        """A comma-separated query list: each name once (a repeat is a mistake, never more data), and no more
+        names than a run may have (`field`: the limit, or None when the names come from a fixed set)."""
+        if field is not None:
+            self._over(loc, "the query names", len(names), f" {kind}", field)
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise InvalidInput(loc, f"{kind} {name[:64]!r} is named more than once")
+            seen.add(name)
 
     # -------------------------------------------------------------------------------------------- webhooks
 

@@ -14,9 +14,11 @@ from sqlalchemy import Connection, func, select
 from gradwatch.wire import LAYER_FIELDS
 
 from .errors import InvalidInput, RunNotFound
-from .schemas import Incident, RunPublic, Series, StepOut
+from .limits import InputLimits
+from .read_bounds import check_documents, check_raw_read, fetch_in_parts
+from .schemas import Incident, RunListed, RunPublic, Series, StepOut
 from .storage.buckets import NONE_STEP, FieldStats, concat_units, reduce_units, take_units
-from .storage.dialect import aware_utc, decode_scalars
+from .storage.dialect import aware_utc, decode_scalars, storage_dialect
 from .storage.models import FLAG_LATE, FLAG_SKIPPED, ROLLUP_WIDTHS, incidents, projects, runs, steps
 from .storage.raw_steps import raw_units
 from .storage.rollups import read_units, rolled_up_through
@@ -42,8 +44,9 @@ def _run_query() -> Any:
 
 def _run_public(row: Any) -> RunPublic:
     return RunPublic(run_id=row.run_id, project=row.project, name=row.name, status=row.status,
-                     config=row.config, meta=row.meta, layers=list(row.layer_names), last_step=row.last_step,
-                     n_steps=row.n_steps, created_at=aware_utc(row.created_at), updated_at=aware_utc(row.updated_at))
+                     config=row.config, meta=row.meta, layers=list(row.layer_names),
+                     n_layers=len(row.layer_names), last_step=row.last_step, n_steps=row.n_steps,
+                     created_at=aware_utc(row.created_at), updated_at=aware_utc(row.updated_at))
 
 
 def get_run_row(conn: Connection, run_id: str) -> Any:
@@ -73,17 +76,44 @@ def _equal_to(*filters: tuple[Any, Any]) -> list[Any]:
     return [column == value for column, value in filters if value is not None]
 
 
+def _layer_count(conn: Connection) -> Any:
+    """The length of the run's stored layer list, counted by the database (the names never reach Python)."""
+    return storage_dialect(conn).json_array_length(runs.c.layer_names).label("n_layers")
+
+
+def _since_utc(t: datetime) -> datetime:
+    """An `updated_since` in UTC; one so near year 1 or 9999 that UTC is outside datetime's range is clamped to
+    its end (no run is older than year 1 UTC or newer than 9999)."""
+    if t.tzinfo is None:
+        return t.replace(tzinfo=UTC)
+    try:
+        return t.astimezone(UTC)
+    except OverflowError:
+        return (datetime.min if t.year == 1 else datetime.max).replace(tzinfo=UTC)
+
+
 def list_runs(conn: Connection, *, project: str | None = None, status: str | None = None,
-              updated_since: datetime | None = None, limit: int = 100, offset: int = 0) -> tuple[list[RunPublic], int]:
-    q = _run_query()
+              updated_since: datetime | None = None, limit: int = 100, offset: int = 0,
+              limits: InputLimits | None = None) -> tuple[list[RunListed], int]:
+    """A page of runs, each with its layer count (not its names); with `limits`, refused when their config and
+    meta would add up to more than GRADWATCH_MAX_RESPONSE_BYTES."""
+    columns = [c for c in _RUN_COLUMNS if c is not runs.c.layer_names]
+    q = select(*columns, _layer_count(conn)).join(projects, projects.c.id == runs.c.project_id)
     count_q = select(func.count()).select_from(runs.join(projects, projects.c.id == runs.c.project_id))
     conditions = _equal_to((projects.c.name, project), (runs.c.status, status))
     if updated_since is not None:  # stored in UTC (naive on SQLite): compare in UTC whatever offset was given
-        since = aware_utc(updated_since).astimezone(UTC)
-        conditions.append(runs.c.updated_at >= since)
+        conditions.append(runs.c.updated_at >= _since_utc(updated_since))
     q, count_q = q.where(*conditions), count_q.where(*conditions)
-    rows = conn.execute(q.order_by(runs.c.updated_at.desc(), runs.c.id.desc()).limit(limit).offset(offset))
-    return [_run_public(r) for r in rows], int(conn.execute(count_q).scalar_one())
+    order = (runs.c.updated_at.desc(), runs.c.id.desc())
+    if limits is not None:
+        page = (select(runs.c.id).join(projects, projects.c.id == runs.c.project_id).where(*conditions)
+                .order_by(*order).limit(limit).offset(offset))
+        check_documents(conn, limits, page, "ask for fewer runs at a time (limit)")
+    rows = conn.execute(q.order_by(*order).limit(limit).offset(offset))
+    listed = [RunListed(run_id=r.run_id, project=r.project, name=r.name, status=r.status, config=r.config,
+                        meta=r.meta, n_layers=r.n_layers, last_step=r.last_step, n_steps=r.n_steps,
+                        created_at=aware_utc(r.created_at), updated_at=aware_utc(r.updated_at)) for r in rows]
+    return listed, int(conn.execute(count_q).scalar_one())
 
 
 def _step_range(q: Any, start: int | None, end: int | None) -> Any:
@@ -94,34 +124,68 @@ def _step_range(q: Any, start: int | None, end: int | None) -> Any:
     return q
 
 
-def read_steps(conn: Connection, run_pk: int, *, start: int | None, end: int | None, limit: int) -> list[StepOut]:
+_STEP_VALUES = 6
+"""step, time, loss, grad_norm, lr, update_norm: the values of a StepOut besides its per-layer arrays and scalars"""
+_STEPS_ADVICE = "ask for fewer steps (limit, or a narrower start..end)"
+DEFAULT_STEPS_PAGE = 10_000
+
+
+def default_steps_limit(n_layers: int, limits: InputLimits) -> int:
+    """The page /steps serves when no `limit` is asked: 10,000 steps, or as many as
+    GRADWATCH_MAX_RESPONSE_VALUES allows of a run this wide (its extra scalars aside)."""
+    return max(1, min(DEFAULT_STEPS_PAGE, limits.max_response_values // (_STEP_VALUES + len(LAYER_FIELDS) * n_layers)))
+
+
+def read_steps(conn: Connection, run_pk: int, *, start: int | None, end: int | None, limit: int,
+               n_layers: int = 0, limits: InputLimits | None = None) -> list[StepOut]:
+    """Up to `limit` steps; with `limits`, refused before reading when the rows' values (`n_layers` a per-layer
+    field) would pass GRADWATCH_MAX_RESPONSE_VALUES, and while reading when their extra scalars take it past."""
+    if limits is not None:
+        check_raw_read(conn, limits, run_pk, start, end, _STEP_VALUES + len(LAYER_FIELDS) * n_layers, limit,
+                       _STEPS_ADVICE)
     q = _step_range(select(steps).where(steps.c.run_pk == run_pk), start, end).order_by(steps.c.step).limit(limit)
-    return [
-        StepOut(step=r.step, time=r.time, loss=r.loss, grad_norm=r.grad_norm, lr=r.lr, update_norm=r.update_norm,
-                layer_grad_norms=r.layer_grad_norms, layer_weight_norms=r.layer_weight_norms,
-                layer_update_norms=r.layer_update_norms, scalars=decode_scalars(r.scalars),
-                skipped=bool(r.flags & FLAG_SKIPPED), late=bool(r.flags & FLAG_LATE))
-        for r in conn.execute(q)
-    ]
+    out: list[StepOut] = []
+    n_values = 0
+    for r in conn.execute(q, execution_options=fetch_in_parts(limit, _STEP_VALUES + len(LAYER_FIELDS) * n_layers)):
+        scalars = decode_scalars(r.scalars)
+        if limits is not None:
+            n_values += _STEP_VALUES + len(LAYER_FIELDS) * n_layers + len(scalars or ())
+            limits.check_response_values(["query", "limit"], n_values, _STEPS_ADVICE, at_least=True)
+        out.append(StepOut(step=r.step, time=r.time, loss=r.loss, grad_norm=r.grad_norm, lr=r.lr,
+                           update_norm=r.update_norm, layer_grad_norms=r.layer_grad_norms,
+                           layer_weight_norms=r.layer_weight_norms, layer_update_norms=r.layer_update_norms,
+                           scalars=scalars, skipped=bool(r.flags & FLAG_SKIPPED), late=bool(r.flags & FLAG_LATE)))
+    return out
 
 
 def read_series(conn: Connection, run_pk: int, run_layers: Sequence[str], *, fields: Sequence[str],
                 layers: Sequence[str] | None, start: int | None, end: int | None,
-                max_points: int | None) -> list[Series]:
-    """One series per scalar field, and one per (per-layer field, layer)."""
+                max_points: int | None, limits: InputLimits | None = None) -> list[Series]:
+    """One series per scalar field, and one per (per-layer field, layer). With `limits`, refused before reading
+    when the answer (downsampled: its most points; raw: every value of the rows read) would pass
+    GRADWATCH_MAX_RESPONSE_VALUES."""
     wanted_layers = list(run_layers) if layers is None else list(layers)
     position = {name: i for i, name in enumerate(run_layers)}
     missing = [name for name in wanted_layers if name not in position]
     if missing:
         raise UnknownLayer(f"unknown layer(s) {missing[:5]}; this run has {len(run_layers)} layers")
+    n_layer_fields = sum(f in LAYER_FIELDS for f in fields)
     if max_points is not None:
         plan = plan_downsample(conn, run_pk, start, end, max_points)
         if plan is not None:
+            if limits is not None:  # a group shows at most its min, max and one of each non-finite kind
+                n_series = len(fields) - n_layer_fields + n_layer_fields * len(wanted_layers)
+                limits.check_response_values(["query"], 5 * plan.groups * n_series, _SERIES_ADVICE)
             return _downsampled(conn, run_pk, plan, fields, wanted_layers, [position[name] for name in wanted_layers],
                                 len(run_layers))
+    most_rows = MAX_ROWS if max_points is None else max_points  # not downsampled: the range has no more steps
+    if limits is not None:  # a row holds every layer of a per-layer field, whichever are asked for
+        check_raw_read(conn, limits, run_pk, start, end, 1 + len(fields) + n_layer_fields * (len(run_layers) - 1),
+                       most_rows, _SERIES_ADVICE)
     columns = [steps.c.step] + [steps.c[f] for f in fields]
     q = _step_range(select(*columns).where(steps.c.run_pk == run_pk), start, end).order_by(steps.c.step)
-    rows = conn.execute(q).all()
+    rows = conn.execute(q, execution_options=fetch_in_parts(most_rows, 1 + len(fields) + n_layer_fields * (
+        len(run_layers) - 1))).all()
     step_list = [r[0] for r in rows]
     out: list[Series] = []
     for j, f in enumerate(fields, start=1):
@@ -133,6 +197,11 @@ def read_series(conn: Connection, run_pk: int, run_layers: Sequence[str], *, fie
         else:
             out.append(Series(field=f, layer=None, steps=step_list, values=[r[j] for r in rows]))
     return out
+
+
+_SERIES_ADVICE = "ask for a narrower start..end, fewer fields or layers, or fewer points (max_points)"
+MAX_ROWS = 1 << 62
+"""no row count of its own bounds a raw series read: only the values it would read"""
 
 
 @dataclass(frozen=True)

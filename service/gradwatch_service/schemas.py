@@ -71,6 +71,7 @@ class RunPublic(WireModel):
     config: dict[str, Any] | None
     meta: dict[str, Any] | None
     layers: list[str]
+    n_layers: int
     last_step: int | None
     n_steps: int
     created_at: datetime
@@ -87,6 +88,7 @@ class RunPublic(WireModel):
                     "config": {"lr": 0.4},
                     "meta": None,
                     "layers": ["conv1.weight", "fc.weight"],
+                    "n_layers": 2,
                     "last_step": 1999,
                     "n_steps": 2000,
                     "created_at": "2026-11-26T10:00:00Z",
@@ -97,8 +99,25 @@ class RunPublic(WireModel):
     )
 
 
+class RunListed(WireModel):
+    """A run as a list shows it: its layer count, not its layer names (up to GRADWATCH_MAX_RUN_LAYERS of them:
+    a page of such runs could be hundreds of megabytes); GET /v1/runs/{run_id} has the names."""
+
+    run_id: str
+    project: str
+    name: str | None
+    status: RunStatus
+    config: dict[str, Any] | None
+    meta: dict[str, Any] | None
+    n_layers: int
+    last_step: int | None
+    n_steps: int
+    created_at: datetime
+    updated_at: datetime
+
+
 class RunsPublic(WireModel):
-    runs: list[RunPublic]
+    runs: list[RunListed]
     count: int
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"runs": [], "count": 0}]})

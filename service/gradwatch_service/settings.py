@@ -48,6 +48,17 @@ class Settings(BaseSettings):
     max_webhook_url_chars: int = Field(default=2048, ge=8, description="longest webhook URL (characters)")
     max_webhook_name_chars: int = Field(
         default=128, ge=1, le=128, description="longest webhook name (characters; the column holds 128)")
+    # Output bounds (limits.py): what one answer may hold, so no request makes the service build an unbounded
+    # response; going over one is a 422 that names it (and says how to ask for less).
+    max_batch_values: int = Field(
+        default=500_000, ge=1, description="most values one step batch may carry, every number counted (JSON: "
+        "its items, counted before parsing; binary: from its header); over it a 413, like max_batch_steps")
+    max_response_values: int = Field(
+        default=1_000_000, ge=1, description="most values one /steps or /series answer may read or hold (a raw "
+        "read counts every layer of the rows it reads); ask a narrower range, fewer fields or layers, or max_points")
+    max_response_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="most bytes of stored JSON (runs' config and meta) one list "
+        "answer may carry; ask a smaller limit")
     sqlite_synchronous: str = Field(
         default="FULL", pattern="^(OFF|NORMAL|FULL|EXTRA)$",
         description="SQLite PRAGMA synchronous; FULL makes every acknowledged batch survive power loss",
@@ -84,7 +95,8 @@ class Settings(BaseSettings):
         "default http://HOST:PORT")
     webhook_delivery: bool = Field(
         default=True, description="run the webhook delivery worker in this process (off: the outbox only fills)")
-    webhook_timeout_s: float = Field(default=10.0, gt=0, description="connect and read timeout of one webhook POST")
+    webhook_timeout_s: float = Field(
+        default=10.0, gt=0, description="wall-clock deadline of one webhook POST: connect, send and read together")
     webhook_concurrency: int = Field(
         default=8, ge=1, description="webhook POSTs in flight per process; at most one per subscription")
     webhook_retry_base_s: float = Field(

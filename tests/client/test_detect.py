@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from gradwatch.detect import DetectorConfig, Event, advance, new_state
+from gradwatch.detect import DetectorConfig, Event, StepInput, advance, new_state
 from gradwatch.wire import encode_value
 
 LAYERS = ("embed.weight", "block.0.weight", "block.1.weight", "head.weight")
@@ -311,6 +311,46 @@ def test_the_service_form_sequences_with_layer_names_gives_the_same_events_and_s
     assert [e.layer for e in events if e.signature == "nonfinite"] == ["head.weight"]
 
 
+def test_step_inputs_give_the_same_events_and_state_as_the_mappings_they_replace() -> None:
+    steps = noisy_steps(80, seed=5)
+    for i, t in enumerate(range(80, 100)):  # block.0 climbs, then a NaN
+        steps.append(make_step(t, layer_grads={**{n: 1.0 for n in LAYERS}, "block.0.weight": 2.0 ** i}))
+    steps.append(make_step(100, loss=math.nan))
+    state, events = run(steps)
+    assert {e.signature for e in events} >= {"grad_growth", "nonfinite"}
+    typed = [StepInput.of(s) for s in steps]
+    assert typed[3]["loss"] == steps[3]["loss"] and typed[3].step == 3  # a field reads both ways
+    typed_state = new_state()
+    typed_events: list[Event] = []
+    for step in typed:
+        typed_state, evs = advance(typed_state, step)
+        typed_events += evs
+    assert spelled(typed_events) == spelled(events)
+    assert json.dumps(typed_state, sort_keys=True) == json.dumps(state, sort_keys=True)
+
+
+def test_step_input_fields_are_in_the_wire_order_the_service_builds_them_in() -> None:
+    import dataclasses
+
+    from gradwatch.wire import LAYER_FIELDS, SCALAR_FIELDS
+
+    # StepColumns.detector_steps builds StepInputs positionally: map(StepInput, steps, *scalars, skipped, ...)
+    assert [f.name for f in dataclasses.fields(StepInput)] == ["step", *SCALAR_FIELDS, "skipped", "layer_names",
+                                                               *LAYER_FIELDS]
+
+
+def test_the_client_and_replay_build_step_inputs() -> None:
+    from gradwatch._step import StepRecord
+    from gradwatch.replay import decode_step
+
+    record = StepRecord(step=7, loss=2.0, grad_norm=1.5, grad_norms={"a": 1.0}, weight_norms={"a": 3.0})
+    step = record.as_detector_input()
+    assert step == StepInput(7, 2.0, 1.5, None, None, False, None, {"a": 1.0}, {"a": 3.0}, {})
+    decoded = decode_step({"step": 3, "loss": "NaN", "layer_grad_norms": {"a": "Infinity"}, "time": 1.0})
+    assert type(decoded) is StepInput and decoded.step == 3 and math.isnan(decoded.loss or 0.0)
+    assert decoded.layer_grad_norms == {"a": math.inf}
+
+
 def test_a_plain_first_step_past_four_polyak_steps_is_critical() -> None:
     """make_step: lr 0.1, loss 2.0, weights 10.0. A plain step lr x g = 0.1 x 30 = 3.0 moves the weights by 0.3x
     (under ratio_gradient_step) and is u x g / loss = 3 x 30 / 2 = 45 Polyak steps: the loss must rise."""
@@ -410,9 +450,11 @@ def test_loss_divergence_when_the_loss_stays_far_above_its_early_level() -> None
 
 
 def test_loss_giving_back_most_of_its_progress_is_divergence() -> None:
-    """Trained from 2.0 down to 0.2, then back up to 1.2: never above its start, but most progress is gone."""
+    """Trained from 2.0 down to 0.2, then back up to 1.2 over 20 steps (a creep, not a jump): never above its
+    start, but most progress is gone."""
     rng = random.Random(5)
-    losses = [2.0 * 0.1 ** min(1.0, t / 100) for t in range(200)] + [1.2] * 60
+    losses = [2.0 * 0.1 ** min(1.0, t / 100) for t in range(200)] + [0.2 * 6 ** (k / 20) for k in range(1, 21)]
+    losses += [1.2] * 40
     steps = [make_step(t, loss=v * math.exp(rng.gauss(0.0, 0.1))) for t, v in enumerate(losses)]
     _, events = run(steps)
     first, *still = [e for e in events if e.signature == "loss_divergence"]

@@ -1,4 +1,5 @@
-"""Incident tracking: one incident per signature, opened, escalated and resolved with hysteresis."""
+"""Incident tracking: one incident per episode, opened, escalated and resolved with hysteresis, closed when the run
+ends."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 
 from gradwatch.detect import SIGNATURES, DetectorConfig, Event, advance, new_state
-from gradwatch.incidents import new_incident_state, track_incidents
+from gradwatch.incidents import close_incidents, new_incident_state, track_incidents, upgrade_incident_state
 
 from .test_detect import LAYERS, make_step, noisy_steps, run
 
@@ -55,11 +56,60 @@ def test_a_warning_incident_turning_critical_is_reported_again() -> None:
 
 
 @pytest.mark.parametrize("signature", SIGNATURES)
-def test_signatures_open_separate_incidents(signature: str) -> None:
+def test_the_signatures_of_one_episode_join_one_incident(signature: str) -> None:
     inc = new_incident_state()
     inc, _, _ = track_incidents(inc, _events("grad_spike", 1), 1)
     inc, opened, _ = track_incidents(inc, _events(signature, 2), 2)
-    assert len(opened) == (0 if signature == "grad_spike" else 1)
+    assert opened == []  # no second page
+    episode = inc["open"]
+    assert episode["signature"] == "grad_spike" and set(episode["signatures"]) == {"grad_spike", signature}
+    assert [(e["step"], e["signature"]) for e in episode["timeline"]] == [(1, "grad_spike"), (2, signature)][
+        : 1 if signature == "grad_spike" else 2]
+
+
+def test_an_episode_pages_when_it_opens_when_it_turns_critical_and_when_it_resolves() -> None:
+    """What `examples/train_tiny.py --explode` showed: four signatures of one explosion were four pages. They are
+    one incident, escalated once, named after the signature that made it critical, with the first layer."""
+    cfg = DetectorConfig(resolve_after_steps=10)
+    inc = new_incident_state()
+    pages = []
+    script = {5: [("grad_spike", "warning", "layer.1")], 6: [("update_ratio", "warning", "layer.2")],
+              7: [("grad_growth", "critical", "layer.3"), ("loss_divergence", "critical", None)],
+              8: [("nonfinite", "critical", "layer.4"), ("grad_growth", "critical", "layer.3")]}
+    for t in range(5, 30):
+        events = [Event(sig, sev, t, 1.0, 1.0, layer, sig) for sig, sev, layer in script.get(t, [])]
+        inc, opened, resolved = track_incidents(inc, events, t, cfg)
+        pages += [("firing", o["severity"], o["signature"], o["layer"], t) for o in opened]
+        pages += [("resolved", r["severity"], r["signature"], r["resolved_reason"], t) for r in resolved]
+    assert pages == [("firing", "warning", "grad_spike", "layer.1", 5),
+                     ("firing", "critical", "grad_growth", "layer.1", 7),
+                     ("resolved", "critical", "grad_growth", "back in band", 18)]
+
+
+def test_a_run_that_ends_with_an_incident_open_closes_it_with_that_reason() -> None:
+    inc, _, _ = track_incidents(new_incident_state(), _events("grad_growth", 3, "critical"), 3)
+    closed = close_incidents(inc, 40, "run finished")
+    assert [(c["signature"], c["resolved_at"], c["resolved_reason"]) for c in closed] == [
+        ("grad_growth", 40, "run finished")]
+    assert inc == new_incident_state()
+    assert close_incidents(inc, 41, "run finished") == []
+
+
+def test_a_version_1_state_becomes_one_episode() -> None:
+    """The service stores incident states of running runs: one incident per signature before episodes."""
+    old = {"open": {
+        "grad_spike": {"signature": "grad_spike", "severity": "warning", "opened_at": 4, "last_seen": 9,
+                       "layer": "a", "value": 1.0, "baseline": 1.0, "message": "m1", "escalated": False},
+        "grad_growth": {"signature": "grad_growth", "severity": "critical", "opened_at": 6, "last_seen": 8,
+                        "layer": "b", "value": "NaN", "baseline": 1.0, "message": "m2", "escalated": False}}}
+    state, merged = upgrade_incident_state(json.loads(json.dumps(old)))
+    assert merged == ["grad_growth"]
+    episode = state["open"]
+    assert (episode["signature"], episode["severity"], episode["opened_at"], episode["last_seen"],
+            episode["layer"], episode["value"]) == ("grad_growth", "critical", 4, 9, "a", "NaN")
+    assert [(e["step"], e["signature"]) for e in episode["timeline"]] == [(4, "grad_spike"), (6, "grad_growth")]
+    inc, opened, _ = track_incidents(json.loads(json.dumps(old)), _events("nonfinite", 10, "critical"), 10)
+    assert opened == [] and set(inc["open"]["signatures"]) == {"grad_spike", "grad_growth", "nonfinite"}
 
 
 def test_an_incident_holds_non_finite_values_in_the_wire_spelling() -> None:
@@ -67,7 +117,7 @@ def test_an_incident_holds_non_finite_values_in_the_wire_spelling() -> None:
     event = Event("nonfinite", "critical", 7, math.nan, math.inf, "block.0.weight", "m")
     inc, opened, _ = track_incidents(new_incident_state(), [event], 7)
     assert (opened[0]["value"], opened[0]["baseline"]) == ("NaN", "Infinity")
-    assert json.loads(json.dumps(inc, allow_nan=False))["open"]["nonfinite"]["value"] == "NaN"
+    assert json.loads(json.dumps(inc, allow_nan=False))["open"]["value"] == "NaN"
 
 
 def _lifecycle(steps: list[dict[str, object]]) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -113,7 +163,7 @@ def test_a_run_that_goes_non_finite_with_growth_still_out_leaves_the_incident_op
     t = int(steps[-1]["step"])  # type: ignore[call-overload]
     steps += [make_step(t + 1 + i, grad=math.inf, loss=math.nan) for i in range(100)]
     _, opened, resolved = _lifecycle(steps)
-    assert {i["signature"] for i in opened} == {"grad_growth", "nonfinite"}
+    assert [(i["signature"], i["severity"]) for i in opened] == [("grad_growth", "critical")]  # one page
     assert resolved == []
 
 

@@ -21,7 +21,7 @@ from ..support.fakes import FakeService, MemoryTransport
 def worker(service: FakeService, tmp_path: Path, **options: object) -> tuple[Worker, MemoryTransport]:
     opts = Options(spool_dir=tmp_path, **{"batch_age": 0.01, "min_backoff": 0.01, "max_backoff": 0.02,
                                           **options})
-    transport = MemoryTransport(service)
+    transport = service  # the fake service is the in-memory transport (gradwatch.testing)
     return Worker("r1", {"project": "p"}, opts, Spool(tmp_path / "r1", 1 << 20), DeliveryStats(), transport), \
         transport
 

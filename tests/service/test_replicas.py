@@ -105,7 +105,7 @@ def _snapshot(base_url: str, headers: dict[str, str], run_id: str) -> tuple[list
         steps = http.get(f"/v1/runs/{run_id}/steps", params={"limit": 100_000}).json()["steps"]
         incidents = http.get(f"/v1/runs/{run_id}/incidents", params={"limit": 1000}).json()["incidents"]
     keep = ("seq", "signature", "severity", "status", "opened_step", "last_step", "resolved_step", "layer", "value",
-            "baseline", "message")
+            "baseline", "message", "evidence")
     return steps, sorted(({k: i[k] for k in keep} for i in incidents), key=lambda i: i["seq"])
 
 
@@ -156,7 +156,8 @@ def test_two_processes_on_one_postgresql_taking_turns_store_what_one_process_doe
             one_steps, one_incidents = _snapshot(one.url, headers, run_id)
             assert two_steps == one_steps and len(two_steps) == 750 and not any(s["late"] for s in two_steps)
             assert two_incidents == one_incidents
-            assert {i["signature"] for i in one_incidents} >= {"nonfinite", "grad_growth"}
+            assert {e["signature"] for i in one_incidents for e in i["evidence"]["timeline"]} >= {"nonfinite",
+                                                                                                 "grad_growth"}
             engines = [make_engine(shared.url), make_engine(single.url)]
             try:
                 replays = [assert_matches_replay(engine, run_id) for engine in engines]

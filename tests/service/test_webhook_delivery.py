@@ -221,3 +221,32 @@ def test_the_documented_stdlib_receiver_accepts_what_the_service_sends(tmp_path:
             receiver.stdout.close()  # type: ignore[union-attr]
     status, run, signature, msg_id = line.split()
     assert (status, run, signature) == ("firing", run_id, "nonfinite") and msg_id.startswith("msg_")
+
+
+def test_one_explosion_is_one_incident_paged_on_opening_escalation_and_resolution(database_url: str,
+                                                                                  tmp_path: Path) -> None:
+    """Tried as a new user would: `examples/train_tiny.py --explode` (real torch training) against a live server
+    with a webhook subscribed. Its explosion shows four signatures or more (grad growth, the update ratio, the
+    loss running away, NaN); they are one incident, with a timeline of its signatures, paged when it opens, when
+    it turns critical and when it resolves: the run finished with it open, and that closes it."""
+    pytest.importorskip("torch")
+    project = new_run_id("demo")
+    with Receiver() as receiver, serving(database_url, tmp_path) as server:
+        _subscribe(server.url, receiver)
+        subprocess.run([sys.executable, str(EXAMPLES / "train_tiny.py"), "--explode", "--quiet", "--steps", "300",
+                        "--project", project, "--url", server.url], check=True, timeout=300, capture_output=True)
+        (incident,) = httpx.get(f"{server.url}/v1/incidents", params={"project": project}).json()["incidents"]
+        pages = receiver.wait_for(lambda got: any(r.json()["status"] == "resolved" for r in got))
+        time.sleep(1.0)  # nothing more may follow
+        pages = receiver.accepted()
+    assert (incident["severity"], incident["status"]) == ("critical", "resolved")
+    assert incident["evidence"]["resolved"]["reason"] == "run finished"
+    timeline = incident["evidence"]["timeline"]
+    assert {"grad_growth", "loss_divergence", "nonfinite"} <= {e["signature"] for e in timeline}
+    assert [e["step"] for e in timeline] == sorted(e["step"] for e in timeline)
+    assert incident["opened_step"] == timeline[0]["step"]
+    # opening (+ one escalation when it opened as a warning) + resolution, all of this one incident
+    statuses = [(r.json()["status"], r.json()["alerts"][0]["labels"]["severity"]) for r in pages]
+    opened_as = timeline[0]["severity"]
+    assert statuses == ([("firing", "warning")] if opened_as == "warning" else []) + [
+        ("firing", "critical"), ("resolved", "critical")], statuses

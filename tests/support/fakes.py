@@ -3,7 +3,8 @@ in-memory transport, and a socket that never answers.
 
 The fake behaves like the real ingest API where the client can tell (idempotent on run and step, 409 on a
 changed resend, 404 for an unknown run) and lets a test script failures. Sender tests that are not about
-sockets use `MemoryTransport`; tests that need the real thing use the `live_server` fixture.
+sockets use `MemoryTransport` (public: `gradwatch.testing`); tests that need the real thing use the
+`live_server` fixture.
 """
 
 from __future__ import annotations
@@ -12,98 +13,17 @@ import gzip
 import json
 import socket
 import threading
-import time
-from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from gradwatch._batch import StepBatch
-from gradwatch._transport import Response, TransportError
-from gradwatch.wire import BINARY_CONTENT_TYPE
-
-from .binary import decode_binary_batch
+from gradwatch.testing import MemoryTransport
+from gradwatch.wire import BINARY_CONTENT_TYPE, decode_binary_batch
 
 __all__ = ["FakeService", "HungServer", "MemoryTransport", "Recorder", "closed_port"]
 
-Reply = tuple[int, Any, dict[str, str]]
 
-
-class FakeService:
-    """Records every request and stores steps like the service does."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.runs: dict[str, dict[str, Any]] = {}
-        self.steps: dict[str, dict[int, dict[str, Any]]] = {}
-        self.script: list[Reply | None] = []  # replies for the next POSTs (None: behave normally)
-        self.incidents: list[dict[str, Any]] = []
-        self.hook: Callable[[str, str, Any], Reply | None] | None = None
-        self.lock = threading.Lock()
-
-    def respond(self, method: str, path: str, headers: dict[str, str], body: Any) -> Reply:
-        with self.lock:
-            self.requests.append({"method": method, "path": path, "headers": headers, "body": body,
-                                  "t": time.monotonic()})
-            if self.hook is not None:
-                reply = self.hook(method, path, body)
-                if reply is not None:
-                    return reply
-            parts = path.strip("/").split("/")  # v1 runs <id> [steps]
-            run_id = parts[2]
-            if method == "PUT":
-                created = run_id not in self.runs
-                self.runs.setdefault(run_id, {}).update(body)
-                self.steps.setdefault(run_id, {})
-                return (201 if created else 200), {"run_id": run_id, **self.runs[run_id]}, {}
-            if self.script:
-                scripted = self.script.pop(0)
-                if scripted is not None:
-                    return scripted
-            if run_id not in self.runs:
-                return 404, {"detail": "unknown run"}, {}
-            stored = self.steps[run_id]
-            layers = body.get("layers") or []
-            incoming = {s["step"]: _comparable(s, layers) for s in body["steps"]}
-            conflicts = [n for n, s in incoming.items() if n in stored and stored[n] != s]
-            if conflicts:
-                return 409, {"detail": {"message": "conflict", "steps": conflicts}}, {}
-            duplicates = sum(1 for n in incoming if n in stored)
-            stored.update(incoming)
-            return 200, {"run_id": run_id, "accepted": len(incoming) - duplicates, "duplicates": duplicates,
-                         "last_step": max(stored), "open_incidents": list(self.incidents)}, {}
-
-    def posts(self) -> list[dict[str, Any]]:
-        with self.lock:
-            return [r for r in self.requests if r["method"] == "POST"]
-
-    def stored(self, run_id: str) -> dict[int, dict[str, Any]]:
-        with self.lock:
-            return dict(self.steps.get(run_id, {}))
-
-
-class MemoryTransport:
-    """The sender's transport (`gradwatch._transport.Transport`) straight into a fake service, no sockets.
-    Step batches go through their binary form, as over HTTP. `down`: every request fails to connect."""
-
-    def __init__(self, service: FakeService) -> None:
-        self.service = service
-        self.down = False
-
-    def request(self, method: str, path: str, payload: Any = None) -> Response:
-        return self._reply(method, path, {"Content-Type": "application/json"}, payload)
-
-    def post_steps(self, path: str, batch: StepBatch) -> Response:
-        body = decode_binary_batch(batch.binary())
-        return self._reply("POST", path, {"Content-Type": BINARY_CONTENT_TYPE}, body)
-
-    def close(self) -> None:
-        pass
-
-    def _reply(self, method: str, path: str, headers: dict[str, str], body: Any) -> Response:
-        if self.down:
-            raise TransportError(f"{method} {path}: connection refused")
-        status, reply, reply_headers = self.service.respond(method, path, headers, body)
-        return Response(status, json.loads(json.dumps(reply)), {k.lower(): v for k, v in reply_headers.items()})
+class FakeService(MemoryTransport):
+    """The in-memory service of `gradwatch.testing.MemoryTransport`, as the store behind a `Recorder`."""
 
 
 class Recorder(FakeService):
@@ -156,15 +76,6 @@ class Recorder(FakeService):
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-def _comparable(step: dict[str, Any], layers: list[str]) -> dict[str, Any]:
-    """A step with its per-layer arrays keyed by layer name and without `time`, as the service compares."""
-    out = {k: v for k, v in step.items() if k != "time"}
-    for key in ("layer_grad_norms", "layer_weight_norms", "layer_update_norms"):
-        if key in out:
-            out[key] = dict(zip(layers, out[key], strict=True))
-    return out
-
 
 def closed_port() -> int:
     """A loopback port nothing listens on (a Recorder's, closed again): connections to it are refused, and a

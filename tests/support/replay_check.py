@@ -48,6 +48,8 @@ class Replay:
     """(seq, "firing" or "resolved", severity) of every incident change: one webhook each"""
     steps: int = 0
     late: int = 0
+    signatures: set[str] = field(default_factory=set)
+    """every signature that fired (an incident's own `signature` is only the one that set its severity)"""
 
 
 def comparable(x: Any) -> Any:
@@ -66,7 +68,7 @@ def comparable(x: Any) -> Any:
 def replay_stored(engine: Engine, run_id: str, config: detect.DetectorConfig | None = None) -> Replay:
     """Replay the run's stored steps, skipping the late ones, as `gradwatch_service.incidents.advance_detection`
     keeps incidents: a new seq per opened incident, an escalation updates its own, a resolve closes it; the
-    row's last_step is the last step its signature fired (the resolving step's last_seen once resolved)."""
+    row's last_step is the last step one of its signatures fired (the resolving step's last_seen once resolved)."""
     config = config or detect.DetectorConfig()
     with read_connection(engine) as conn:
         run = get_run_row(conn, run_id)
@@ -75,10 +77,11 @@ def replay_stored(engine: Engine, run_id: str, config: detect.DetectorConfig | N
     layers = list(run.layer_names)
     state = detect.new_state()
     inc_state = new_incident_state()
-    seq_of: dict[str, int] = {}
+    seq: int | None = None  # the open incident's (one per episode)
     next_seq = 1
     expected: dict[int, dict[str, Any]] = {}
     events: list[tuple[int, str, str]] = []
+    fired: set[str] = set()
     late = 0
     for r in rows:
         if r.late:
@@ -90,30 +93,29 @@ def replay_stored(engine: Engine, run_id: str, config: detect.DetectorConfig | N
         state, evs = detect.advance(state, step, config)
         inc_state, opened, resolved = track_incidents(inc_state, evs, r.step, config, detect.held_signatures(state))
         for inc in opened:
-            sig = inc["signature"]
-            if inc.get("escalated") and sig in seq_of:
-                row = expected[seq_of[sig]]
-                row.update(severity=inc["severity"], value=inc["value"], baseline=inc["baseline"],
-                           message=inc["message"], layer=inc["layer"])
-                events.append((seq_of[sig], "firing", inc["severity"]))
+            if inc.get("escalated") and seq is not None:
+                expected[seq].update(signature=inc["signature"], severity=inc["severity"], value=inc["value"],
+                                     baseline=inc["baseline"], message=inc["message"], layer=inc["layer"])
+                events.append((seq, "firing", inc["severity"]))
                 continue
-            seq_of[sig] = seq = next_seq
+            seq = next_seq
             next_seq += 1
-            expected[seq] = {"seq": seq, "signature": sig, "severity": inc["severity"], "status": "open",
-                             "opened_step": inc["opened_at"], "last_step": inc["last_seen"], "resolved_step": None,
-                             "layer": inc["layer"], "value": inc["value"], "baseline": inc["baseline"],
-                             "message": inc["message"]}
+            expected[seq] = {"seq": seq, "signature": inc["signature"], "severity": inc["severity"],
+                             "status": "open", "opened_step": inc["opened_at"], "last_step": inc["last_seen"],
+                             "resolved_step": None, "layer": inc["layer"], "value": inc["value"],
+                             "baseline": inc["baseline"], "message": inc["message"]}
             events.append((seq, "firing", inc["severity"]))
-        for ev in evs:
-            if ev.signature in seq_of:
-                expected[seq_of[ev.signature]]["last_step"] = ev.step
+        fired.update(ev.signature for ev in evs)
+        if evs and seq is not None:
+            expected[seq]["last_step"] = max(ev.step for ev in evs)
         for inc in resolved:
-            seq = seq_of.pop(inc["signature"])
+            assert seq is not None
             expected[seq].update(status="resolved", resolved_step=inc["resolved_at"], last_step=inc["last_seen"])
             events.append((seq, "resolved", expected[seq]["severity"]))
-    doc = {"v": STATE_DOC_VERSION, "detector": state, "incidents": inc_state, "seq": seq_of, "next_seq": next_seq}
+            seq = None
+    doc = {"v": STATE_DOC_VERSION, "detector": state, "incidents": inc_state, "seq": seq, "next_seq": next_seq}
     return Replay(state_doc=json.loads(json.dumps(doc)), incidents=[expected[k] for k in sorted(expected)],
-                  events=events, steps=len(rows) - late, late=late)
+                  events=events, steps=len(rows) - late, late=late, signatures=fired)
 
 
 def stored_incidents(engine: Engine, run_id: str) -> list[dict[str, Any]]:

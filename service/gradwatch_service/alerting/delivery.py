@@ -2,9 +2,9 @@
 
 It sleeps until a transaction of this process commits webhook rows (an in-process wake-up, so an alert leaves
 within milliseconds of its batch's commit) or the poll interval passes (rows committed by other replicas, retries
-coming due). Each POST runs on a daemon thread of its own with a timeout, at most `webhook_concurrency` at once
-and one per subscription, so a receiver that hangs holds one sender for `webhook_timeout_s`, never ingest, never
-another receiver and never the process's exit.
+coming due). Each POST runs on a daemon thread of its own with a wall-clock deadline, at most
+`webhook_concurrency` at once and one per subscription, so a receiver that hangs or trickles holds one sender for
+`webhook_timeout_s` at most, never ingest, never another receiver and never the process's exit.
 
 Before each POST the URL's host is resolved and checked again (webhook_targets.py), and the POST connects to the
 address that passed, with the name as Host and TLS server name: a name that now points inside (DNS rebinding)
@@ -13,11 +13,13 @@ makes the delivery dead at once with the reason in its log, and no answer that c
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -56,7 +58,11 @@ def send(url: str, body: bytes, headers: dict[str, str], timeout_s: float, polic
 def post(url: str, body: bytes, headers: dict[str, str], timeout_s: float, address: str | None = None) -> Outcome:
     """One POST with the standard library (no extra server dependency); redirects are not followed. With
     `address`, the connection goes there, whatever the name resolves to now; Host and TLS (server name and the
-    certificate's check) still use the URL's name."""
+    certificate's check) still use the URL's name.
+
+    `timeout_s` bounds the whole attempt, connect, send and read together (a socket timeout alone bounds each
+    operation: a receiver answering a few bytes at a time would hold the sender for ever): when it passes, a
+    timer shuts the socket down, which ends whatever call is blocked on it."""
     parts = urlsplit(url)
     conn_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -64,17 +70,49 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout_s: float, addre
     conn = conn_type(parts.hostname or "", parts.port, timeout=timeout_s)
     if address is not None:
         conn._create_connection = _pinned(address)  # type: ignore[attr-defined]  # used by connect() in 3.11+
+    deadline = _Deadline(conn, timeout_s)
     try:
+        conn.connect()
+        deadline.check()  # it may have passed while connecting, before there was a socket to shut
         conn.request("POST", path, body=body, headers={
             "content-type": "application/json", "user-agent": USER_AGENT, **headers})
         resp = conn.getresponse()
         resp.read(64 * 1024)
+        deadline.check()
         status, error = resp.status, None if 200 <= resp.status < 300 else f"HTTP {resp.status} {resp.reason}"
     except Exception as exc:  # noqa: BLE001 - refused, reset, timed out, a bad name: all are a failed attempt
         status, error = None, f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
+        if deadline.passed.is_set():
+            error = f"TimeoutError: no complete answer within {timeout_s:g} s (GRADWATCH_WEBHOOK_TIMEOUT_S)"
     finally:
+        deadline.cancel()
         conn.close()
     return Outcome(status_code=status, latency_ms=(time.perf_counter() - start) * 1000, error=error)
+
+
+class _Deadline:
+    """Shuts a connection's socket down `timeout_s` after it is made (a timer thread; cancelled when done)."""
+
+    def __init__(self, conn: http.client.HTTPConnection, timeout_s: float) -> None:
+        self.conn = conn
+        self.passed = threading.Event()
+        self._timer = threading.Timer(timeout_s, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        self.passed.set()
+        sock = self.conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def check(self) -> None:
+        if self.passed.is_set():
+            raise TimeoutError("the attempt's deadline passed")
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 def _pinned(address: str) -> Any:
@@ -87,8 +125,11 @@ def _pinned(address: str) -> Any:
 
 
 class DeliveryWorker:
-    def __init__(self, engine: Engine, settings: Settings, resolve: Resolver = system_resolver) -> None:
+    def __init__(self, engine: Engine, settings: Settings, resolve: Resolver = system_resolver,
+                 public_url: Callable[[], str] | None = None) -> None:
         self.engine, self.settings = engine, settings
+        self.public_url = public_url or settings.public_url
+        """the service's own URL for webhook bodies (serving.py: with the port requests arrive on)"""
         self.policy = settings.webhook_target_policy()
         self.resolve = resolve
         """how target names are resolved before each POST (a parameter, so tests can play DNS)"""
@@ -98,7 +139,7 @@ class DeliveryWorker:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="gradwatch-outbox", daemon=True)
         self._unhook = on_outbox_commit(engine, self._wake.set)
-        # A send takes at most connect + read timeouts; after that (and a margin) another worker may take the row.
+        # A send takes at most the timeout (post's deadline); after that (and a margin) another worker may take it.
         self.lease_s = 2 * settings.webhook_timeout_s + 1
 
     def start(self) -> DeliveryWorker:
@@ -145,7 +186,7 @@ class DeliveryWorker:
     def _deliver(self, claim: Claim) -> None:
         s = self.settings
         try:
-            body = encode_body(alert_body(claim.event, claim.payload, claim.receiver, s.public_url()))
+            body = encode_body(alert_body(claim.event, claim.payload, claim.receiver, self.public_url()))
             outcome = send(claim.url, body, signed_headers(claim.secret, claim.msg_id, body), s.webhook_timeout_s,
                            self.policy, self.resolve)
             with write_transaction(self.engine) as conn:

@@ -73,6 +73,8 @@ def address_problem(ip: IPAddress) -> str | None:
             return f"a {kind} address"
     if isinstance(ip, ipaddress.IPv4Address) and ip in _SHARED:
         return "a shared (carrier-grade NAT) address"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:  # fec0::/10: ipaddress calls it global
+        return "a site-local address"
     if ip.is_reserved:
         return "a reserved address"
     if ip.is_private:
@@ -141,6 +143,8 @@ def check_target(url: str, policy: TargetPolicy, resolve: Resolver = system_reso
     port = parts.port or (443 if parts.scheme == "https" else 80)
     if host in CLOUD_METADATA_NAMES or host.endswith(".metadata.google.internal"):
         raise TargetRefused(f"{host} is a cloud metadata name")
+    if "%" in host:  # fe80::1%eth0: an address that means something only on this host's own link
+        raise TargetRefused(f"{host} names a zone (interface): an address of this host's own link")
     try:
         answers = resolve(host, port)
     except (UnicodeError, ValueError) as exc:  # a label too long for IDNA, say: no name at all

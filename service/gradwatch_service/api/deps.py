@@ -21,6 +21,7 @@ from gradwatch.wire import RUN_ID_PATTERN
 
 from ..alerting.delivery import DeliveryWorker
 from ..auth.principal import OPEN, Principal, TokenCache, is_loopback
+from ..exposure import refuse_unless_local
 from ..limits import InputLimits
 from ..settings import Settings
 from ..storage.rollup_worker import RollupWorker
@@ -109,8 +110,10 @@ async def _auth_required(tokens: TokenCache) -> bool:
 async def current_principal(request: Request, credentials: BearerCredentials) -> Principal:
     """Who is asking: OPEN while the service is open, else the bearer token's principal or a 401. Error bodies
     never repeat what was sent."""
-    tokens = app_state(request).tokens
+    state = app_state(request)
+    tokens = state.tokens
     if not await _auth_required(tokens):
+        refuse_unless_local(request, state.settings.insecure)  # open, but only to this machine
         return OPEN
     if credentials is None:
         raise HTTPException(401, "a token is required: send `Authorization: Bearer gwt_...`", _UNAUTHORIZED)
@@ -154,6 +157,7 @@ async def metrics_access(request: Request, credentials: BearerCredentials) -> No
         if presented is not None and hmac.compare_digest(presented.encode(), state.scrape_token.encode()):
             return
     elif not await _auth_required(state.tokens):
+        refuse_unless_local(request, state.settings.insecure)
         return
     if presented is None:
         raise HTTPException(401, "/metrics needs its token (GRADWATCH_METRICS_TOKEN) or a read token",

@@ -12,10 +12,11 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
+from ..exposure import INSECURE_WARNING
 from ..storage.db import write_transaction
 from ..storage.dialect import storage_dialect
 from ..storage.migrate import schema_problem
-from .deps import EngineDep
+from .deps import EngineDep, SettingsDep
 
 router = APIRouter(tags=["health"])
 
@@ -31,7 +32,7 @@ async def healthz() -> dict[str, str]:
                        503: {"description": "not ready", "content": {"application/json": {
                 "example": {"status": "unavailable", "database": "postgresql",
                             "detail": "database unreachable: ..."}}}}})
-async def readyz(engine: EngineDep) -> JSONResponse:
+async def readyz(engine: EngineDep, settings: SettingsDep) -> JSONResponse:
     def check() -> str | None:
         try:
             with engine.connect() as conn:
@@ -48,7 +49,8 @@ async def readyz(engine: EngineDep) -> JSONResponse:
             return f"database not writable: {type(exc).__name__}: {exc}"
 
     problem = await run_in_threadpool(check)
+    warning = {"insecure": True, "warning": INSECURE_WARNING} if settings.insecure else {}
     if problem:
-        return JSONResponse({"status": "unavailable", "database": engine.dialect.name, "detail": problem},
-                            status_code=503)
-    return JSONResponse({"status": "ok", "database": engine.dialect.name})
+        return JSONResponse({"status": "unavailable", "database": engine.dialect.name, "detail": problem,
+                             **warning}, status_code=503)
+    return JSONResponse({"status": "ok", "database": engine.dialect.name, **warning})

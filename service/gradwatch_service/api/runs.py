@@ -48,7 +48,9 @@ async def put_run(run_id: RunIdPath, request: Request, engine: EngineDep, settin
         with write_transaction(engine) as conn:
             created = upsert_run(conn, run_id, body, limits=limits, project=principal.project)
             run = get_run(conn, run_id)
-        assert run is not None
+            assert run is not None
+            if body.config is not None or body.meta is not None:  # as read back: over the limit, rolled back
+                limits.check_run(name=None, config=run.config, meta=run.meta, layers=None, stored=True)
         return created, run
 
     created, run = await run_in_threadpool(write)  # InvalidInput: a 422 (api/errors.py)
@@ -59,6 +61,7 @@ async def put_run(run_id: RunIdPath, request: Request, engine: EngineDep, settin
 async def get_runs(
     engine: EngineDep,
     principal: ReadToken,
+    limits: LimitsDep,
     project: str | None = None,
     status: RunStatus | None = None,
     updated_since: Annotated[datetime | None, Query(description="ISO 8601; runs updated at or after it")] = None,
@@ -72,7 +75,7 @@ async def get_runs(
     def read() -> RunsPublic:
         with read_connection(engine) as conn:
             rows, count = list_runs(conn, project=project, status=status, updated_since=updated_since,
-                                    limit=limit, offset=offset)
+                                    limit=limit, offset=offset, limits=limits)
         return RunsPublic(runs=rows, count=count)
 
     return model_response(await run_in_threadpool(read))

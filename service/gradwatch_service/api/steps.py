@@ -12,10 +12,11 @@ from ..binary_batch import parse_binary_batch
 from ..body import BINARY_CONTENT_TYPE, content_type_of, parse_body, read_body
 from ..errors import InvalidInput
 from ..ingest import BatchOutcome, append_steps
-from ..queries import list_incidents, read_series, read_steps, visible_run_row
+from ..queries import default_steps_limit, list_incidents, read_series, read_steps, visible_run_row
 from ..schemas import MAX_STEP, SERIES_FIELDS, Incident, IngestResult, SeriesPublic, StepBatch, StepsPublic
 from ..storage.db import read_connection, write_transaction
 from ..storage.steps_table import StepColumns
+from .chunked import chunked_response
 from .deps import (
     AUTH_RESPONSES,
     DetectorDep,
@@ -65,7 +66,8 @@ async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, set
         batch: StepBatch | StepColumns
         if binary:
             batch = parse_binary_batch(raw, limits)
-        else:
+        else:  # parsing is what costs memory (a Python object a value): count the items before it
+            limits.check_batch_values(raw.count(b",") + 1, about=True)
             batch = parse_body(StepBatch, raw)
             limits.check_batch(len(batch.steps), batch.layers, (s.scalars for s in batch.steps))
         rollups = app_state(request).rollup_worker
@@ -89,34 +91,42 @@ async def post_steps(run_id: RunIdPath, request: Request, engine: EngineDep, set
 
 
 @router.get("/steps", summary="A run's steps as stored, ascending", response_model=StepsPublic,
-            responses={404: {"description": "unknown run"}})
+            responses={404: {"description": "unknown run"},
+                       422: {"description": "an answer over GRADWATCH_MAX_RESPONSE_VALUES: ask fewer steps"}})
 async def get_steps(
     run_id: RunIdPath,
     engine: EngineDep,
     principal: ReadToken,
+    limits: LimitsDep,
     start: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="first step, inclusive")] = None,
     end: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="last step, inclusive")] = None,
-    limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
+    limit: Annotated[int | None, Query(ge=1, le=100_000, description=(
+        "most steps; when absent 10,000, or fewer for a run so wide that 10,000 steps would pass "
+        "GRADWATCH_MAX_RESPONSE_VALUES (a limit asked for that would pass it is a 422)"))] = None,
 ) -> Response:
     def read() -> StepsPublic:
         with read_connection(engine) as conn:
             run = visible_run_row(conn, run_id, principal.sees)
-            rows = read_steps(conn, run.id, start=start, end=end, limit=limit)
+            n_layers = len(run.layer_names)
+            page = limit if limit is not None else default_steps_limit(n_layers, limits)
+            rows = read_steps(conn, run.id, start=start, end=end, limit=page, n_layers=n_layers, limits=limits)
         return StepsPublic(run_id=run_id, layers=list(run.layer_names), steps=rows)
 
-    return model_response(await run_in_threadpool(read))
+    return await run_in_threadpool(chunked_response, await run_in_threadpool(read), "steps")
 
 
 @router.get(
     "/series",
     summary="Series of chosen fields and layers over a step range, downsampled keeping spikes",
     response_model=SeriesPublic,
-    responses={404: {"description": "unknown run"}, 422: {"description": "unknown field or layer"}},
+    responses={404: {"description": "unknown run"},
+               422: {"description": "unknown or repeated field or layer, or an answer over a limit"}},
 )
 async def get_series(
     run_id: RunIdPath,
     engine: EngineDep,
     principal: ReadToken,
+    limits: LimitsDep,
     fields: Annotated[str, Query(description=f"comma-separated, of {', '.join(SERIES_FIELDS)}",
                                  examples=["loss,grad_norm,layer_grad_norms"])] = "loss,grad_norm",
     layers: Annotated[str | None, Query(description="comma-separated layer names for per-layer fields; "
@@ -131,16 +141,20 @@ async def get_series(
     unknown = [f for f in field_list if f not in SERIES_FIELDS]
     if unknown or not field_list:
         raise InvalidInput(["query", "fields"], f"unknown field(s) {unknown}; choose from {list(SERIES_FIELDS)}")
+    limits.check_query_names(["query", "fields"], field_list, "field", None)
     layer_list = None if layers is None else [name for name in layers.split(",") if name]
+    if layer_list is not None:
+        limits.check_query_names(["query", "layers"], layer_list, "layer")
 
     def read() -> SeriesPublic:
         with read_connection(engine) as conn:
             run = visible_run_row(conn, run_id, principal.sees)
             series = read_series(conn, run.id, list(run.layer_names), fields=field_list, layers=layer_list,
-                                 start=start, end=end, max_points=max_points)
+                                 start=start, end=end, max_points=max_points, limits=limits)
         return SeriesPublic(run_id=run_id, start=start, end=end, max_points=max_points, series=series)
 
-    return model_response(await run_in_threadpool(read))  # an unknown layer: UnknownLayer, a 422
+    # an unknown layer: UnknownLayer, a 422
+    return await run_in_threadpool(chunked_response, await run_in_threadpool(read), "series")
 
 
 def _count_ingested(outcome: BatchOutcome) -> None:

@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"gradwatch serve: {problem}", file=sys.stderr)
         return 1
     os.environ["GRADWATCH_HOST"] = host  # the app (and each worker) knows whether it is reachable beyond loopback
+    port = args.port if args.port is not None else settings.port
+    os.environ["GRADWATCH_PORT"] = str(port)  # and its own URL (webhooks' externalURL) has the port it serves
     if args.insecure:
         os.environ["GRADWATCH_INSECURE"] = "true"
     workers = args.workers if args.workers is not None else settings.workers
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             "gradwatch_service.app:create_app",
             factory=True,
             host=host,
-            port=args.port if args.port is not None else settings.port,
+            port=port,
             workers=workers,
             access_log=args.access_log,
             log_level="info",

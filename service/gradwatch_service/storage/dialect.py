@@ -15,6 +15,7 @@ What a dialect owns:
   arrays (binary on PostgreSQL);
 - **statements**: the driver's placeholder, inserting step rows (executemany, or binary COPY), upserts and
   inserts that skip an existing key, serialising creations, a commit that need not wait for the disk;
+- **documents in SQL**: a stored JSON list's length and a stored document's size in bytes (the read bounds);
 - **times**: SQLite hands back naive datetimes; every stored time is UTC (`aware_utc`).
 """
 
@@ -28,7 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Connection, Engine, Float, LargeBinary, Table
+from sqlalchemy import Connection, Engine, Float, LargeBinary, Table, Text, func
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.types import TypeEngine
 
@@ -141,6 +142,12 @@ class StorageDialect(Protocol):
     def lazy_commit(self, conn: Connection) -> None:
         """This transaction's commit need not wait for the disk: losing it in a crash loses nothing that matters
         (PostgreSQL; SQLite's synchronous setting is the engine's)."""
+
+    def json_array_length(self, column: Any) -> Any:
+        """SQL for the length of a stored JSON list (the names never reach Python)."""
+
+    def json_size(self, column: Any) -> Any:
+        """SQL for a stored document's size in bytes as the database gives it back (0 for NULL)."""
 
 
 def sqlite_real_in(x: float | None) -> float | str | None:
@@ -269,6 +276,12 @@ class SQLite:
     def lazy_commit(self, conn: Connection) -> None:
         pass
 
+    def json_array_length(self, column: Any) -> Any:
+        return func.json_array_length(column)
+
+    def json_size(self, column: Any) -> Any:
+        return func.coalesce(func.length(column.cast(LargeBinary())), 0)
+
 
 class PostgreSQL:
     """PostgreSQL: `double precision` and `double precision[]` hold NaN and ±Infinity natively; binary COPY and
@@ -360,6 +373,12 @@ class PostgreSQL:
 
     def lazy_commit(self, conn: Connection) -> None:
         conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+
+    def json_array_length(self, column: Any) -> Any:
+        return func.jsonb_array_length(column)
+
+    def json_size(self, column: Any) -> Any:  # jsonb's text form
+        return func.coalesce(func.octet_length(column.cast(Text())), 0)
 
 
 def _upsert(table: str, columns: Sequence[str], key: Sequence[str], marks: Sequence[str]) -> str:

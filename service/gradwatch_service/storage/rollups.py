@@ -73,15 +73,19 @@ def update_rollups(conn: Connection, run_pk: int, new: Steps, n_layers: int) -> 
     batch = concat_units(levels, layout)
     level_of = np.repeat(np.arange(len(levels), dtype=np.int64), [len(u) for u in levels])
     batch_key = _level_key(level_of, batch.key)
-    stored, stored_width = _read_stored(conn, run_pk, [(w, u.key) for w, u in zip(ROLLUP_WIDTHS, levels,
-                                                                                     strict=True)], layout)
+    wanted = [(w, u.key) for w, u in zip(ROLLUP_WIDTHS, levels, strict=True)]
+    del levels, finer  # each unit is every layer's statistics: a wide run's copies are what a batch costs
+    stored, stored_width = _read_stored(conn, run_pk, wanted, layout)
     if len(stored):
         stored_key = _level_key(np.searchsorted(ROLLUP_WIDTHS, stored_width), stored.key)
         keep = np.flatnonzero(np.isin(stored_key, batch_key))
         both = concat_units([take_units(stored, keep), batch], layout)
+        del stored, batch
         key = np.concatenate([stored_key[keep], batch_key])
         order = np.argsort(key, kind="stable")
-        merged = reduce_units(take_units(both, order), key[order])
+        both = take_units(both, order)
+        merged = reduce_units(both, key[order])
+        del both
     else:
         merged = replace(batch, key=batch_key)  # already in (level, bucket) order, one unit a key
     width_of = np.asarray(ROLLUP_WIDTHS, dtype=np.int64)[merged.key >> _LEVEL_SHIFT]

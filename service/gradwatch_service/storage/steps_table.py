@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, select
 
+from gradwatch.detect import StepInput
 from gradwatch.wire import LAYER_FIELDS, MISSING_BYTES, SCALAR_FIELDS, STEP_COLUMN_FIELDS, pack_floats, unpack_floats
 
 from ..schemas import StepBatch, StepIn
@@ -165,21 +166,18 @@ class StepColumns:
             scalars = [None if s is None else encode_scalars(s, dialect) for s in self.scalars]
         return list(zip(repeat(run_pk, n), self.steps, time_col, *measured, flags, *arrays, scalars, strict=False))
 
-    def detector_steps(self) -> list[dict[str, Any]]:
-        """The steps as `gradwatch.detect.advance` reads them: the per-layer lists go in as they are, with one
-        `layer_names` list for the whole batch (which makes the detector's names check a pointer comparison); a
-        dict display, not dict(zip(...)) over the wire's field names: twice as fast, 1 ms a 1,000-step batch.
-        With no layer names every per-layer list is empty: the detectors get none (nothing to judge)."""
+    def detector_steps(self) -> list[StepInput]:
+        """The steps as `gradwatch.detect.advance` reads them (`StepInput`, one per step, built column-wise):
+        the per-layer lists go in as they are, with one `layer_names` list for the whole batch (which makes the
+        detector's names check a pointer comparison). With no layer names every per-layer list is empty: the
+        detectors get none (nothing to judge)."""
         n = len(self.steps)
         measured = [self.values.get(name) or repeat(None, n) for name in SCALAR_FIELDS]
         layer_lists = [column.lists() if (column := self.layer_columns.get(name)) is not None and self.layers
                        else repeat(None, n) for name in LAYER_FIELDS]
         skipped: Iterable[bool] = repeat(False, n) if self.skipped is None else map(bool, self.skipped)
-        names = self.layers
-        return [{"step": t, "loss": loss, "grad_norm": g, "lr": lr, "update_norm": u, "skipped": sk,
-                 "layer_names": names, "layer_grad_norms": lg, "layer_weight_norms": lw, "layer_update_norms": lu}
-                for t, loss, g, lr, u, sk, lg, lw, lu in zip(self.steps, *measured, skipped, *layer_lists,
-                                                              strict=False)]
+        # StepInput's fields in order: step, the SCALAR_FIELDS, skipped, layer_names, the LAYER_FIELDS
+        return list(map(StepInput, self.steps, *measured, skipped, repeat(self.layers, n), *layer_lists))
 
     def to_batch(self) -> StepBatch:
         """The same batch as JSON would have carried it, for ingest's general path (resends, repeats,
