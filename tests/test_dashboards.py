@@ -37,6 +37,7 @@ POSTGRES_UID, PROMETHEUS_UID = "gradwatch-postgres", "prometheus"
 LAYERS = ["embed", "block1", "block2", "head"]
 N_STEPS = 9000  # one (partial) 16384-step bucket, three of 4096 steps, ..., 141 of 64 steps
 EXPLODES_AT, NAN_AT = 8200, 8700  # block2 blows up first; loss and grad norm are NaN from NAN_AT on
+SPIKE_AT = 3000  # a healthy spike long before: its own incident, a warning (the explosion's escalates to critical)
 STEP_SECONDS = 0.05
 
 
@@ -149,13 +150,15 @@ class Seeded:
 
 
 def _exploding_steps(t0: float) -> list[dict[str, Any]]:
-    """A long healthy run whose block2 gradients blow up first, the others following, then NaN and Inf."""
+    """A long healthy run with one spike that recovers, then block2's gradients blow up first, the others
+    following, then NaN and Inf."""
     base = [0.2, 1.0, 2.0, 0.5]
     steps = []
     for i in range(N_STEPS):
         wobble = 1 + 0.05 * math.sin(i * 0.37)
         growth = [math.exp(max(0, i - EXPLODES_AT - lag) * 0.03) for lag in (60, 40, 0, 30)]
-        grads: list[Any] = [b * wobble * g for b, g in zip(base, growth, strict=True)]
+        spike = 6.0 if i == SPIKE_AT else 1.0  # one step, every layer: a warning that recovers
+        grads: list[Any] = [b * wobble * g * spike for b, g in zip(base, growth, strict=True)]
         weights = [10.0, 20.0, 20.0, 5.0]
         step: dict[str, Any] = {"step": i, "time": t0 + i * STEP_SECONDS,
                                 "loss": 2.0 * math.exp(-i / 3000) + 0.1 + 0.01 * wobble
@@ -189,7 +192,8 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
             for lo in range(0, N_STEPS, 1000):
                 r = http.post(f"/v1/runs/{run_id}/steps", json={"steps": steps[lo:lo + 1000]})
                 assert r.status_code == 200, r.text
-            signatures = {i["signature"] for i in http.get(f"/v1/runs/{run_id}/incidents").json()["incidents"]}
+            listed = http.get(f"/v1/runs/{run_id}/incidents").json()["incidents"]
+            signatures = {e["signature"] for i in listed for e in i["evidence"]["timeline"]}  # one per episode
         assert "nonfinite" in signatures, signatures
         _wait_for_rollups(schema.url)
         yield Seeded(server, schema, run_id, t0 - 30, time.time() + 30)

@@ -83,7 +83,14 @@ def render(view: dict[str, Any], width: int) -> str:
 
 
 def _incident(i: dict[str, Any]) -> str:
+    """One incident (an episode: its headline signature, then every signature it showed, in order)."""
     layer = f" layer {i['layer']}" if i.get("layer") else ""
+    evidence = i.get("evidence") or {}
+    reason = (evidence.get("resolved") or {}).get("reason")
     resolved = f", resolved at {i['resolved_step']}" if i.get("resolved_step") is not None else ""
-    return (f"  step {i['opened_step']:<6} {i['severity']:<8} {i['signature']:<15}{layer}{resolved}: "
-            f"{i['message']}")
+    resolved += f" ({reason})" if resolved and reason else ""
+    line = f"  step {i['opened_step']:<6} {i['severity']:<8} {i['signature']:<15}{layer}{resolved}: {i['message']}"
+    timeline = evidence.get("timeline") or []
+    if len(timeline) > 1:
+        line += "\n    " + " → ".join(f"{e['signature']} ({e['severity']}) at {e['step']}" for e in timeline)
+    return line

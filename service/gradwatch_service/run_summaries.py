@@ -13,8 +13,9 @@ from typing import Any
 from pydantic import ConfigDict
 from sqlalchemy import Connection, func, select
 
+from .limits import InputLimits
 from .queries import list_runs
-from .schemas import RunPublic, Value, WireModel
+from .schemas import RunListed, Value, WireModel
 from .storage.models import incidents, runs, steps
 
 __all__ = ["LATEST_WITHIN", "RunSummary", "RunSummariesPublic", "list_run_summaries"]
@@ -23,7 +24,7 @@ LATEST_WITHIN = 4096
 """How far back from a run's last step its latest loss and gradient norm are looked for."""
 
 
-class RunSummary(RunPublic):
+class RunSummary(RunListed):
     loss: Value | None = None
     """the latest measured loss (within the last LATEST_WITHIN steps)"""
     grad_norm: Value | None = None
@@ -38,18 +39,18 @@ class RunSummariesPublic(WireModel):
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"runs": [{
         "run_id": "resnet50-7f3a", "project": "vision", "name": "resnet50-lr0.4", "status": "running",
-        "config": {"lr": 0.4}, "meta": None, "layers": ["conv1.weight", "fc.weight"], "last_step": 1999,
+        "config": {"lr": 0.4}, "meta": None, "n_layers": 2, "last_step": 1999,
         "n_steps": 2000, "created_at": "2026-11-26T10:00:00Z", "updated_at": "2026-11-26T10:20:00Z",
         "loss": "NaN", "grad_norm": "Infinity", "open_warnings": 0, "open_criticals": 1}], "count": 1}]})
 
 
 def list_run_summaries(conn: Connection, *, project: str | None = None, status: str | None = None,
                        updated_since: datetime | None = None, limit: int = 100,
-                       offset: int = 0) -> tuple[list[RunSummary], int]:
-    """`list_runs`, each run with its layer names (RunSummary is a RunPublic; list_runs gives only their count),
-    its latest values and open incident counts."""
+                       offset: int = 0, limits: InputLimits | None = None) -> tuple[list[RunSummary], int]:
+    """`list_runs` (bounded by `limits` as it bounds them), each run with its latest values and open incident
+    counts."""
     listed, count = list_runs(conn, project=project, status=status, updated_since=updated_since, limit=limit,
-                              offset=offset)
+                              offset=offset, limits=limits)
     if not listed:
         return [], count
     ids = [r.run_id for r in listed]
@@ -60,8 +61,7 @@ def list_run_summaries(conn: Connection, *, project: str | None = None, status: 
                 .order_by(steps.c.step.desc()).limit(1).scalar_subquery())
 
     values = {r.run_id: r for r in conn.execute(
-        select(runs.c.run_id, runs.c.layer_names, latest(steps.c.loss).label("loss"),
-               latest(steps.c.grad_norm).label("grad_norm"))
+        select(runs.c.run_id, latest(steps.c.loss).label("loss"), latest(steps.c.grad_norm).label("grad_norm"))
         .where(runs.c.run_id.in_(ids)))}
     counts: dict[tuple[str, str], int] = {}
     for run_id, severity, n in conn.execute(
@@ -73,7 +73,7 @@ def list_run_summaries(conn: Connection, *, project: str | None = None, status: 
     out = []
     for r in listed:
         v = values.get(r.run_id)
-        out.append(RunSummary(**dict(r), layers=list(v.layer_names) if v else [], loss=_real(v.loss) if v else None,
+        out.append(RunSummary(**dict(r), loss=_real(v.loss) if v else None,
                               grad_norm=_real(v.grad_norm) if v else None,
                               open_warnings=counts.get((r.run_id, "warning"), 0),
                               open_criticals=counts.get((r.run_id, "critical"), 0)))

@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 
 from gradwatch import detect
-from gradwatch.incidents import new_incident_state, track_incidents
+from gradwatch.incidents import close_incidents, new_incident_state, track_incidents
 from gradwatch_service.incidents import STATE_DOC_VERSION
 from gradwatch_service.queries import get_run_row, list_incidents, read_steps
 from gradwatch_service.storage.db import read_connection
@@ -67,7 +67,8 @@ def comparable(x: Any) -> Any:
 
 def replay_stored(engine: Engine, run_id: str, config: detect.DetectorConfig | None = None) -> Replay:
     """Replay the run's stored steps, skipping the late ones, as `gradwatch_service.incidents.advance_detection`
-    keeps incidents: a new seq per opened incident, an escalation updates its own, a resolve closes it; the
+    keeps incidents: a new seq per opened incident, an escalation updates its own, a resolve closes it, and so
+    does the run's end (a status other than running); the
     row's last_step is the last step one of its signatures fired (the resolving step's last_seen once resolved)."""
     config = config or detect.DetectorConfig()
     with read_connection(engine) as conn:
@@ -113,6 +114,11 @@ def replay_stored(engine: Engine, run_id: str, config: detect.DetectorConfig | N
             expected[seq].update(status="resolved", resolved_step=inc["resolved_at"], last_step=inc["last_seen"])
             events.append((seq, "resolved", expected[seq]["severity"]))
             seq = None
+    if run.status != "running" and seq is not None:  # the run ended with its incident open: that closed it
+        (closed,) = close_incidents(inc_state, state["last_step"], f"run {run.status}")
+        expected[seq].update(status="resolved", resolved_step=closed["resolved_at"], last_step=closed["last_seen"])
+        events.append((seq, "resolved", expected[seq]["severity"]))
+        seq = None
     doc = {"v": STATE_DOC_VERSION, "detector": state, "incidents": inc_state, "seq": seq, "next_seq": next_seq}
     return Replay(state_doc=json.loads(json.dumps(doc)), incidents=[expected[k] for k in sorted(expected)],
                   events=events, steps=len(rows) - late, late=late, signatures=fired)

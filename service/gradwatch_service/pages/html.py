@@ -9,23 +9,13 @@ from datetime import datetime
 from html import escape
 from urllib.parse import quote
 
+from gradwatch._format import fmt_value  # the CLI's spelling of a value: one for terminal and page
 from gradwatch.wire import RUN_STATUSES
 
 from ..run_summaries import RunSummary
 from ..schemas import Incident, RunPublic
 
-__all__ = ["fmt_value", "login_page", "not_found_page", "run_page", "runs_page"]
-
-
-def fmt_value(v: float | None) -> str:
-    """A measured value as a person reads it: 4 significant digits, NaN and ±Infinity by name, — for none."""
-    if v is None:
-        return "—"
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "Infinity" if v > 0 else "-Infinity"
-    return f"{v:.4g}"
+__all__ = ["login_page", "not_found_page", "run_page", "runs_page"]
 
 
 def _cell(v: float | None) -> str:

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gradwatch.wire import LAYER_FIELDS, RUN_STATUSES, SCALAR_FIELDS
 
-from ..api.deps import EngineDep, RunIdPath, SettingsDep, model_response
+from ..api.deps import EngineDep, LimitsDep, RunIdPath, SettingsDep, model_response
 from ..api.summaries import read_summaries
 from ..auth.principal import Principal
 from ..queries import get_run, get_run_row, list_incidents, read_series
@@ -99,26 +99,27 @@ def _status(status: str | None) -> str | None:
 
 
 @router.get("/")
-async def runs_list(request: Request, engine: EngineDep, project: str | None = None,
+async def runs_list(request: Request, engine: EngineDep, limits: LimitsDep, project: str | None = None,
                     status: str | None = None) -> Response:
     principal = await page_principal(request)
     if principal is None:
         return _to_login(request)
     listed = await run_in_threadpool(read_summaries, engine, principal.project, project or None, _status(status),
-                                     None, PAGE_RUNS, 0)
+                                     None, PAGE_RUNS, 0, limits)
     return _html(runs_page(listed.runs, listed.count, project=project, status=_status(status),
                            logged_in=_logged_in(request)))
 
 
 @router.get("/ui/runs")
-async def runs_data(request: Request, engine: EngineDep, project: str | None = None,
+async def runs_data(request: Request, engine: EngineDep, limits: LimitsDep, project: str | None = None,
                     status: str | None = None,
                     limit: Annotated[int, Query(ge=1, le=PAGE_RUNS)] = PAGE_RUNS) -> Response:
     principal = await page_principal(request)
     if principal is None:
         return _unauthorized()
     listed: RunSummariesPublic = await run_in_threadpool(read_summaries, engine, principal.project,
-                                                         project or None, _status(status), None, limit, 0)
+                                                         project or None, _status(status), None, limit, 0,
+                                                         limits)
     response = model_response(listed)
     response.headers.update(SECURITY_HEADERS)
     return response
