@@ -7,7 +7,10 @@ connection per run. Every run sends a batch of `--batch` steps × 50 values (los
 46 per-layer gradient norms, binary columns as the client sends them) every `--period` seconds, waiting for each
 answer (a closed loop, as gradwatch's sender does: a slow service slows the runs down instead of piling requests
 up). The values are a healthy run's, drawn once per client process and reused with new step numbers.
-Per interval (`--interval`): steps and values per second, p50/p99 latency of a batch, the service's RSS.
+Per interval (`--interval`): steps and values per second, p50/p99 latency of a batch, the service's RSS, and
+the share of the machine's CPU time the hypervisor gave to others (`steal_pct`, from /proc/stat): on a shared
+virtual machine, stolen seconds stall every process at once, and the `_calm` p99s leave out the intervals with
+any (over 1 %), so that what the service does and what its host does can be told apart.
 With `--probe-memory` the service runs under bench/_memory_probe.py, and `memory` tells where RSS went: the
 allocators' in-use bytes and live Python objects (a leak grows those) against memory malloc keeps freed.
 Run: `python bench/soak.py [--seconds 600] [--backend sqlite|postgres] [--probe-memory] [--quick] [--json]`.
@@ -148,6 +151,16 @@ def memory_figures(samples: list[dict[str, float]], seconds: float) -> dict[str,
             for key in PROBED}
 
 
+def cpu_jiffies() -> tuple[int, int] | None:
+    """The machine's (stolen, total) CPU time so far, in jiffies (/proc/stat's first line); None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return fields[7], sum(fields)
+
+
 def _measure(server: BenchServer, runs: int, procs: int, seconds: float, interval: float, batch: int,
              period: float, scrape_s: float) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
@@ -161,6 +174,7 @@ def _measure(server: BenchServer, runs: int, procs: int, seconds: float, interva
         w.start()
     rss: list[tuple[float, float]] = []
     anon: list[tuple[float, float]] = []
+    cpu: list[tuple[float, tuple[int, int] | None]] = []
     scrapes = 0
     next_scrape = start_at
     while time.monotonic() < start_at:
@@ -168,6 +182,7 @@ def _measure(server: BenchServer, runs: int, procs: int, seconds: float, interva
     while (now := time.monotonic()) < end_at:
         rss.append((now - start_at, rss_mb(server.pid)))
         anon.append((now - start_at, rss_mb(server.pid, "RssAnon")))
+        cpu.append((now - start_at, cpu_jiffies()))
         if now >= next_scrape:
             with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
                 r.read()
@@ -176,21 +191,31 @@ def _measure(server: BenchServer, runs: int, procs: int, seconds: float, interva
         time.sleep(max(0.0, min(1.0, end_at - time.monotonic())))
     rss.append((time.monotonic() - start_at, rss_mb(server.pid)))
     anon.append((time.monotonic() - start_at, rss_mb(server.pid, "RssAnon")))
+    cpu.append((time.monotonic() - start_at, cpu_jiffies()))
     records: list[tuple[float, float, int, int]] = []
     for _ in workers:
         records += results.get(timeout=seconds + 120)
     for w in workers:
         w.join(30)
-    return _figures(records, rss, anon, start_at, seconds, interval, runs, scrapes)
+    return _figures(records, rss, anon, start_at, seconds, interval, runs, scrapes, cpu)
+
+
+def steal_pct(cpu: list[tuple[float, tuple[int, int] | None]], lo: float, hi: float) -> float | None:
+    """The share of the machine's CPU time stolen between two moments (the samples nearest inside them)."""
+    inside = [j for t, j in cpu if lo <= t <= hi + 1.0 and j is not None]
+    if len(inside) < 2 or inside[-1][1] == inside[0][1]:
+        return None
+    return round(100.0 * (inside[-1][0] - inside[0][0]) / (inside[-1][1] - inside[0][1]), 2)
 
 
 def _figures(records: list[tuple[float, float, int, int]], rss: list[tuple[float, float]],
              anon: list[tuple[float, float]], start_at: float,
-             seconds: float, interval: float, runs: int, scrapes: int) -> dict[str, Any]:
+             seconds: float, interval: float, runs: int, scrapes: int,
+             cpu: list[tuple[float, tuple[int, int] | None]] | None = None) -> dict[str, Any]:
     ok = [(t - start_at, lat, v) for t, lat, v, status in records if status == 200]
     errors = sum(1 for *_, status in records if status != 200)
     n_intervals = max(1, math.ceil(seconds / interval))
-    series = []
+    series: list[dict[str, Any]] = []
     for i in range(n_intervals):
         lo, hi = i * interval, min(seconds, (i + 1) * interval)
         inside = [(lat, v) for t, lat, v in ok if lo <= t < hi or (i == n_intervals - 1 and t >= hi)]
@@ -198,8 +223,14 @@ def _figures(records: list[tuple[float, float, int, int]], rss: list[tuple[float
         in_rss = [mb for t, mb in rss if lo <= t <= hi] or [rss[-1][1]]
         series.append({"t_s": round(hi, 1), "values_per_s": round(sum(v for _, v in inside) / (hi - lo)),
                        "batches": len(inside), "p50_ms": round(percentile(lats, 0.5), 2),
-                       "p99_ms": round(percentile(lats, 0.99), 2), "rss_mb": round(in_rss[-1], 1)})
+                       "p99_ms": round(percentile(lats, 0.99), 2), "rss_mb": round(in_rss[-1], 1),
+                       "steal_pct": steal_pct(cpu or [], lo, hi)})
     half = seconds / 2
+    stolen = [(row["t_s"] - interval, row["t_s"]) for row in series if (row["steal_pct"] or 0.0) > 1.0]
+
+    def calm_p99(first: bool) -> float:
+        lats = [lat * 1000 for t, lat, _ in ok if (t < half) == first and not any(a <= t < b for a, b in stolen)]
+        return round(percentile(lats, 0.99), 2) if lats else math.nan
     all_lat = [lat * 1000 for _, lat, _ in ok]
     last_half = [(t, mb) for t, mb in rss if t >= half]
     first_interval_rss = [mb for t, mb in rss if t <= interval] or [rss[0][1]]
@@ -210,6 +241,10 @@ def _figures(records: list[tuple[float, float, int, int]], rss: list[tuple[float
         "p99_ms": round(percentile(all_lat, 0.99), 2),
         "p99_ms_first_half": round(percentile([lat * 1000 for t, lat, _ in ok if t < half], 0.99), 2),
         "p99_ms_second_half": round(percentile([lat * 1000 for t, lat, _ in ok if t >= half], 0.99), 2),
+        "steal_pct": steal_pct(cpu or [], 0.0, seconds),
+        "intervals_with_steal": len(stolen),
+        "p99_ms_first_half_calm": calm_p99(True),
+        "p99_ms_second_half_calm": calm_p99(False),
         "rss_mb_start": round(first_interval_rss[-1], 1),
         "rss_mb_end": round(rss[-1][1], 1),
         "rss_mb_max": round(max(mb for _, mb in rss), 1),

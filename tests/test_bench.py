@@ -136,6 +136,11 @@ def test_soak_benchmark_reports_its_figures() -> None:
     series = figures["series"]
     assert len(series) == 4 and sum(row["batches"] for row in series) == figures["batches"]
     assert all(row["rss_mb"] > 0 and row["p50_ms"] <= row["p99_ms"] for row in series)
+    assert all(0.0 <= row["steal_pct"] <= 100.0 for row in series)  # /proc/stat: this machine is Linux
+    assert figures["intervals_with_steal"] == sum(row["steal_pct"] > 1.0 for row in series)
+    if figures["intervals_with_steal"] == 0:  # nothing left out: the calm p99s are the halves' own
+        assert figures["p99_ms_first_half_calm"] == figures["p99_ms_first_half"]
+        assert figures["p99_ms_second_half_calm"] == figures["p99_ms_second_half"]
     memory = figures["memory"]  # bench/_memory_probe.py's view from inside the service
     assert 0 < memory["malloc_in_use_mb"]["end"] < memory["rss_anon_mb"]["end"] <= figures["rss_mb_end"]
     assert memory["python_blocks"]["end"] > 10_000 and memory["gc_objects"]["end"] > 10_000
