@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         worker = DeliveryWorker(engine, settings, public_url=served_at.public_url).start() \
             if settings.webhook_delivery else None
         state.webhook_worker = worker
-        state.rollup_worker = rollups = RollupWorker(engine).start()
+        state.rollup_worker = rollups = RollupWorker(engine, max_values=settings.max_batch_values).start()
         yield
         state.rollup_worker = None
         rollups.stop()

@@ -39,10 +39,16 @@ _RETRY_S = 1.0
 class RollupWorker:
     """Merges the steps of the runs it is told of (`note`, after each commit) into their rollups."""
 
-    def __init__(self, engine: Engine, chunk: int = 16_384, gather_s: float = 0.2) -> None:
+    def __init__(self, engine: Engine, chunk: int = 16_384, gather_s: float = 0.2, max_values: int = 500_000) -> None:
         self.engine = engine
         self.chunk = chunk
         self.gather_s = gather_s
+        self.max_values = max_values
+        """the gathering ends early once the batches held hold half this many values (steps × layers): a wide
+        run's batches are merged as they come instead of piling up, which bounds the merge's memory (the service
+        passes GRADWATCH_MAX_BATCH_VALUES, so a merge takes about one full batch at most)"""
+        self._held = 0
+        """values of the batches held in `_waiting`"""
         """how long a wake-up waits for more batches before merging: several batches of a busy run are merged in
         one transaction, their upper levels' buckets written once"""
         self._waiting: dict[int, list[tuple[StepColumns, int]] | None] = {}
@@ -71,7 +77,8 @@ class RollupWorker:
                     self._waiting[run_pk] = None
                 else:
                     held.append(batch)
-            if first:
+                    self._held += len(batch[0].steps) * max(1, batch[1])
+            if first or 2 * self._held >= self.max_values:
                 self._wake.notify()
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -89,9 +96,9 @@ class RollupWorker:
                     self._wake.wait()
                 if not self._waiting:
                     return
-                if not self._stopping:
-                    self._wake.wait(self.gather_s)  # only `stop()` ends this early
-                waiting, self._waiting = self._waiting, {}
+                if not self._stopping:  # only `stop()` or enough values held end this early
+                    self._wake.wait_for(lambda: self._stopping or 2 * self._held >= self.max_values, self.gather_s)
+                waiting, self._waiting, self._held = self._waiting, {}, 0
             failed = []
             for run_pk, batches in sorted(waiting.items()):
                 try:
