@@ -211,7 +211,7 @@ def steal_pct(cpu: list[tuple[float, tuple[int, int] | None]], lo: float, hi: fl
 def _figures(records: list[tuple[float, float, int, int]], rss: list[tuple[float, float]],
              anon: list[tuple[float, float]], start_at: float,
              seconds: float, interval: float, runs: int, scrapes: int,
-             cpu: list[tuple[float, tuple[int, int] | None]] | None = None) -> dict[str, Any]:
+             cpu: list[tuple[float, tuple[int, int] | None]]) -> dict[str, Any]:
     ok = [(t - start_at, lat, v) for t, lat, v, status in records if status == 200]
     errors = sum(1 for *_, status in records if status != 200)
     n_intervals = max(1, math.ceil(seconds / interval))
@@ -224,7 +224,7 @@ def _figures(records: list[tuple[float, float, int, int]], rss: list[tuple[float
         series.append({"t_s": round(hi, 1), "values_per_s": round(sum(v for _, v in inside) / (hi - lo)),
                        "batches": len(inside), "p50_ms": round(percentile(lats, 0.5), 2),
                        "p99_ms": round(percentile(lats, 0.99), 2), "rss_mb": round(in_rss[-1], 1),
-                       "steal_pct": steal_pct(cpu or [], lo, hi)})
+                       "steal_pct": steal_pct(cpu, lo, hi)})
     half = seconds / 2
     stolen = [(row["t_s"] - interval, row["t_s"]) for row in series if (row["steal_pct"] or 0.0) > 1.0]
 
@@ -241,7 +241,7 @@ def _figures(records: list[tuple[float, float, int, int]], rss: list[tuple[float
         "p99_ms": round(percentile(all_lat, 0.99), 2),
         "p99_ms_first_half": round(percentile([lat * 1000 for t, lat, _ in ok if t < half], 0.99), 2),
         "p99_ms_second_half": round(percentile([lat * 1000 for t, lat, _ in ok if t >= half], 0.99), 2),
-        "steal_pct": steal_pct(cpu or [], 0.0, seconds),
+        "steal_pct": steal_pct(cpu, 0.0, seconds),
         "intervals_with_steal": len(stolen),
         "p99_ms_first_half_calm": calm_p99(True),
         "p99_ms_second_half_calm": calm_p99(False),

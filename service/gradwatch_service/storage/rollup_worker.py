@@ -43,14 +43,14 @@ class RollupWorker:
         self.engine = engine
         self.chunk = chunk
         self.gather_s = gather_s
+        """how long a wake-up waits for more batches before merging: several batches of a busy run are merged in
+        one transaction, their upper levels' buckets written once"""
         self.max_values = max_values
         """the gathering ends early once the batches held hold half this many values (steps × layers): a wide
         run's batches are merged as they come instead of piling up, which bounds the merge's memory (the service
         passes GRADWATCH_MAX_BATCH_VALUES, so a merge takes about one full batch at most)"""
         self._held = 0
         """values of the batches held in `_waiting`"""
-        """how long a wake-up waits for more batches before merging: several batches of a busy run are merged in
-        one transaction, their upper levels' buckets written once"""
         self._waiting: dict[int, list[tuple[StepColumns, int]] | None] = {}
         """run → the batches ingest handed over since the last merge (None: read the steps back)"""
         self._wake = threading.Condition()
@@ -78,8 +78,12 @@ class RollupWorker:
                 else:
                     held.append(batch)
                     self._held += len(batch[0].steps) * max(1, batch[1])
-            if first or 2 * self._held >= self.max_values:
+            if first or self._enough_held():
                 self._wake.notify()
+
+    def _enough_held(self) -> bool:
+        """The batches held are worth merging now, without gathering more (see `max_values`)."""
+        return 2 * self._held >= self.max_values
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Merge what is waiting (for at most `timeout_s`; the next start takes the rest), then end."""
@@ -97,7 +101,7 @@ class RollupWorker:
                 if not self._waiting:
                     return
                 if not self._stopping:  # only `stop()` or enough values held end this early
-                    self._wake.wait_for(lambda: self._stopping or 2 * self._held >= self.max_values, self.gather_s)
+                    self._wake.wait_for(lambda: self._stopping or self._enough_held(), self.gather_s)
                 waiting, self._waiting, self._held = self._waiting, {}, 0
             failed = []
             for run_pk, batches in sorted(waiting.items()):
