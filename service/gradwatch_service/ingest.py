@@ -303,7 +303,7 @@ def _store(conn: Connection, run: LockedRun, new: StepColumns, layers: list[str]
         insert_rows(conn, new.rows(run_pk, storage_dialect(conn), late))
         outcome.rollups_waiting = roll_up_batch(conn, run_pk, new, len(layers), run.last_step, defer=defer_rollups)
         if outcome.rollups_waiting and not late:
-            outcome.new_steps = (new, len(layers))
+            outcome.new_steps = (new.for_rollups(), len(layers))
         outcome.last_step = max(new.steps[-1], run.last_step if run.last_step is not None else -1)
         outcome.measured_values = new.measured_values()
         changes.update(last_step=outcome.last_step, n_steps=run.n_steps + len(new.steps))

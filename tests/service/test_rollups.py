@@ -200,6 +200,28 @@ def test_rollups_equal_a_recomputation_after_random_batches(engine: Engine) -> N
     assert _canon_all(_stored_rollups(engine, run_id)) == _canon_all(before)  # a resend stores, and changes, nothing
 
 
+def test_healthy_batches_with_ties_and_gaps_take_the_quick_way_and_equal_a_recomputation(engine: Engine) -> None:
+    """Every value measured and finite (buckets straight from the values, buckets.bucket_units' quick way):
+    values from a few levels, so a bucket's minimum and maximum recur and their step is the first one; steps
+    with gaps, and batches that start and end inside buckets."""
+    rng = random.Random(7)
+    layers = ["embed", "blocks.0", "head"]
+    run_id = _create(engine, layers)
+    step = 5
+    for k, size in enumerate([1, 63, 64, 200, 7, 500, 130]):
+        steps = []
+        for _ in range(size):
+            s = {"step": step, "time": 1.7e9 + step}
+            for f in SCALAR_FIELDS:
+                s[f] = rng.choice([0.5, 1.0, 2.0, -0.0, 0.0])
+            for f in LAYER_FIELDS:
+                s[f] = [rng.choice([0.25, 3.0, 3.0, 1e6]) for _ in layers]
+            steps.append(s)
+            step += rng.choice([1, 1, 1, 2, 40])
+        _send(engine, run_id, {"layers": layers, "steps": steps}, binary=k % 2 == 0)
+        _assert_rollups_match(engine, run_id)
+
+
 def _canon_all(rows: dict[tuple[int, int], Stats]) -> dict[tuple[int, int], Stats]:
     return {k: {c: _canon(v) for c, v in row.items()} for k, row in rows.items()}
 
@@ -426,4 +448,42 @@ def test_the_worker_merges_what_it_is_told_of_and_at_start_what_was_left_waiting
     worker.stop()
     for run_id in (told, left):
         assert _through(engine, run_id) == 2999
+        _assert_rollups_match(engine, run_id)
+
+
+def _stored_deferred(engine: Engine, run_id: str, steps: list[dict[str, Any]]) -> StepColumns:
+    body = parse_binary_batch(encode_binary_batch(jsonable({"layers": ["a", "b", "c"], "steps": steps})),
+                              InputLimits.from_settings(Settings(max_batch_steps=100_000)))
+    with write_transaction(engine) as conn:
+        append_steps(conn, run_id, body, defer_rollups=True)
+    return body
+
+
+def test_the_worker_holds_a_bounded_number_of_values_and_merges_a_wide_hold_in_groups(engine: Engine) -> None:
+    """Batches held beyond 4 × max_values turn the run into a read-back (nothing more is held for it); batches
+    held within it are merged in groups of at most max_values values; either way the rollups equal a
+    recomputation."""
+    layers = ["a", "b", "c"]
+    grouped, overflowed = _create(engine, layers), _create(engine, layers)
+    worker = RollupWorker(engine, max_values=400)  # not started: nothing merges while batches are noted
+    with read_connection(engine) as conn:
+        pk = {run_id: get_run_row(conn, run_id).id for run_id in (grouped, overflowed)}
+    for k in range(3):  # 300 values each: merged one batch a group
+        body = _stored_deferred(engine, grouped, [
+            {"step": t, "loss": float(t % 5), "layer_grad_norms": [0.1 * (t % 3), 1.0, 2.0]}
+            for t in range(100 * k, 100 * k + 100)])
+        worker.note(pk[grouped], (body, 3))
+    assert worker._held == 900
+    for k in range(3):  # 900 + 3 × 300 > 1,600: the third batch turns the run into a read-back
+        body = _stored_deferred(engine, overflowed, [
+            {"step": t, "grad_norm": float(t % 11), "layer_grad_norms": [1.0, 0.5 * (t % 4), 3.0]}
+            for t in range(100 * k, 100 * k + 100)])
+        worker.note(pk[overflowed], (body, 3))
+    held = worker._waiting[pk[grouped]]
+    assert worker._waiting[pk[overflowed]] is None and worker._held == 900 and held is not None
+    worker.catch_up(pk[grouped], held)  # as the worker's thread does: the batches held, merged in groups
+    worker.start()  # finds `overflowed` lagging, and reads its steps back
+    worker.stop()
+    for run_id in (grouped, overflowed):
+        assert _through(engine, run_id) == 299
         _assert_rollups_match(engine, run_id)

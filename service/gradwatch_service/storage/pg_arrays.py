@@ -60,29 +60,42 @@ _register()
 def float8_arrays(values: npt.NDArray[np.float64], null: npt.NDArray[np.bool_] | None,
                   present: npt.NDArray[np.bool_] | None = None) -> list[Float8Array | None]:
     """Each row of `values` (k, C) as one array whose elements are NULL where `null` says; a row that `present`
-    marks False is None (a NULL array)."""
+    marks False is None (a NULL array). Rows without a NULL element are written side by side into one buffer
+    and sliced from it, rows of NULL elements only are one constant (a healthy bucket's non-finite steps): only
+    rows with some NULL elements are built one by one."""
     k, n_cols = values.shape
-    elements = np.empty((k, n_cols), dtype=_ELEMENT)
-    elements["value"] = values
-    elements["length"] = 8 if null is None else np.where(null, -1, 8)
-    header = np.empty((k, 5), dtype=">i4")
-    header[:] = (1, 0, _FLOAT8, n_cols, 1)  # one dimension, has-null flag, element type, length, lower bound
-    if null is not None:
-        header[:, 1] = null.any(axis=1)
-    raw = elements.view(np.uint8).reshape(k, n_cols, 12)
-    if null is None or not null.any():
-        body = raw.reshape(k, 12 * n_cols)
-        rows = [h.tobytes() + b.tobytes() for h, b in zip(header, body, strict=True)]
-    else:  # a NULL element is its length alone: drop the 8 value bytes after each -1
-        keep = np.ones((k, n_cols, 12), dtype=bool)
-        keep[:, :, 4:] = ~null[:, :, None]
-        flat = raw[keep].tobytes()
-        ends = np.cumsum(keep.reshape(k, -1).sum(axis=1)).tolist()
-        starts = [0, *ends[:-1]]
-        rows = [h.tobytes() + flat[a:b] for h, a, b in zip(header, starts, ends, strict=True)]
-    if present is None:
-        return [Float8Array(r) for r in rows]
-    return [Float8Array(r) if ok else None for r, ok in zip(rows, present.tolist(), strict=True)]
+    out: list[Float8Array | None] = [None] * k
+    wanted = np.ones(k, dtype=bool) if present is None else present
+    some_null = np.zeros(k, dtype=bool) if null is None else null.any(axis=1)
+    plain = np.flatnonzero(wanted & ~some_null)
+    if len(plain):
+        width = 20 + 12 * n_cols
+        buf = np.empty((len(plain), width), dtype=np.uint8)
+        buf[:, :20] = np.array([1, 0, _FLOAT8, n_cols, 1], dtype=">i4").view(np.uint8)  # one dimension, no NULL
+        elements = buf[:, 20:].view(_ELEMENT)
+        elements["length"] = 8
+        elements["value"] = values[plain]
+        flat = buf.tobytes()
+        for j, i in enumerate(plain.tolist()):
+            out[i] = Float8Array(flat[j * width: (j + 1) * width])
+    if null is None:
+        return out
+    all_null = np.flatnonzero(wanted & null.all(axis=1)) if n_cols else np.empty(0, dtype=np.intp)
+    if len(all_null):
+        nulls = np.array([1, 1, _FLOAT8, n_cols, 1], dtype=">i4").tobytes() + np.full(n_cols, -1, ">i4").tobytes()
+        constant = Float8Array(nulls)
+        for i in all_null.tolist():
+            out[i] = constant
+    mixed = np.flatnonzero(wanted & some_null & ~null.all(axis=1))
+    for i in mixed.tolist():  # a NULL element is its length alone: the 8 value bytes after each -1 are dropped
+        elements = np.empty(n_cols, dtype=_ELEMENT)
+        elements["value"] = values[i]
+        elements["length"] = np.where(null[i], -1, 8)
+        keep = np.ones((n_cols, 12), dtype=bool)
+        keep[:, 4:] = ~null[i][:, None]
+        header = np.array([1, 1, _FLOAT8, n_cols, 1], dtype=">i4").tobytes()
+        out[i] = Float8Array(header + elements.view(np.uint8).reshape(n_cols, 12)[keep].tobytes())
+    return out
 
 
 def float8_matrix(payloads: Sequence[bytes | None], n_cols: int) -> tuple[npt.NDArray[np.float64],

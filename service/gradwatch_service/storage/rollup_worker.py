@@ -36,19 +36,30 @@ _RETRY_S = 1.0
 """How long a run whose merge failed (the database busy or away) waits before the next try."""
 
 
+_HOLD_AT_MOST = 4
+"""While merges lag behind ingest, the batches held stay under this many times `max_values`: beyond it a run's
+steps are read back from the steps table instead (they are stored already)."""
+
+
+def _values(batch: tuple[StepColumns, int]) -> int:
+    """What a batch held costs: its steps × the run's layers."""
+    return len(batch[0].steps) * max(1, batch[1])
+
+
 class RollupWorker:
     """Merges the steps of the runs it is told of (`note`, after each commit) into their rollups."""
 
-    def __init__(self, engine: Engine, chunk: int = 16_384, gather_s: float = 0.2, max_values: int = 500_000) -> None:
+    def __init__(self, engine: Engine, chunk: int = 16_384, gather_s: float = 0.5, max_values: int = 500_000) -> None:
         self.engine = engine
         self.chunk = chunk
         self.gather_s = gather_s
         """how long a wake-up waits for more batches before merging: several batches of a busy run are merged in
-        one transaction, their upper levels' buckets written once"""
+        one transaction, their upper levels' buckets written once (a merge has a fixed cost of a few
+        milliseconds: 1,000 steps of 50 values alone cost twice as much a step as 16 such batches at once)"""
         self.max_values = max_values
-        """the gathering ends early once the batches held hold half this many values (steps × layers): a wide
-        run's batches are merged as they come instead of piling up, which bounds the merge's memory (the service
-        passes GRADWATCH_MAX_BATCH_VALUES, so a merge takes about one full batch at most)"""
+        """the service passes GRADWATCH_MAX_BATCH_VALUES (values: steps × layers). The gathering ends early once
+        the batches held hold twice this many, and a run's batches are merged in groups of at most this many
+        (rollups.merge_waiting): what is held and what a merge builds stay bounded however wide the runs"""
         self._held = 0
         """values of the batches held in `_waiting`"""
         self._waiting: dict[int, list[tuple[StepColumns, int]] | None] = {}
@@ -73,17 +84,19 @@ class RollupWorker:
                 self._waiting[run_pk] = [] if batch is not None else None
             held = self._waiting[run_pk]
             if held is not None:
-                if batch is None:
+                values = 0 if batch is None else _values(batch)
+                if batch is None or self._held + values > _HOLD_AT_MOST * self.max_values:
+                    self._held -= sum(map(_values, held))
                     self._waiting[run_pk] = None
                 else:
                     held.append(batch)
-                    self._held += len(batch[0].steps) * max(1, batch[1])
+                    self._held += values
             if first or self._enough_held():
                 self._wake.notify()
 
     def _enough_held(self) -> bool:
         """The batches held are worth merging now, without gathering more (see `max_values`)."""
-        return 2 * self._held >= self.max_values
+        return self._held >= 2 * self.max_values
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Merge what is waiting (for at most `timeout_s`; the next start takes the rest), then end."""
@@ -124,7 +137,7 @@ class RollupWorker:
                                    .with_for_update()).first()
                 if run is None:  # deleted meanwhile (gradwatch db prune)
                     return
-                if batches and merge_waiting(conn, run_pk, batches, len(run.layer_names)):
+                if batches and merge_waiting(conn, run_pk, batches, len(run.layer_names), self.max_values):
                     return  # any steps above these were handed over meanwhile, and are waiting their turn
                 batches = None
                 merged = catch_up_rollups(conn, run_pk, len(run.layer_names), chunk=self.chunk, max_steps=1)

@@ -78,7 +78,8 @@ def update_rollups(conn: Connection, run_pk: int, new: Steps, n_layers: int) -> 
     stored, stored_width = _read_stored(conn, run_pk, wanted, layout)
     if len(stored):
         stored_key = _level_key(np.searchsorted(ROLLUP_WIDTHS, stored_width), stored.key)
-        keep = np.flatnonzero(np.isin(stored_key, batch_key))
+        at = np.minimum(np.searchsorted(batch_key, stored_key), len(batch_key) - 1)  # batch_key is ascending
+        keep = np.flatnonzero(batch_key[at] == stored_key)
         both = concat_units([take_units(stored, keep), batch], layout)
         del stored, batch
         key = np.concatenate([stored_key[keep], batch_key])
@@ -267,13 +268,15 @@ def roll_up_batch(conn: Connection, run_pk: int, new: StepColumns, n_layers: int
     return defer and len(below) < len(steps)
 
 
-def merge_waiting(conn: Connection, run_pk: int, batches: Sequence[tuple[StepColumns, int]], n_layers: int) -> bool:
+def merge_waiting(conn: Connection, run_pk: int, batches: Sequence[tuple[StepColumns, int]], n_layers: int,
+                  max_values: int | None = None) -> bool:
     """Merge batches this process stored (plain appends the rollup worker kept in memory, each with the run's
     layer count when it was stored) into the rollups, without reading their steps back, when they are exactly
     the run's stored steps from `rolled_up_through` to their last one (one count; batches merged already are
     dropped). Steps above them (batches committed but not handed over yet) keep waiting. False, with nothing
     merged, when they are not (a step stored by another process or a late one in between): then
-    `catch_up_rollups` is the way."""
+    `catch_up_rollups` is the way. With `max_values`, they are merged in consecutive groups of at most that many
+    values (steps × layers; a bigger batch alone), which bounds the merge's memory."""
     through = rolled_up_through(conn, run_pk)
     ordered = sorted((b for b in batches if b[0].steps[-1] > through), key=lambda b: b[0].steps[0])
     if not ordered:
@@ -284,8 +287,25 @@ def merge_waiting(conn: Connection, run_pk: int, batches: Sequence[tuple[StepCol
                                   f"step <= {mark}", (run_pk, through, last)).scalar()
     if ordered[0][0].steps[0] <= through or stored != sum(len(b.steps) for b, _ in ordered):
         return False
-    update_rollups(conn, run_pk, concat_steps([batch_steps(b, width) for b, width in ordered]), n_layers)
+    for group in _groups(ordered, max_values):
+        update_rollups(conn, run_pk, concat_steps([batch_steps(b, width) for b, width in group]), n_layers)
     return True
+
+
+def _groups(batches: list[tuple[StepColumns, int]], max_values: int | None) -> list[list[tuple[StepColumns, int]]]:
+    """Consecutive batches in groups of at most `max_values` values each (a bigger batch alone)."""
+    if max_values is None:
+        return [batches]
+    groups: list[list[tuple[StepColumns, int]]] = [[]]
+    held = 0
+    for b in batches:
+        values = len(b[0].steps) * max(1, b[1])
+        if groups[-1] and held + values > max_values:
+            groups.append([])
+            held = 0
+        groups[-1].append(b)
+        held += values
+    return groups
 
 
 def rolled_up_through(conn: Connection, run_pk: int) -> int:

@@ -120,6 +120,17 @@ class StepColumns:
                 total += sum(len(row) - row.count(None) for row in column.lists() if row is not None)
         return total
 
+    def for_rollups(self) -> StepColumns:
+        """The same steps with only what the rollups read (rollups.batch_steps), for the rollup worker to hold
+        until it merges them: a per-layer field that came as a binary section is kept as that alone (8 bytes a
+        value), without the lists built from it for storage or detection (about 32)."""
+        columns = {name: LayerColumn(c.n_steps, c.n_layers, section=c.section) if c.section is not None else c
+                   for name, c in self.layer_columns.items()}
+        out = StepColumns(batch_id=None, layers=self.layers, steps=self.steps, values=self.values,
+                          layer_columns=columns, skipped=None, scalars=None)
+        out._times = self.stored_times()
+        return out
+
     def is_plain_append(self, last_step: int | None) -> bool:
         """Unique, ascending steps, all after the run's last one: nothing to compare, nothing late."""
         steps = self.steps
