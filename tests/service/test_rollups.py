@@ -460,21 +460,21 @@ def _stored_deferred(engine: Engine, run_id: str, steps: list[dict[str, Any]]) -
 
 
 def test_the_worker_holds_a_bounded_number_of_values_and_merges_a_wide_hold_in_groups(engine: Engine) -> None:
-    """Batches held beyond 4 × max_values turn the run into a read-back (nothing more is held for it); batches
+    """Batches held beyond 8 × max_values turn the run into a read-back (nothing more is held for it); batches
     held within it are merged in groups of at most max_values values; either way the rollups equal a
     recomputation."""
     layers = ["a", "b", "c"]
     grouped, overflowed = _create(engine, layers), _create(engine, layers)
-    worker = RollupWorker(engine, max_values=400)  # not started: nothing merges while batches are noted
+    worker = RollupWorker(engine, max_values=200)  # not started: nothing merges while batches are noted
     with read_connection(engine) as conn:
         pk = {run_id: get_run_row(conn, run_id).id for run_id in (grouped, overflowed)}
-    for k in range(3):  # 300 values each: merged one batch a group
+    for k in range(3):  # 300 values each (over max_values): merged one batch a group
         body = _stored_deferred(engine, grouped, [
             {"step": t, "loss": float(t % 5), "layer_grad_norms": [0.1 * (t % 3), 1.0, 2.0]}
             for t in range(100 * k, 100 * k + 100)])
         worker.note(pk[grouped], (body, 3))
     assert worker._held == 900
-    for k in range(3):  # 900 + 3 × 300 > 1,600: the third batch turns the run into a read-back
+    for k in range(3):  # 900 + 3 × 300 > 8 × 200: the third batch turns the run into a read-back
         body = _stored_deferred(engine, overflowed, [
             {"step": t, "grad_norm": float(t % 11), "layer_grad_norms": [1.0, 0.5 * (t % 4), 3.0]}
             for t in range(100 * k, 100 * k + 100)])

@@ -36,7 +36,7 @@ _RETRY_S = 1.0
 """How long a run whose merge failed (the database busy or away) waits before the next try."""
 
 
-_HOLD_AT_MOST = 4
+_HOLD_AT_MOST = 8
 """While merges lag behind ingest, the batches held stay under this many times `max_values`: beyond it a run's
 steps are read back from the steps table instead (they are stored already)."""
 
@@ -49,7 +49,7 @@ def _values(batch: tuple[StepColumns, int]) -> int:
 class RollupWorker:
     """Merges the steps of the runs it is told of (`note`, after each commit) into their rollups."""
 
-    def __init__(self, engine: Engine, chunk: int = 16_384, gather_s: float = 0.5, max_values: int = 500_000) -> None:
+    def __init__(self, engine: Engine, chunk: int = 16_384, gather_s: float = 1.0, max_values: int = 500_000) -> None:
         self.engine = engine
         self.chunk = chunk
         self.gather_s = gather_s
@@ -58,7 +58,7 @@ class RollupWorker:
         milliseconds: 1,000 steps of 50 values alone cost twice as much a step as 16 such batches at once)"""
         self.max_values = max_values
         """the service passes GRADWATCH_MAX_BATCH_VALUES (values: steps × layers). The gathering ends early once
-        the batches held hold twice this many, and a run's batches are merged in groups of at most this many
+        the batches held hold four times this many, and a run's batches are merged in groups of at most this many
         (rollups.merge_waiting): what is held and what a merge builds stay bounded however wide the runs"""
         self._held = 0
         """values of the batches held in `_waiting`"""
@@ -96,7 +96,7 @@ class RollupWorker:
 
     def _enough_held(self) -> bool:
         """The batches held are worth merging now, without gathering more (see `max_values`)."""
-        return self._held >= 2 * self.max_values
+        return self._held >= 4 * self.max_values
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Merge what is waiting (for at most `timeout_s`; the next start takes the rest), then end."""
