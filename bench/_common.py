@@ -6,6 +6,7 @@ tests/: they must keep measuring the product, whatever the tests' helpers become
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -267,6 +268,21 @@ def percentile(values: list[float], q: float) -> float:
         return math.nan
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process and its children (uvicorn workers) have used so far."""
+    total = 0.0
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total
 
 
 def rss_mb(pid: int, kind: str = "VmRSS") -> float:

@@ -16,8 +16,10 @@ incidents (and webhooks) are rare: what a webhook costs per incident is bench/al
 /tmp/gw-410af75 410af75`) in back-to-back pairs, in alternating order, on each database: the same clients and
 bodies, this virtualenv, the other checkout's service code (`gradwatch_service`, its migrations and the client
 package it imports) put first on the server's PYTHONPATH. It prints each side's median, every pair's ratio
-(this tree ÷ the other) and their median, and for this tree how long after the last acknowledgement the step
-rollups held every step (the rollup worker merges them after the commit).
+(this tree ÷ the other) and their median, the service's CPU a step on each side (user + system from /proc,
+from its start to the last acknowledgement and, for this tree, until the rollups hold every step; its pairs'
+ratio moves less than values/s where other processes share the machine), and for this tree how long after the
+last acknowledgement the step rollups held every step (the rollup worker merges them after the commit).
 Run: `python bench/ingest.py [--quick] [--json] [--wire binary|json|both] [--detection on|off]
 [--alerting on|off|both] [--pairs N] [--against PATH]`.
 """
@@ -41,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BenchServer, Receiver, emit, fresh_database, post_json, print_table, rss_mb  # noqa: E402
+from _common import BenchServer, Receiver, cpu_s, emit, fresh_database, post_json, print_table, rss_mb  # noqa: E402
 
 from gradwatch.wire import BINARY_CONTENT_TYPE, encode_binary_batch  # noqa: E402
 
@@ -316,6 +318,7 @@ def against_pairs(backend: str, args: argparse.Namespace, n_steps: int, workdir:
     """Back-to-back pairs of this tree and the checkout at `args.against`, in alternating order."""
     other = overlay_of(Path(args.against).resolve(), workdir)
     rates: dict[str, list[float]] = {"this": [], "other": []}
+    cpu: dict[str, list[float]] = {"this": [], "other": []}
     ratios, settled = [], []
     for i in range(args.pairs):
         rate = {}
@@ -328,9 +331,11 @@ def against_pairs(backend: str, args: argparse.Namespace, n_steps: int, workdir:
                                      args=["--workers", str(args.workers)], env=side_env)
                 server.start()
                 try:
+                    started = cpu_s(server.pid)
                     rate[side], _ = end_to_end(server.url, args.clients, n_steps, args.batch, server,
                                                prefix=f"{side}{i}",
                                                settled=rollups_settled(url) if side == "this" else None)
+                    cpu[side].append((cpu_s(server.pid) - started) / (args.clients * n_steps) * 1e6)
                 finally:
                     server.stop()
             if side == "this":
@@ -339,7 +344,10 @@ def against_pairs(backend: str, args: argparse.Namespace, n_steps: int, workdir:
         ratios.append(rate["this"] / rate["other"])
     return {"this": statistics.median(rates["this"]), "other": statistics.median(rates["other"]),
             "ratio": statistics.median(ratios), "ratios": ratios, "rates": rates,
-            "settled_ms": statistics.median(settled) * 1000}
+            "settled_ms": statistics.median(settled) * 1000,
+            "cpu_us": {side: statistics.median(v) for side, v in cpu.items()},
+            "cpu_ratio": statistics.median([a / b if b else math.inf  # a run shorter than a clock tick
+                                            for a, b in zip(cpu["this"], cpu["other"], strict=True)])}
 
 
 def main() -> int:
@@ -432,6 +440,9 @@ def compare(args: argparse.Namespace, n_steps: int, env: dict[str, str]) -> int:
             figures[f"{name}_ratio_to_against"] = round(pairs["ratio"], 3)
             figures[f"{name}_ratio_to_against_pairs"] = [round(r, 3) for r in pairs["ratios"]]
             figures[f"{name}_rollups_settled_ms"] = round(pairs["settled_ms"], 1)
+            figures[f"{name}_cpu_us_per_step"] = round(pairs["cpu_us"]["this"], 2)
+            figures[f"{name}_against_cpu_us_per_step"] = round(pairs["cpu_us"]["other"], 2)
+            figures[f"{name}_cpu_ratio_to_against"] = round(pairs["cpu_ratio"], 3)
             if not args.json:
                 title = (f"ingest, {name}: this tree against {args.against}, {args.pairs} back-to-back pair(s) "
                          f"in alternating order; {args.clients} clients x {n_steps} steps x {VALUES_PER_STEP} "
@@ -440,6 +451,8 @@ def compare(args: argparse.Namespace, n_steps: int, env: dict[str, str]) -> int:
                 print("-" * len(title))
                 print(f"{'':<14}{'this tree':>16}{'against':>16}{'this / against':>16}")
                 print(f"{'values/s':<14}{pairs['this']:>16,.0f}{pairs['other']:>16,.0f}{pairs['ratio']:>16.3f}")
+                print(f"{'CPU µs/step':<14}{pairs['cpu_us']['this']:>16.2f}{pairs['cpu_us']['other']:>16.2f}"
+                      f"{pairs['cpu_ratio']:>16.3f}")
                 ratios = pairs["ratios"]
                 print(f"pairs' ratios: {', '.join(f'{r:.3f}' for r in ratios)} (min {min(ratios):.3f}, "
                       f"max {max(ratios):.3f})")

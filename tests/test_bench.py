@@ -69,6 +69,18 @@ def test_ingest_benchmark_reports_its_figures() -> None:
 
 
 @pytest.mark.slow
+def test_ingest_against_another_checkout_reports_both_sides_and_the_service_cpu() -> None:
+    """`--against` this very checkout: both sides run, each side's CPU a step is counted from /proc."""
+    figures = _run("ingest.py", "--steps", "2000", "--backends", "sqlite", "--pairs", "1",
+                   "--against", str(BENCH.parent))  # 8,000 steps: some tens of the CPU clock's 10 ms ticks
+    keys = {f"sqlite_{k}" for k in ("values_per_s", "against_values_per_s", "ratio_to_against", "cpu_us_per_step",
+                                    "against_cpu_us_per_step", "cpu_ratio_to_against")}
+    assert keys <= set(figures)
+    assert all(figures[k] > 0 for k in keys)
+    assert len(figures["sqlite_ratio_to_against_pairs"]) == 1 and figures["sqlite_rollups_settled_ms"] >= 0
+
+
+@pytest.mark.slow
 def test_storage_benchmark_reports_bytes_per_value() -> None:
     require_postgres()
     figures = _run("storage.py", "--steps", "2000")
