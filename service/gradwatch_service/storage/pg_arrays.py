@@ -71,7 +71,7 @@ def float8_arrays(values: npt.NDArray[np.float64], null: npt.NDArray[np.bool_] |
     if len(plain):
         width = 20 + 12 * n_cols
         buf = np.empty((len(plain), width), dtype=np.uint8)
-        buf[:, :20] = np.array([1, 0, _FLOAT8, n_cols, 1], dtype=">i4").view(np.uint8)  # one dimension, no NULL
+        buf[:, :20] = np.frombuffer(_header(False, n_cols), dtype=np.uint8)
         elements = buf[:, 20:].view(_ELEMENT)
         elements["length"] = 8
         elements["value"] = values[plain]
@@ -80,22 +80,27 @@ def float8_arrays(values: npt.NDArray[np.float64], null: npt.NDArray[np.bool_] |
             out[i] = Float8Array(flat[j * width: (j + 1) * width])
     if null is None:
         return out
-    all_null = np.flatnonzero(wanted & null.all(axis=1)) if n_cols else np.empty(0, dtype=np.intp)
-    if len(all_null):
-        nulls = np.array([1, 1, _FLOAT8, n_cols, 1], dtype=">i4").tobytes() + np.full(n_cols, -1, ">i4").tobytes()
-        constant = Float8Array(nulls)
-        for i in all_null.tolist():
+    all_null = null.all(axis=1) if n_cols else np.zeros(k, dtype=bool)
+    if all_null.any():
+        constant = Float8Array(_header(True, n_cols) + np.full(n_cols, -1, ">i4").tobytes())
+        for i in np.flatnonzero(wanted & all_null).tolist():
             out[i] = constant
-    mixed = np.flatnonzero(wanted & some_null & ~null.all(axis=1))
-    for i in mixed.tolist():  # a NULL element is its length alone: the 8 value bytes after each -1 are dropped
+    header = _header(True, n_cols)
+    # rows with some NULL elements: a NULL element is its length alone, the 8 value bytes after each -1 dropped
+    for i in np.flatnonzero(wanted & some_null & ~all_null).tolist():
         elements = np.empty(n_cols, dtype=_ELEMENT)
         elements["value"] = values[i]
         elements["length"] = np.where(null[i], -1, 8)
         keep = np.ones((n_cols, 12), dtype=bool)
         keep[:, 4:] = ~null[i][:, None]
-        header = np.array([1, 1, _FLOAT8, n_cols, 1], dtype=">i4").tobytes()
         out[i] = Float8Array(header + elements.view(np.uint8).reshape(n_cols, 12)[keep].tobytes())
     return out
+
+
+def _header(has_null: bool, n_cols: int) -> bytes:
+    """array_send's header of a one-dimensional float8 array: dimensions, has-null flag, element type, length,
+    lower bound."""
+    return np.array([1, int(has_null), _FLOAT8, n_cols, 1], dtype=">i4").tobytes()
 
 
 def float8_matrix(payloads: Sequence[bytes | None], n_cols: int) -> tuple[npt.NDArray[np.float64],

@@ -25,7 +25,7 @@ from sqlalchemy import Engine, select
 
 from .db import read_connection, write_transaction
 from .models import runs
-from .rollups import catch_up_rollups, lagging_runs, merge_waiting
+from .rollups import batch_values, catch_up_rollups, lagging_runs, merge_waiting
 from .steps_table import StepColumns
 
 __all__ = ["RollupWorker"]
@@ -39,11 +39,6 @@ _RETRY_S = 1.0
 _HOLD_AT_MOST = 8
 """While merges lag behind ingest, the batches held stay under this many times `max_values`: beyond it a run's
 steps are read back from the steps table instead (they are stored already)."""
-
-
-def _values(batch: tuple[StepColumns, int]) -> int:
-    """What a batch held costs: its steps × the run's layers."""
-    return len(batch[0].steps) * max(1, batch[1])
 
 
 class RollupWorker:
@@ -84,9 +79,9 @@ class RollupWorker:
                 self._waiting[run_pk] = [] if batch is not None else None
             held = self._waiting[run_pk]
             if held is not None:
-                values = 0 if batch is None else _values(batch)
+                values = 0 if batch is None else batch_values(batch)
                 if batch is None or self._held + values > _HOLD_AT_MOST * self.max_values:
-                    self._held -= sum(map(_values, held))
+                    self._held -= sum(map(batch_values, held))
                     self._waiting[run_pk] = None
                 else:
                     held.append(batch)

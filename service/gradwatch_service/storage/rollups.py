@@ -48,8 +48,8 @@ from .models import ROLLUP_WIDTHS
 from .raw_steps import few_layers, raw_steps
 from .steps_table import StepColumns
 
-__all__ = ["update_rollups", "roll_up_batch", "merge_waiting", "read_units", "rolled_up_through", "catch_up_rollups",
-           "lagging_runs"]
+__all__ = ["update_rollups", "roll_up_batch", "merge_waiting", "batch_values", "read_units", "rolled_up_through",
+           "catch_up_rollups", "lagging_runs"]
 
 _KEY = ("run_pk", "width", "bucket")
 _BASE = ("n", "first_step", "last_step", "time_min", "time_max")
@@ -292,6 +292,11 @@ def merge_waiting(conn: Connection, run_pk: int, batches: Sequence[tuple[StepCol
     return True
 
 
+def batch_values(batch: tuple[StepColumns, int]) -> int:
+    """What a batch held for the rollups weighs: its steps × the run's layers (at least one)."""
+    return len(batch[0].steps) * max(1, batch[1])
+
+
 def _groups(batches: list[tuple[StepColumns, int]], max_values: int | None) -> list[list[tuple[StepColumns, int]]]:
     """Consecutive batches in groups of at most `max_values` values each (a bigger batch alone)."""
     if max_values is None:
@@ -299,7 +304,7 @@ def _groups(batches: list[tuple[StepColumns, int]], max_values: int | None) -> l
     groups: list[list[tuple[StepColumns, int]]] = [[]]
     held = 0
     for b in batches:
-        values = len(b[0].steps) * max(1, b[1])
+        values = batch_values(b)
         if groups[-1] and held + values > max_values:
             groups.append([])
             held = 0
